@@ -1,0 +1,85 @@
+"""``geo-route``: the one command line, with subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+
+from geo_route import __version__
+from geo_route.config import Settings, load_settings
+from geo_route.errors import ConfigError, KeyBundleError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geo-route", description="Serve registry pulls from a secondary site.")
+    parser.add_argument("--version", action="version", version=f"geo-route {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check-config", help="validate a site file (and load its keys); exit 0 when valid")
+    check.add_argument("-c", "--config", required=True, help="the YAML site file")
+    check.set_defaults(handler=run_check_config)
+
+    serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
+    serve.add_argument("-c", "--config", required=True, help="the YAML site file")
+    serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
+    serve.add_argument("--workers", type=int, help="gunicorn worker processes (overrides server.workers)")
+    serve.set_defaults(handler=run_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_validated(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: ok (local {settings.local_registry.url}, primary {settings.primary.url}, "
+        f"redis {settings.redis.display_url}, tag policy {settings.routing.tag_policy})"
+    )
+    return 0
+
+
+def load_validated(path: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings plus the checks that need the filesystem (the certificate bundle), as one error."""
+    from geo_route.tokens import load_trusted_keys
+
+    settings = load_settings(path, environ)
+    try:
+        load_trusted_keys(settings.token.rootcertbundle)
+    except KeyBundleError as exc:
+        raise ConfigError([f"token.rootcertbundle: {exc}"]) from None
+    return settings
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from geo_route.server import serve
+
+    environ = dict(os.environ)
+    if args.bind:
+        environ["GEO_ROUTE_SERVER__BIND"] = ",".join(args.bind)
+    if args.workers is not None:
+        environ["GEO_ROUTE_SERVER__WORKERS"] = str(args.workers)
+    try:
+        settings = load_validated(args.config, environ)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    logging.basicConfig(level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Typed, frozen settings loaded from one YAML site file.
+
+Order of precedence: defaults, then the file, then ``GEO_ROUTE_<SECTION>__<KEY>`` environment
+variables (double underscore between levels; values are parsed as YAML scalars, lists may also be
+comma-separated). Unknown keys and bad values are collected and raised as one ``ConfigError``
+that names every problem with its key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from geo_route.errors import ConfigError
+
+ENV_PREFIX = "GEO_ROUTE_"
+ENV_SEPARATOR = "__"
+SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+TagPolicy = Literal["pinned", "primary"]
+Check = Callable[[Any], "str | None"]
+
+
+def _checked(check: Check, **kwargs: Any) -> Any:
+    return field(metadata={"check": check}, **kwargs)
+
+
+def check_http_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http(s) URL with a host, got {value!r}"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "must be a bare origin (scheme://host[:port]) without path, query or fragment"
+    return None
+
+
+def check_redis_url(value: str) -> str | None:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://, rediss:// or unix:// URL"
+    return None
+
+
+def check_positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def check_not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def check_non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def check_algorithms(value: tuple[str, ...]) -> str | None:
+    bad = [a for a in value if a not in SUPPORTED_ALGORITHMS]
+    if bad:
+        return f"unsupported {bad}; allowed are {list(SUPPORTED_ALGORITHMS)} (never none, HS* or PS*)"
+    return None if value else "must list at least one algorithm"
+
+
+def check_binds(value: tuple[str, ...]) -> str | None:
+    for bind in value:
+        if not (bind.startswith("unix:") or re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}", bind)):
+            return f"{bind!r} is not host:port, [v6]:port or unix:PATH"
+    return None if value else "must list at least one address"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """A registry the site can send requests to."""
+
+    url: str = _checked(check_http_url)
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """How bearer tokens from the primary's token service are verified (registry 2.8 semantics)."""
+
+    realm: str = _checked(check_non_empty)
+    service: str = _checked(check_non_empty)
+    issuer: str = _checked(check_non_empty)
+    rootcertbundle: str = _checked(check_non_empty)
+    algorithms: tuple[str, ...] = _checked(check_algorithms, default=SUPPORTED_ALGORITHMS)
+    leeway: int = _checked(check_not_negative, default=60)
+    cache_size: int = _checked(check_not_negative, default=10_000)
+    max_token_bytes: int = _checked(check_positive, default=16_384)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the digest index lives and how long a decision may wait for it."""
+
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata={"check": check_redis_url})
+    key_prefix: str = "geo-route:"
+    socket_timeout: float = _checked(check_positive, default=0.05)
+    connect_timeout: float = _checked(check_positive, default=0.1)
+    max_connections: int = _checked(check_positive, default=32)
+    unavailable_cooldown: float = _checked(check_not_negative, default=1.0)
+
+    @property
+    def display_url(self) -> str:
+        return redact_url(self.url)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """How tag requests are routed; see README "Tag policy"."""
+
+    tag_policy: TagPolicy = "pinned"
+    max_tag_age: int = _checked(check_not_negative, default=0)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The auth service's gunicorn process."""
+
+    bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8080",))
+    workers: int = _checked(check_positive, default=2)
+    worker_class: Literal["sync", "gthread"] = "gthread"
+    threads: int = _checked(check_positive, default=1)
+    keepalive: int = _checked(check_not_negative, default=75)
+    timeout: int = _checked(check_positive, default=30)
+    backlog: int = _checked(check_positive, default=2048)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one secondary site needs; built only by ``load_settings``."""
+
+    local_registry: UpstreamSettings
+    primary: UpstreamSettings
+    token: TokenSettings
+    redis: RedisSettings = RedisSettings()
+    routing: RoutingSettings = RoutingSettings()
+    server: ServerSettings = ServerSettings()
+
+
+def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, then the YAML file at ``path``, then ``GEO_ROUTE_*`` from ``environ``."""
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        data = _read_yaml(Path(path), problems)
+        base_dir = Path(path).resolve().parent
+    _merge(data, _environment_overrides(environ, problems))
+    settings = _build(Settings, data, "", problems)
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return _resolve_paths(settings, base_dir)
+
+
+def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"{path}: cannot read ({exc.strerror})")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{path}: not valid YAML ({exc})")
+        return {}
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        problems.append(f"{path}: the top level must be a mapping")
+        return {}
+    return loaded
+
+
+def _environment_overrides(environ: Mapping[str, str], problems: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        if len(keys) < 2 or not all(keys):
+            problems.append(f"{name}: expected {ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = overrides
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return overrides
+
+
+def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _build(cls: type[Any], data: Any, path: str, problems: list[str]) -> Any:
+    if not isinstance(data, Mapping):
+        problems.append(f"{path or '<top>'}: expected a mapping, got {type(data).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(f"{_join(path, str(key))}: unknown key")
+    before = len(problems)
+    values: dict[str, Any] = {}
+    for name, spec in fields.items():
+        key_path = _join(path, name)
+        if name in data:
+            field_start = len(problems)
+            values[name] = _coerce(hints[name], data[name], key_path, problems)
+            check = spec.metadata.get("check")
+            if check is not None and len(problems) == field_start and (message := check(values[name])):
+                problems.append(f"{key_path}: {message}")
+        elif dataclasses.is_dataclass(hints[name]) and spec.default is dataclasses.MISSING:
+            values[name] = _build(hints[name], {}, key_path, problems)
+        elif spec.default is dataclasses.MISSING:
+            problems.append(f"{key_path}: required")
+    return cls(**values) if len(problems) == before else None
+
+
+def _coerce(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, problems)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            problems.append(f"{path}: must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            problems.append(f"{path}: must be a list of strings")
+            return ()
+        return tuple(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    problems.append(f"{path}: must be {_describe(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    bundle = Path(settings.token.rootcertbundle)
+    if bundle.is_absolute():
+        return settings
+    token = dataclasses.replace(settings.token, rootcertbundle=str(base_dir / bundle))
+    return dataclasses.replace(settings, token=token)
+
+
+__all__ = [
+    "Settings",
+    "TokenSettings",
+    "RedisSettings",
+    "RoutingSettings",
+    "ServerSettings",
+    "UpstreamSettings",
+    "load_settings",
+    "redact_url",
+]

@@ -1,0 +1,28 @@
+"""The auth_request contract between NGINX and the auth service, defined once.
+
+The NGINX template is rendered from these names, and a test checks that every response header
+the service can emit has its ``auth_request_set``, so code and config cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# Request headers NGINX sets on the subrequest (the subrequest itself is always GET).
+ORIGINAL_METHOD = "X-Original-Method"
+ORIGINAL_URI = "X-Original-URI"
+AUTHORIZATION = "Authorization"
+
+# Response headers of GET /auth.
+ROUTE = "X-Geo-Route"  # "local" | "primary"
+REASON = "X-Geo-Reason"  # see routing.Reason
+UPSTREAM_PATH = "X-Geo-Upstream-Path"  # the digest path for a pinned tag served locally
+WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
+
+RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE)
+
+# The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
+ALLOWED_STATUSES = (200, 401, 403)
+
+
+def nginx_variable(header: str) -> str:
+    """The ``$upstream_http_*`` variable NGINX exposes for a response header."""
+    return "$upstream_http_" + header.lower().replace("-", "_")

@@ -1,0 +1,182 @@
+"""The digest index in Redis: the only module of geo-route that imports redis.
+
+Key schema (``P`` is ``redis.key_prefix``, default ``geo-route:``; ``R`` a repository name, which by
+the OCI grammar never contains spaces or colons):
+
+    P repos                  SET   every repository the index has seen
+    P local:blobs:R          SET   blob digests present in the local registry
+    P local:manifests:R      SET   manifest digests present in the local registry
+    P local:tags:R           HASH  tag -> digest in the local registry
+    P primary:tags:R         HASH  tag -> "<digest> <confirmed_at unix seconds>" as last published
+                                   by the primary (by a notification or reconciliation)
+
+A decision costs exactly one round trip: ``SISMEMBER`` for a blob or a manifest, one Lua script
+(``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests) for a tag. Writes go in
+one ``MULTI``/``EXEC`` per call. After a failure the store answers "unavailable" at once for
+``unavailable_cooldown`` seconds instead of waiting on a dead Redis for every request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from geo_route.config import RedisSettings
+from geo_route.errors import IndexUnavailable
+from geo_route.index.model import (
+    BlobPresence,
+    IndexQuery,
+    IndexUpdate,
+    IndexView,
+    LocalTag,
+    ManifestPresence,
+    PrimaryTag,
+    QueryKind,
+)
+
+T = TypeVar("T")
+PINNED_TAG_SCRIPT = """
+local pinned = redis.call('HGET', KEYS[1], ARGV[1])
+if not pinned then return false end
+local digest = string.match(pinned, '^(%S+)')
+return {pinned, redis.call('SISMEMBER', KEYS[2], digest)}
+"""
+
+
+class KeySchema:
+    """Builds every key; the one place that knows the layout described above."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.repos = f"{prefix}repos"
+
+    def local_blobs(self, repository: str) -> str:
+        return f"{self.prefix}local:blobs:{repository}"
+
+    def local_manifests(self, repository: str) -> str:
+        return f"{self.prefix}local:manifests:{repository}"
+
+    def local_tags(self, repository: str) -> str:
+        return f"{self.prefix}local:tags:{repository}"
+
+    def primary_tags(self, repository: str) -> str:
+        return f"{self.prefix}primary:tags:{repository}"
+
+
+def encode_pin(digest: str, confirmed_at: float) -> str:
+    return f"{digest} {confirmed_at:.3f}"
+
+
+def decode_pin(value: str) -> tuple[str, float]:
+    digest, _, confirmed = value.partition(" ")
+    try:
+        return digest, float(confirmed)
+    except ValueError:
+        return digest, 0.0
+
+
+class RedisIndexStore:
+    """``IndexStore`` on a Redis server, with short timeouts and no client-side retries."""
+
+    def __init__(
+        self,
+        settings: RedisSettings,
+        *,
+        client: redis.Redis | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client or redis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.socket_timeout,
+            socket_connect_timeout=settings.connect_timeout,
+            max_connections=settings.max_connections,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+        self.keys = KeySchema(settings.key_prefix)
+        self._pinned_tag = self._client.register_script(PINNED_TAG_SCRIPT)
+        self._clock = clock
+        self._cooldown = settings.unavailable_cooldown
+        self._down_until = 0.0
+
+    def lookup(self, query: IndexQuery) -> IndexView:
+        if self._clock() < self._down_until:
+            raise IndexUnavailable("index marked unavailable after a recent failure")
+        try:
+            return self._lookup(query)
+        except redis.RedisError as exc:
+            self._down_until = self._clock() + self._cooldown
+            raise IndexUnavailable(f"redis lookup failed: {type(exc).__name__}") from None
+
+    def _lookup(self, query: IndexQuery) -> IndexView:
+        repository, reference = query.repository, query.reference
+        if query.kind is QueryKind.BLOB:
+            return IndexView(present=bool(self._client.sismember(self.keys.local_blobs(repository), reference)))
+        if query.kind is QueryKind.MANIFEST:
+            return IndexView(present=bool(self._client.sismember(self.keys.local_manifests(repository), reference)))
+        keys = [self.keys.primary_tags(repository), self.keys.local_manifests(repository)]
+        found = self._pinned_tag(keys=keys, args=[reference])
+        if not found:
+            return IndexView()
+        digest, confirmed_at = decode_pin(found[0])
+        return IndexView(present=bool(found[1]), pinned_digest=digest, confirmed_at=confirmed_at)
+
+    def apply(self, updates: Iterable[IndexUpdate]) -> None:
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                for update in updates:
+                    self._queue(pipe, update)
+                pipe.execute()
+        except redis.RedisError as exc:
+            raise IndexUnavailable(f"redis write failed: {type(exc).__name__}") from None
+
+    def _queue(self, pipe: redis.client.Pipeline, update: IndexUpdate) -> None:
+        repository = update.repository
+        if isinstance(update, BlobPresence | ManifestPresence):
+            key = (self.keys.local_blobs if isinstance(update, BlobPresence) else self.keys.local_manifests)(repository)
+            if update.present:
+                pipe.sadd(self.keys.repos, repository)
+                pipe.sadd(key, update.digest)
+            else:
+                pipe.srem(key, update.digest)
+        elif isinstance(update, PrimaryTag | LocalTag):
+            key = (self.keys.primary_tags if isinstance(update, PrimaryTag) else self.keys.local_tags)(repository)
+            if not update.digest:
+                pipe.hdel(key, update.tag)
+                return
+            value = encode_pin(update.digest, update.confirmed_at) if isinstance(update, PrimaryTag) else update.digest
+            pipe.sadd(self.keys.repos, repository)
+            pipe.hset(key, update.tag, value)
+        else:  # pragma: no cover - exhaustiveness guard
+            raise TypeError(f"not an index update: {update!r}")
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except redis.RedisError:
+            return False
+
+    def local_tags(self, repository: str) -> dict[str, str]:
+        """The local registry's tag → digest for one repository (for reconciliation and tests)."""
+        return self._read(lambda: self._client.hgetall(self.keys.local_tags(repository)))
+
+    def primary_tag(self, repository: str, tag: str) -> tuple[str, float] | None:
+        value = self._read(lambda: self._client.hget(self.keys.primary_tags(repository), tag))
+        return decode_pin(value) if value else None
+
+    def repositories(self) -> set[str]:
+        return self._read(lambda: self._client.smembers(self.keys.repos))
+
+    def _read(self, command: Callable[[], T]) -> T:
+        try:
+            return command()
+        except redis.RedisError as exc:
+            raise IndexUnavailable(f"redis read failed: {type(exc).__name__}") from None
+
+    def close(self) -> None:
+        self._client.close()

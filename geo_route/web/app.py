@@ -1,0 +1,47 @@
+"""``create_app``: the Flask application factory. Dependencies live on the app, not in modules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flask import Flask, Response
+
+from geo_route.config import Settings
+from geo_route.index.model import IndexStore
+from geo_route.routing import Policy
+from geo_route.tokens import TokenVerifier
+from geo_route.web.auth import AuthEndpoint
+from geo_route.web.metrics import Metrics
+
+
+def create_app(
+    settings: Settings,
+    *,
+    index: IndexStore | None = None,
+    verifier: TokenVerifier | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Flask:
+    """The auth service. Keys are loaded and the Redis pool is built once, here."""
+    app = Flask("geo_route")
+    metrics = Metrics()
+    if verifier is None:
+        verifier = TokenVerifier.from_settings(settings.token, clock=clock, on_cache=metrics.count_token_cache)
+    if index is None:
+        from geo_route.index.redis_store import RedisIndexStore
+
+        index = RedisIndexStore(settings.redis)
+    app.extensions["geo_route"] = {"settings": settings, "index": index, "verifier": verifier, "metrics": metrics}
+
+    auth = AuthEndpoint(Policy.from_settings(settings), verifier, index, metrics, clock)
+    app.add_url_rule("/auth", "auth", auth, methods=["GET"])
+    app.add_url_rule("/healthz", "healthz", lambda: Response(b"ok\n", 200, mimetype="text/plain"))
+    app.add_url_rule("/readyz", "readyz", lambda: readiness(index))
+    app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.render(), 200, content_type=metrics.content_type))
+    return app
+
+
+def readiness(index: IndexStore) -> Response:
+    if index.ping():
+        return Response(b"ready\n", 200, mimetype="text/plain")
+    return Response(b"index unavailable\n", 503, mimetype="text/plain")

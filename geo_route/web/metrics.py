@@ -1,0 +1,51 @@
+"""Prometheus metrics of one app, in its own registry (no module-level state).
+
+Under gunicorn with several workers, ``geo-route serve`` sets ``PROMETHEUS_MULTIPROC_DIR`` and
+``/metrics`` aggregates every worker's values from there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.decisions = Counter(
+            "geo_route_decisions",
+            "Routing decisions by route (local, primary, denied), reason and operation.",
+            ["route", "reason", "operation"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "geo_route_decision_seconds",
+            "Time to answer one /auth request, from headers to decision.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        token_cache = Counter(
+            "geo_route_token_cache", "Verified-token cache lookups.", ["result"], registry=self.registry
+        )
+        self.token_cache_hits = token_cache.labels("hit")
+        self.token_cache_misses = token_cache.labels("miss")
+        self.index_errors = Counter(
+            "geo_route_index_errors", "Index lookups that failed or timed out.", registry=self.registry
+        )
+
+    def count_token_cache(self, hit: bool) -> None:
+        (self.token_cache_hits if hit else self.token_cache_misses).inc()
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
