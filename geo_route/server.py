@@ -52,6 +52,8 @@ class AuthServer(BaseApplication):  # type: ignore[misc]
             "child_exit": mark_worker_dead,
             "proc_name": "geo-route-auth",
         }
+        if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25: no shared ~/.gunicorn socket
+            options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
 
