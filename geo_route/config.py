@@ -193,7 +193,7 @@ def _environment_overrides(environ: Mapping[str, str], problems: list[str]) -> d
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX):
             continue
-        keys = name[len(ENV_PREFIX):].lower().split(ENV_SEPARATOR)
+        keys = name[len(ENV_PREFIX) :].lower().split(ENV_SEPARATOR)
         if len(keys) < 2 or not all(keys):
             problems.append(f"{name}: expected {ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>")
             continue
@@ -235,15 +235,19 @@ def _build(cls: type[Any], data: Any, path: str, problems: list[str]) -> Any:
             check = spec.metadata.get("check")
             if check is not None and len(problems) == field_start and (message := check(values[name])):
                 problems.append(f"{key_path}: {message}")
-        elif dataclasses.is_dataclass(hints[name]) and spec.default is dataclasses.MISSING:
+        elif spec.default is dataclasses.MISSING and _is_section(hints[name]):
             values[name] = _build(hints[name], {}, key_path, problems)
         elif spec.default is dataclasses.MISSING:
             problems.append(f"{key_path}: required")
     return cls(**values) if len(problems) == before else None
 
 
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
 def _coerce(hint: Any, value: Any, path: str, problems: list[str]) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if _is_section(hint):
         return _build(hint, value, path, problems)
     origin = typing.get_origin(hint)
     if origin is Literal:
@@ -283,11 +287,11 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 __all__ = [
-    "Settings",
-    "TokenSettings",
     "RedisSettings",
     "RoutingSettings",
     "ServerSettings",
+    "Settings",
+    "TokenSettings",
     "UpstreamSettings",
     "load_settings",
     "redact_url",

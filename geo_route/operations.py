@@ -113,8 +113,8 @@ def _classify_route(route: str, method: str, name: str, ref: str, query: str) ->
     if route == "base":
         return Operation(Kind.BASE, method) if method in READ_METHODS else Operation(Kind.UNRECOGNIZED, method)
     if route == "catalog":
-        required = (Access("registry", "catalog", "*"),)
-        return _when(method in READ_METHODS, Operation(Kind.CATALOG, method, required=required))
+        catalog = Operation(Kind.CATALOG, method, required=(Access("registry", "catalog", "*"),))
+        return _when(method in READ_METHODS, catalog)
     params = parse_qs(query, keep_blank_values=True)
     mount_from = _single(params, "from")
     if mount_from is None or (mount_from and not is_valid_name(mount_from)):
@@ -168,15 +168,16 @@ KINDS: dict[tuple[str, str], Kind] = {
 
 def required_access(method: str, repository: str, mount_from: str = "") -> tuple[Access, ...]:
     """``appendAccessRecords`` of registry 2.8, plus pull on ``from`` whenever it is given."""
+    actions: tuple[str, ...]
     if method in READ_METHODS:
-        actions: tuple[str, ...] = ("pull",)
+        actions = ("pull",)
     elif method in WRITE_METHODS:
         actions = ("pull", "push")
     elif method == "DELETE":
         actions = ("delete",)
     else:
         actions = ()
-    required = tuple(Access("repository", repository, action) for action in actions)
+    required: tuple[Access, ...] = tuple(Access("repository", repository, action) for action in actions)
     if mount_from:
         required += (Access("repository", mount_from, "pull"),)
     return required

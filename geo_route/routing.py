@@ -48,7 +48,14 @@ class Reason:
 
 
 UPLOAD_KINDS = frozenset(
-    {Kind.UPLOAD_START, Kind.UPLOAD_MOUNT, Kind.UPLOAD_CONTINUE, Kind.UPLOAD_FINISH, Kind.UPLOAD_STATUS, Kind.UPLOAD_CANCEL}
+    {
+        Kind.UPLOAD_START,
+        Kind.UPLOAD_MOUNT,
+        Kind.UPLOAD_CONTINUE,
+        Kind.UPLOAD_FINISH,
+        Kind.UPLOAD_STATUS,
+        Kind.UPLOAD_CANCEL,
+    }
 )
 PRIMARY_BY_KIND = {
     Kind.CATALOG: Reason.LISTING,

@@ -163,14 +163,15 @@ class RedisIndexStore:
 
     def local_tags(self, repository: str) -> dict[str, str]:
         """The local registry's tag → digest for one repository (for reconciliation and tests)."""
-        return self._read(lambda: self._client.hgetall(self.keys.local_tags(repository)))
+        found = self._read(lambda: self._client.hgetall(self.keys.local_tags(repository)))
+        return {str(tag): str(digest) for tag, digest in found.items()}
 
     def primary_tag(self, repository: str, tag: str) -> tuple[str, float] | None:
         value = self._read(lambda: self._client.hget(self.keys.primary_tags(repository), tag))
-        return decode_pin(value) if value else None
+        return decode_pin(str(value)) if value else None
 
     def repositories(self) -> set[str]:
-        return self._read(lambda: self._client.smembers(self.keys.repos))
+        return {str(name) for name in self._read(lambda: self._client.smembers(self.keys.repos))}
 
     def _read(self, command: Callable[[], T]) -> T:
         try:

@@ -41,7 +41,9 @@ class AuthEndpoint:
         headers = request.headers
         operation = Operation(Kind.UNRECOGNIZED, "")
         try:
-            operation = classify_request(headers.get(contract.ORIGINAL_METHOD, ""), headers.get(contract.ORIGINAL_URI, ""))
+            operation = classify_request(
+                headers.get(contract.ORIGINAL_METHOD, ""), headers.get(contract.ORIGINAL_URI, "")
+            )
             decision = self.decide(operation, headers.get(contract.AUTHORIZATION))
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)

@@ -1,0 +1,149 @@
+"""Settings: defaults → file → GEO_ROUTE_* environment, one error listing every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from geo_route.cli import main
+from geo_route.config import Settings, load_settings, redact_url
+from geo_route.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["geo-route.reference.yaml", "geo-route.minimal.yaml"])
+def test_shipped_examples_load(name: str) -> None:
+    settings = load_settings(EXAMPLES / name, environ={})
+    assert settings.token.service == "container_registry"
+    assert settings.routing.tag_policy == "pinned"
+    assert settings.server.bind == ("127.0.0.1:8080",), "loopback by default"
+
+
+def test_reference_config_documents_every_key() -> None:
+    reference = load_settings(EXAMPLES / "geo-route.reference.yaml", environ={})
+    minimal = load_settings(EXAMPLES / "geo-route.minimal.yaml", environ={})
+    text = (EXAMPLES / "geo-route.reference.yaml").read_text()
+    for section in dataclasses.fields(Settings):
+        for field in dataclasses.fields(getattr(reference, section.name)):
+            assert f"\n  {field.name}:" in text, f"{section.name}.{field.name} missing from the reference config"
+    # The reference shows the defaults: it only differs from the minimal file where the minimal one is silent.
+    assert reference.redis == minimal.redis and reference.server == minimal.server
+    assert reference.token == minimal.token
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    environ = {
+        "GEO_ROUTE_REDIS__URL": "redis://10.1.2.3:6380/2",
+        "GEO_ROUTE_REDIS__SOCKET_TIMEOUT": "0.2",
+        "GEO_ROUTE_ROUTING__TAG_POLICY": "primary",
+        "GEO_ROUTE_SERVER__BIND": "127.0.0.1:9000,[::1]:9000",
+        "GEO_ROUTE_TOKEN__ALGORITHMS": "[RS256]",
+        "UNRELATED": "x",
+    }
+    settings = load_settings(EXAMPLES / "geo-route.minimal.yaml", environ=environ)
+    assert settings.redis.url == "redis://10.1.2.3:6380/2"
+    assert settings.redis.socket_timeout == 0.2
+    assert settings.routing.tag_policy == "primary"
+    assert settings.server.bind == ("127.0.0.1:9000", "[::1]:9000")
+    assert settings.token.algorithms == ("RS256",)
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings(EXAMPLES / "geo-route.minimal.yaml", environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.redis.url = "redis://elsewhere"  # type: ignore[misc]
+
+
+def test_relative_bundle_path_is_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        (EXAMPLES / "geo-route.minimal.yaml")
+        .read_text()
+        .replace("/var/opt/gitlab/registry/gitlab-registry.crt", "keys/bundle.pem")
+    )
+    assert load_settings(path, environ={}).token.rootcertbundle == str(tmp_path / "keys/bundle.pem")
+
+
+BAD = """\
+local_registry: {url: "ftp://nowhere"}
+primary: {url: "https://primary.example.com/v2/"}
+token: {realm: r, service: s, issuer: "", rootcertbundle: b.pem, algorithms: [RS256, HS256, none], leeway: -5}
+redis: {socket_timeout: fast, pasword: x}
+routing: {tag_policy: sometimes}
+server: {bind: ["0.0.0.0"], workers: 0, log_level: loud}
+surprise: true
+"""
+
+
+def test_every_problem_is_listed_with_its_key_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={"GEO_ROUTE_REDIS__MAX_CONNECTIONS": "many", "GEO_ROUTE_NOPE": "1"})
+    paths = [problem.split(":", 1)[0] for problem in caught.value.problems]
+    assert sorted(paths) == sorted(
+        [
+            "GEO_ROUTE_NOPE",
+            "surprise",
+            "local_registry.url",
+            "primary.url",
+            "token.issuer",
+            "token.algorithms",
+            "token.leeway",
+            "redis.pasword",
+            "redis.socket_timeout",
+            "redis.max_connections",
+            "routing.tag_policy",
+            "server.bind",
+            "server.workers",
+            "server.log_level",
+        ]
+    )
+
+
+def test_required_sections(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    assert "local_registry.url: required" in caught.value.problems
+    assert "token.rootcertbundle: required" in caught.value.problems
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "a: [", "local_registry: 5"])
+def test_malformed_files(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError):
+        load_settings(path, environ={})
+
+
+def test_redis_password_is_never_shown() -> None:
+    settings = load_settings(
+        EXAMPLES / "geo-route.minimal.yaml", environ={"GEO_ROUTE_REDIS__URL": "redis://u:s3cret@h:1/0"}
+    )
+    assert "s3cret" not in repr(settings)
+    assert settings.redis.display_url == "redis://u:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+class TestCheckConfigCommand:
+    def test_valid_file_exits_zero(self, site_file, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+        assert main(["check-config", "-c", str(site_file())]) == 0
+        assert ": ok" in capsys.readouterr().out
+
+    def test_invalid_file_lists_problems_and_exits_non_zero(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(BAD)
+        assert main(["check-config", "-c", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "local_registry.url" in err and "server.workers" in err and "surprise: unknown key" in err
+
+    def test_unreadable_bundle_is_a_problem(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["check-config", "-c", str(EXAMPLES / "geo-route.minimal.yaml")]) == 1
+        assert "token.rootcertbundle: cannot read" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""The decision matrix: pure, table-driven, no Redis and no clock (the view is a value)."""
+
+from __future__ import annotations
+
+import pytest
+
+from geo_route.access import Grants
+from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexQuery, IndexView, QueryKind
+from geo_route.operations import classify_request
+from geo_route.routing import Decision, Policy, Reason, Route, decide, format_challenge, index_query
+from geo_route.tokens import TokenProblem
+
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+NOW = 1_800_000_000.0
+PINNED = Policy(realm="https://gitlab.test/jwt/auth", service="container_registry", tag_policy="pinned")
+PRIMARY_TAGS = Policy(realm=PINNED.realm, service=PINNED.service, tag_policy="primary")
+AGED = Policy(realm=PINNED.realm, service=PINNED.service, tag_policy="pinned", max_tag_age=300)
+
+
+def grants(*entries: tuple[str, str, str]) -> Grants:
+    actions: dict[tuple[str, str], set[str]] = {}
+    for kind, name, action in entries:
+        actions.setdefault((kind, name), set()).add(action)
+    return Grants("alice", NOW + 300, {key: frozenset(value) for key, value in actions.items()})
+
+
+ALL = grants(("repository", "app", "*"), ("repository", "src", "pull"), ("registry", "catalog", "*"))
+PULL = grants(("repository", "app", "pull"))
+PUSH = grants(("repository", "app", "pull"), ("repository", "app", "push"))
+NOTHING = grants()
+HERE = IndexView(present=True)
+ABSENT = IndexView(present=False)
+
+
+def pin(digest: str = D1, present: bool = True, confirmed_at: float = NOW - 10) -> IndexView:
+    return IndexView(present=present, pinned_digest=digest, confirmed_at=confirmed_at)
+
+
+ROUTED = [
+    # method, uri, credential, view, policy, route, reason, upstream path
+    ("GET", "/v2/", NOTHING, NOT_ASKED, PINNED, Route.LOCAL, Reason.BASE, ""),
+    ("GET", f"/v2/app/blobs/{D1}", PULL, HERE, PINNED, Route.LOCAL, Reason.BLOB_LOCAL, ""),
+    ("HEAD", f"/v2/app/blobs/{D1}", PULL, ABSENT, PINNED, Route.PRIMARY, Reason.BLOB_NOT_LOCAL, ""),
+    ("GET", f"/v2/app/blobs/{D1}", PULL, UNAVAILABLE, PINNED, Route.PRIMARY, Reason.INDEX_UNAVAILABLE, ""),
+    ("GET", f"/v2/app/manifests/{D1}", PULL, HERE, PINNED, Route.LOCAL, Reason.MANIFEST_LOCAL, ""),
+    ("GET", f"/v2/app/manifests/{D1}", PULL, ABSENT, PINNED, Route.PRIMARY, Reason.MANIFEST_NOT_LOCAL, ""),
+    ("GET", f"/v2/app/manifests/{D1}", PULL, UNAVAILABLE, PINNED, Route.PRIMARY, Reason.INDEX_UNAVAILABLE, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(), PINNED, Route.LOCAL, Reason.TAG_PINNED, f"/v2/app/manifests/{D1}"),
+    ("HEAD", "/v2/app/manifests/v1", PULL, pin(D2), PINNED, Route.LOCAL, Reason.TAG_PINNED, f"/v2/app/manifests/{D2}"),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(present=False), PINNED, Route.PRIMARY, Reason.TAG_NOT_LOCAL, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, ABSENT, PINNED, Route.PRIMARY, Reason.TAG_NOT_PINNED, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, pin("garbage"), PINNED, Route.PRIMARY, Reason.TAG_NOT_PINNED, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, UNAVAILABLE, PINNED, Route.PRIMARY, Reason.INDEX_UNAVAILABLE, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(), PRIMARY_TAGS, Route.PRIMARY, Reason.TAG_POLICY_PRIMARY, ""),
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        PULL,
+        pin(confirmed_at=NOW - 299),
+        AGED,
+        Route.LOCAL,
+        Reason.TAG_PINNED,
+        f"/v2/app/manifests/{D1}",
+    ),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 301), AGED, Route.PRIMARY, Reason.TAG_STALE, ""),
+    ("GET", "/v2/app/tags/list", PULL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
+    ("GET", f"/v2/app/referrers/{D1}", PULL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
+    ("GET", "/v2/_catalog", ALL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
+    ("PUT", "/v2/app/manifests/v1", PUSH, HERE, PINNED, Route.PRIMARY, Reason.WRITE, ""),
+    ("POST", "/v2/app/blobs/uploads/", PUSH, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("POST", f"/v2/app/blobs/uploads/?mount={D1}&from=src", ALL, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("PATCH", "/v2/app/blobs/uploads/u1", PUSH, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("PUT", f"/v2/app/blobs/uploads/u1?digest={D1}", PUSH, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("GET", "/v2/app/blobs/uploads/u1", PUSH, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("DELETE", "/v2/app/blobs/uploads/u1", ALL, HERE, PINNED, Route.PRIMARY, Reason.UPLOAD, ""),
+    ("DELETE", f"/v2/app/manifests/{D1}", ALL, HERE, PINNED, Route.PRIMARY, Reason.DELETE, ""),
+    ("DELETE", f"/v2/app/blobs/{D1}", ALL, HERE, PINNED, Route.PRIMARY, Reason.DELETE, ""),
+    # Not a registry operation: the primary answers it (and authenticates it) itself.
+    ("GET", "/v2/Bad/manifests/x", TokenProblem.MISSING, HERE, PINNED, Route.PRIMARY, Reason.UNRECOGNIZED, ""),
+    ("GET", "/v2/app/blobs/sha256:zz", PULL, HERE, PINNED, Route.PRIMARY, Reason.UNRECOGNIZED, ""),
+]
+
+
+@pytest.mark.parametrize(("method", "uri", "credential", "view", "policy", "route", "reason", "path"), ROUTED)
+def test_routing_matrix(
+    method: str,
+    uri: str,
+    credential: Grants | TokenProblem,
+    view: IndexView,
+    policy: Policy,
+    route: Route,
+    reason: str,
+    path: str,
+) -> None:
+    decision = decide(classify_request(method, uri), credential, view, policy, NOW)
+    assert decision == Decision(200, reason, route, path)
+
+
+DENIED = [
+    # method, uri, credential, reason, scope, error
+    ("GET", "/v2/", TokenProblem.MISSING, Reason.NO_TOKEN, "", ""),
+    ("GET", "/v2/", TokenProblem.INVALID, Reason.INVALID_TOKEN, "", "invalid_token"),
+    ("GET", "/v2/app/manifests/v1", TokenProblem.MISSING, Reason.NO_TOKEN, "repository:app:pull", ""),
+    (
+        "PUT",
+        "/v2/app/manifests/v1",
+        TokenProblem.INVALID,
+        Reason.INVALID_TOKEN,
+        "repository:app:pull,push",
+        "invalid_token",
+    ),
+    ("GET", "/v2/other/manifests/v1", PULL, Reason.INSUFFICIENT_SCOPE, "repository:other:pull", "insufficient_scope"),
+    ("PUT", "/v2/app/manifests/v1", PULL, Reason.INSUFFICIENT_SCOPE, "repository:app:pull,push", "insufficient_scope"),
+    (
+        "POST",
+        "/v2/app/blobs/uploads/",
+        PULL,
+        Reason.INSUFFICIENT_SCOPE,
+        "repository:app:pull,push",
+        "insufficient_scope",
+    ),
+    (
+        "DELETE",
+        f"/v2/app/manifests/{D1}",
+        PUSH,
+        Reason.INSUFFICIENT_SCOPE,
+        "repository:app:delete",
+        "insufficient_scope",
+    ),
+    (
+        "POST",
+        f"/v2/app/blobs/uploads/?mount={D1}&from=secret",
+        PUSH,
+        Reason.INSUFFICIENT_SCOPE,
+        "repository:app:pull,push repository:secret:pull",
+        "insufficient_scope",
+    ),
+    ("GET", "/v2/_catalog", PUSH, Reason.INSUFFICIENT_SCOPE, "registry:catalog:*", "insufficient_scope"),
+    ("GET", f"/v2/app/blobs/{D1}", NOTHING, Reason.INSUFFICIENT_SCOPE, "repository:app:pull", "insufficient_scope"),
+]
+
+
+@pytest.mark.parametrize(("method", "uri", "credential", "reason", "scope", "error"), DENIED)
+def test_denials_carry_the_registry_challenge(
+    method: str, uri: str, credential: Grants | TokenProblem, reason: str, scope: str, error: str
+) -> None:
+    decision = decide(classify_request(method, uri), credential, HERE, PINNED, NOW)
+    assert (decision.status, decision.route, decision.reason) == (401, None, reason)
+    assert decision.www_authenticate == format_challenge(PINNED, scope, error)
+
+
+def test_challenge_format_is_the_registry_format() -> None:
+    assert format_challenge(PINNED, "repository:a/b:pull,push", "insufficient_scope") == (
+        'Bearer realm="https://gitlab.test/jwt/auth",service="container_registry",'
+        'scope="repository:a/b:pull,push",error="insufficient_scope"'
+    )
+    assert format_challenge(PINNED, "") == 'Bearer realm="https://gitlab.test/jwt/auth",service="container_registry"'
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "policy", "expected"),
+    [
+        ("GET", f"/v2/app/blobs/{D1}", PINNED, IndexQuery(QueryKind.BLOB, "app", D1)),
+        ("GET", f"/v2/app/manifests/{D1}", PINNED, IndexQuery(QueryKind.MANIFEST, "app", D1)),
+        ("GET", "/v2/app/manifests/v1", PINNED, IndexQuery(QueryKind.TAG, "app", "v1")),
+        ("GET", "/v2/app/manifests/v1", PRIMARY_TAGS, None),
+        ("PUT", "/v2/app/manifests/v1", PINNED, None),
+        ("GET", "/v2/", PINNED, None),
+        ("GET", "/v2/app/tags/list", PINNED, None),
+    ],
+)
+def test_index_query_asks_only_what_routing_needs(
+    method: str, uri: str, policy: Policy, expected: IndexQuery | None
+) -> None:
+    assert index_query(classify_request(method, uri), policy) == expected
+
+
+def test_a_stale_local_tag_is_never_served() -> None:
+    # The primary moved v1 to D2; D2 is not replicated yet. Even though D1 (the old target) is here,
+    # the view for the tag is about D2, so the request goes to the primary.
+    decision = decide(classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(D2, present=False), PINNED, NOW)
+    assert (decision.route, decision.reason) == (Route.PRIMARY, Reason.TAG_NOT_LOCAL)
