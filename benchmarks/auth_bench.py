@@ -22,13 +22,17 @@ request from when it is actually sent, so a stalled server delays later sends in
 their waiting time (coordinated omission), and the tail is understated compared with wrk2.
 
 For comparison, the service's own ``geo_route_decision_seconds`` histogram (read from ``/metrics``
-before and after the run) gives the time spent inside the handler, without queueing.
+before and after the run) gives the time spent inside the handler, without queueing; its decision
+counters prove every answer was really ``blob-local`` (a Redis failure still answers 200, routed to
+the primary, and would otherwise pass unnoticed). The CPU each worker, Redis and wrk used is shown
+too: gthread workers keep the connections they accept, and when one worker wins most of wrk's
+connections the run measures one worker, not two (the report warns).
 
 Target (from the issue): at least 2,000 decisions/s with p99 <= 10 ms at 32 concurrent connections.
 
 Usage:
     .venv/bin/python benchmarks/auth_bench.py [--workers 2] [--connections 32] [--duration 10]
-        [--worker-class gthread|sync] [--threads N] [--rate R] [--json FILE] [--profile]
+        [--worker-class gthread|sync] [--threads N] [--rate R] [--json FILE] [--profile FILE]
 
 Exit status: 0 when the run completed without errors (whether or not the target is met); 1 when
 the load saw errors (non-2xx answers, socket errors, decisions other than blob-local, index errors
@@ -41,6 +45,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -67,6 +72,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+import geo_route
 from geo_route.config import Settings, load_settings
 from geo_route.index.model import BlobPresence
 from geo_route.index.redis_store import RedisIndexStore
@@ -137,6 +143,14 @@ class ServerSide:
 
 
 @dataclass
+class CpuUse:
+    """Per cent of one CPU each process used during the measured run (wall-clock based)."""
+
+    shares: dict[str, float]
+    uneven_workers: bool
+
+
+@dataclass
 class RunningService:
     process: subprocess.Popen[bytes]
     base_url: str
@@ -155,11 +169,20 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, default=10, help="seconds of measured load (default 10)")
     parser.add_argument("--worker-class", choices=("gthread", "sync"), default="gthread")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker, gthread only (default 1)")
+    parser.add_argument(
+        "--reuse-port",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one SO_REUSEPORT socket per worker (default; spreads kept-alive connections over workers)",
+    )
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--rate", type=float, help="pace wrk to about R requests/s in total (still not open-loop)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the parsed numbers to FILE")
     parser.add_argument(
-        "--profile", action="store_true", help="sample one worker with py-spy during the measured run (perturbs it)"
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="sample one worker with py-spy during the measured run (slows it) and keep the collapsed stacks in FILE",
     )
     args = parser.parse_args(argv)
     if args.workers < 1 or args.threads < 1 or args.duration < 1 or args.wrk_threads < 1:
@@ -218,6 +241,7 @@ def write_site_config(directory: Path, args: argparse.Namespace, redis_port: int
             "workers": args.workers,
             "worker_class": args.worker_class,
             "threads": args.threads,
+            "reuse_port": args.reuse_port,
             "log_level": "warning",
         },
     }
@@ -503,19 +527,30 @@ def bucket_bound_ms(buckets: Mapping[float, float], count: float, quantile: floa
 # profiling (optional)
 
 
+PROJECT_DIR = str(Path(geo_route.__file__).resolve().parents[1]) + "/"
+STDLIB_DIR = re.compile(r"/lib/python3\.\d+/")
+STARTUP_FILES = (
+    "gunicorn/arbiter.py",
+    "gunicorn/app/base.py",
+    "geo_route/cli.py",
+    "geo_route/server.py",
+    "bin/geo-route",
+)
+
+
 def start_profiler(pid: int, seconds: int, output: Path) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise BenchError("--profile needs py-spy (pip install py-spy into this environment)")
     command = [
         py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
-        "--format", "raw", "--function", "--output", str(output),
+        "--format", "raw", "--function", "--full-filenames", "--output", str(output),
     ]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def summarize_profile(raw_path: Path, top: int = 15) -> list[str]:
-    """Self and inclusive sample shares from py-spy's collapsed stacks ("frame;frame;... count")."""
+def summarize_profile(raw_path: Path, top: int = 15) -> Iterator[str]:
+    """Self and inclusive shares from py-spy's collapsed stacks (``frame;frame;... count``)."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_package: Counter[str] = Counter()
@@ -525,47 +560,67 @@ def summarize_profile(raw_path: Path, top: int = 15) -> list[str]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [shorten_frame(frame) for frame in stack.split(";")]
+        frames = [split_frame(frame) for frame in stack.split(";")]
         total += count
-        own[frames[-1]] += count
-        by_package[package_of(stack.split(";")[-1])] += count
-        for frame in set(frames):
-            inclusive[frame] += count
+        own[format_frame(*frames[-1])] += count
+        by_package[package_of(frames[-1][1])] += count
+        for function, path in set(frames):
+            if not package_of(path).startswith("stdlib") and not path.endswith(STARTUP_FILES):
+                inclusive[format_frame(function, path)] += count
     if not total:
-        return ["  (py-spy recorded no samples)"]
-    lines = [f"  {total} samples of the worker's active threads (idle waits excluded)", "  self time by package:"]
-    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in by_package.most_common(10)]
-    lines.append("  self time by function:")
-    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
-    lines.append("  inclusive time by function (request path):")
-    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top + 10)]
-    return lines
+        yield "  (py-spy recorded no samples)"
+        return
+    yield f"  {total} samples of the worker's running or runnable threads (blocked waits excluded)"
+    yield "  self time by package:"
+    yield from (f"    {100 * n / total:5.1f}%  {name}" for name, n in by_package.most_common(10))
+    yield "  self time by function:"
+    yield from (f"    {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top))
+    yield "  inclusive time by function (stdlib and start-up frames left out):"
+    yield from (f"    {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top + 10))
 
 
-def shorten_frame(frame: str) -> str:
-    """``handle (/x/site-packages/gunicorn/workers/gthread.py:123)`` -> ``handle (gunicorn/workers/gthread.py)``."""
+def split_frame(frame: str) -> tuple[str, str]:
+    """``handle (/x/gunicorn/workers/gthread.py:123)`` -> (``handle``, ``/x/gunicorn/workers/gthread.py``)."""
     match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame)
-    if match is None:
-        return frame
-    function, path = match.groups()
-    for marker in ("site-packages/", "/geo_route/", "/lib/python3"):
+    return (match.group(1), match.group(2)) if match else (frame, "")
+
+
+def format_frame(function: str, path: str) -> str:
+    return f"{function} ({relative_path(path)})"
+
+
+def relative_path(path: str) -> str:
+    """The path below site-packages, the stdlib directory or the project."""
+    for marker in ("site-packages/", PROJECT_DIR):
         if marker in path:
-            path = path.split(marker, 1)[1]
-            path = ("geo_route/" + path) if marker == "/geo_route/" else path
-            path = path.split("/", 1)[1] if marker == "/lib/python3" else path
-            break
-    return f"{function} ({path})"
+            return path.split(marker, 1)[1]
+    parts = STDLIB_DIR.split(path, maxsplit=1)
+    return parts[1] if len(parts) == 2 else path
 
 
-def package_of(frame: str) -> str:
-    path = frame.rpartition("(")[2]
+def package_of(path: str) -> str:
     if "site-packages/" in path:
-        return path.split("site-packages/", 1)[1].split("/", 1)[0].split(".py")[0]
+        return relative_path(path).split("/", 1)[0].removesuffix(".py")
     if "/geo_route/" in path:
         return "geo_route"
-    if "/lib/python3" in path:
-        return "stdlib:" + path.split("/")[-1].split(":")[0]
-    return path.rstrip(")") or frame
+    if STDLIB_DIR.search(path):
+        return "stdlib " + relative_path(path).split("/", 1)[0].removesuffix(".py")
+    return path or "?"
+
+
+def print_profile(profiler: subprocess.Popen[bytes], raw_path: Path, pid: int) -> None:
+    try:
+        _, stderr = profiler.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        print("\npy-spy did not finish; no profile", file=sys.stderr)
+        return
+    print(f"\npy-spy profile of worker {pid} during the measured run (sampling slows that worker down):")
+    if profiler.returncode != 0 or not raw_path.exists():
+        print(f"  py-spy failed ({profiler.returncode}): {stderr.decode(errors='replace').strip()}")
+        return
+    for line in summarize_profile(raw_path):
+        print(line)
+    print(f"  collapsed stacks kept in {raw_path} (flamegraph.pl or speedscope read them)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +686,32 @@ def read_tail(path: Path, lines: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU use
+
+
+def sample_cpu_seconds(pids: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each named process, plus ``wrk``: the reaped children's total (wrk is the only one)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for label, pid in pids.items():
+        try:
+            fields = read_proc_stat(pid)
+            seconds[label] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError):
+            seconds[label] = 0.0
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds["wrk"] = children.ru_utime + children.ru_stime
+    return seconds
+
+
+def compare_cpu(before: Mapping[str, float], after: Mapping[str, float], elapsed: float) -> CpuUse:
+    shares = {label: 100.0 * (after[label] - before[label]) / elapsed for label in after}
+    workers = [share for label, share in shares.items() if label.startswith("worker")]
+    uneven = len(workers) > 1 and max(workers) > 20.0 and min(workers) < 0.5 * max(workers)
+    return CpuUse(shares, uneven)
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -662,13 +743,19 @@ def judge_target(result: WrkResult, connections: int) -> tuple[bool, list[str]]:
 
 
 def format_report(
-    args: argparse.Namespace, result: WrkResult, server: ServerSide, errors: list[str], target_misses: list[str]
+    args: argparse.Namespace,
+    result: WrkResult,
+    server: ServerSide,
+    cpu: CpuUse,
+    errors: list[str],
+    target_misses: list[str],
 ) -> Iterator[str]:
     p = result.percentiles_ms
     load = f"paced to ~{args.rate:,.0f} req/s" if args.rate else "closed-loop (wrk)"
     yield "geo-route GET /auth benchmark"
     yield (
         f"  config       workers={args.workers} worker_class={args.worker_class} threads={args.threads} "
+        f"reuse_port={args.reuse_port} "
         f"connections={args.connections} wrk_threads={args.wrk_threads} duration={args.duration}s load={load}"
     )
     yield f"  host         {os.cpu_count()} CPUs shared by wrk, gunicorn and redis-server"
@@ -690,19 +777,8 @@ def format_report(
         f"  in handler   mean {server.handler_mean_ms:.3f} ms | p50 <= {server.handler_p50_le_ms:g} ms | "
         f"p99 <= {server.handler_p99_le_ms:g} ms (service histogram buckets, no queueing)"
     )
-    if args.rate:
-        achieved = result.requests_per_s / args.rate
-        yield (
-            f"  note         paced load: {achieved:.0%} of the requested {args.rate:,.0f} req/s achieved. wrk times "
-            "requests from when they are sent (coordinated omission), so tails are understated vs. open-loop."
-        )
-    else:
-        little = 1000.0 * args.connections / result.requests_per_s if result.requests_per_s else float("inf")
-        yield (
-            f"  note         wrk is closed-loop: latency includes queueing; mean ≈ connections / throughput = "
-            f"{args.connections} / {result.requests_per_s:,.0f}/s = {little:.2f} ms "
-            f"(measured mean {result.latency_mean_ms:.2f} ms)"
-        )
+    yield from describe_cpu(cpu)
+    yield describe_load_model(args, result)
     outcome = "met" if not target_misses else "missed (" + "; ".join(target_misses) + ")"
     yield (
         f"  target       >= {TARGET_RPS:,.0f} decisions/s with p99 <= {TARGET_P99_MS:.0f} ms at "
@@ -713,8 +789,33 @@ def format_report(
     yield f"  RESULT       {'PASS' if not errors and not target_misses else 'FAIL'}"
 
 
+def describe_cpu(cpu: CpuUse) -> Iterator[str]:
+    shares = " | ".join(f"{label} {share:.0f}%" for label, share in cpu.shares.items())
+    yield f"  cpu          {shares} (100% = one CPU)"
+    if cpu.uneven_workers:
+        yield (
+            "  warning      workers unevenly loaded: kept-alive connections stay with the worker that accepted "
+            "them, so this run measured fewer workers than configured"
+        )
+
+
+def describe_load_model(args: argparse.Namespace, result: WrkResult) -> str:
+    if args.rate:
+        achieved = result.requests_per_s / args.rate
+        return (
+            f"  note         paced load: {achieved:.0%} of the requested {args.rate:,.0f} req/s achieved. wrk times "
+            "requests from when they are sent (coordinated omission), so tails are understated vs. open-loop."
+        )
+    little = 1000.0 * args.connections / result.requests_per_s if result.requests_per_s else float("inf")
+    return (
+        f"  note         wrk is closed-loop: latency includes queueing; mean ≈ connections / throughput = "
+        f"{args.connections} / {result.requests_per_s:,.0f}/s = {little:.2f} ms "
+        f"(measured mean {result.latency_mean_ms:.2f} ms)"
+    )
+
+
 def write_json(
-    path: Path, args: argparse.Namespace, result: WrkResult, server: ServerSide, verdict: dict[str, Any]
+    path: Path, args: argparse.Namespace, result: WrkResult, server: ServerSide, cpu: CpuUse, verdict: dict[str, Any]
 ) -> None:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     document = {
@@ -723,6 +824,8 @@ def write_json(
         "load": "paced" if args.rate else "closed-loop",
         "wrk": asdict(result),
         "server": asdict(server),
+        "cpu_percent": cpu.shares,
+        "uneven_workers": cpu.uneven_workers,
         "target": {"rps": TARGET_RPS, "p99_ms": TARGET_P99_MS, "connections": TARGET_CONNECTIONS},
         **verdict,
     }
@@ -733,7 +836,8 @@ def write_json(
 # main
 
 
-def run_benchmark(args: argparse.Namespace, directory: Path, cleanup: list[Any]) -> int:
+def start_site(args: argparse.Namespace, directory: Path, cleanup: list[Any]) -> tuple[RunningService, int, str]:
+    """Key, site file, Redis with the blob indexed, the service up; returns it, Redis's PID and a checked token."""
     redis_port, service_port = find_free_port(), find_free_port()
     key = generate_signing_key(directory / "bundle.pem")
     config_path = write_site_config(directory, args, redis_port, service_port)
@@ -751,7 +855,11 @@ def run_benchmark(args: argparse.Namespace, directory: Path, cleanup: list[Any])
 
     token = mint_token(key)
     check_decision(service.base_url, token)
+    return service, redis_process.pid, token
 
+
+def run_benchmark(args: argparse.Namespace, directory: Path, cleanup: list[Any]) -> int:
+    service, redis_pid, token = start_site(args, directory, cleanup)
     url = service.base_url + "/auth"
     script = write_wrk_script(directory, token, args.rate, args.wrk_threads)
     print(f"warming up for {WARMUP_SECONDS} s ...", flush=True)
@@ -760,42 +868,30 @@ def run_benchmark(args: argparse.Namespace, directory: Path, cleanup: list[Any])
 
     before = read_metrics(service.base_url)
     profiler = None
-    profile_path = directory / "profile.txt"
     if args.profile:
-        profiler = start_profiler(service.workers[0][0], max(1, args.duration - 1), profile_path)
+        profiler = start_profiler(service.workers[0][0], max(1, args.duration - 1), args.profile)
         cleanup.append(lambda: stop_process(profiler, "py-spy"))
     print(f"measuring for {args.duration} s ...", flush=True)
+    pids = {f"worker {pid}": pid for pid, _ in service.workers} | {"redis-server": redis_pid}
+    cpu_before, started = sample_cpu_seconds(pids), time.monotonic()
     result, wrk_output = run_wrk(url, script, args.connections, args.duration, args.wrk_threads)
+    cpu = compare_cpu(cpu_before, sample_cpu_seconds(pids), time.monotonic() - started)
     alive = service.process.poll() is None
     server = compare_metrics(before, read_metrics(service.base_url)) if alive else ServerSide(0, {}, 0, 0, 0, 0)
 
     errors = judge_errors(result, server, alive)
     target_met, target_misses = judge_target(result, args.connections)
     print("\n--- wrk output ---\n" + wrk_output.rstrip() + "\n------------------\n")
-    for line in format_report(args, result, server, errors, target_misses):
+    for line in format_report(args, result, server, cpu, errors, target_misses):
         print(line)
     if profiler is not None:
-        print_profile(profiler, profile_path, service.workers[0][0])
+        print_profile(profiler, args.profile, service.workers[0][0])
     if args.json:
         verdict = {"errors": errors, "target_met": target_met, "target_misses": target_misses,
                    "result": "PASS" if not errors and target_met else "FAIL"}  # fmt: skip
-        write_json(args.json, args, result, server, verdict)
+        write_json(args.json, args, result, server, cpu, verdict)
         print(f"\nwrote {args.json}")
     return 1 if errors else 0
-
-
-def print_profile(profiler: subprocess.Popen[bytes], raw_path: Path, pid: int) -> None:
-    try:
-        _, stderr = profiler.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        print("\npy-spy did not finish; no profile", file=sys.stderr)
-        return
-    print(f"\npy-spy profile of worker {pid} during the measured run (the sampling slows that worker down):")
-    if profiler.returncode != 0 or not raw_path.exists():
-        print(f"  py-spy failed ({profiler.returncode}): {stderr.decode(errors='replace').strip()}")
-        return
-    for line in summarize_profile(raw_path):
-        print(line)
 
 
 def report_service_log(log_path: Path) -> None:

@@ -135,11 +135,12 @@ class ServerSettings:
 
     bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8080",))
     workers: int = _checked(check_positive, default=2)
-    worker_class: Literal["sync", "gthread"] = "gthread"
+    worker_class: Literal["sync", "gthread"] = "sync"
     threads: int = _checked(check_positive, default=1)
     keepalive: int = _checked(check_not_negative, default=75)
     timeout: int = _checked(check_positive, default=30)
     backlog: int = _checked(check_positive, default=2048)
+    reuse_port: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

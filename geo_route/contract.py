@@ -26,3 +26,8 @@ ALLOWED_STATUSES = (200, 401, 403)
 def nginx_variable(header: str) -> str:
     """The ``$upstream_http_*`` variable NGINX exposes for a response header."""
     return "$upstream_http_" + header.lower().replace("-", "_")
+
+
+def wsgi_environ_key(header: str) -> str:
+    """The WSGI environ key of a request header (``X-Original-URI`` → ``HTTP_X_ORIGINAL_URI``)."""
+    return "HTTP_" + header.upper().replace("-", "_")

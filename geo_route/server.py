@@ -46,6 +46,7 @@ class AuthServer(BaseApplication):  # type: ignore[misc]
             "worker_class": server.worker_class,
             "timeout": server.timeout,
             "backlog": server.backlog,
+            "reuse_port": server.reuse_port,
             "keepalive": server.keepalive,
             "loglevel": server.log_level,
             "accesslog": None,

@@ -10,17 +10,20 @@ the OCI grammar never contains spaces or colons):
     P primary:tags:R         HASH  tag -> "<digest> <confirmed_at unix seconds>" as last published
                                    by the primary (by a notification or reconciliation)
 
-A decision costs exactly one round trip: ``SISMEMBER`` for a blob or a manifest, one Lua script
-(``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests) for a tag. Writes go in
+A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob or a
+manifest, one Lua script (``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests)
+for a tag. Writes go in
 one ``MULTI``/``EXEC`` per call. After a failure the store answers "unavailable" at once for
 ``unavailable_cooldown`` seconds instead of waiting on a dead Redis for every request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
@@ -80,6 +83,51 @@ def decode_pin(value: str) -> tuple[str, float]:
         return digest, 0.0
 
 
+class LookupConnections:
+    """One long-lived connection per thread for the decision path.
+
+    A decision is a single command, so it skips the client's pool checkout, retry and
+    instrumentation layers (about a third of the lookup's CPU): send, read, and on any transport
+    error drop the connection so the next lookup starts clean.
+    """
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._local = threading.local()
+        self._script_shas: dict[str, str] = {}
+        self._opened: list[Any] = []
+        self._lock = threading.Lock()
+
+    def run(self, *args: str) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._pool.make_connection()
+            with self._lock:
+                self._opened.append(connection)
+        try:
+            connection.send_command(*args, check_health=False)
+            return connection.read_response()
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+
+    def run_script(self, script: str, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
+        sha = self._script_shas.get(script) or self._script_shas.setdefault(
+            script, hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+        )
+        try:
+            return self.run("EVALSHA", sha, str(len(keys)), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.run("EVAL", script, str(len(keys)), *keys, *args)
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._opened:
+                connection.disconnect()
+
+
 class RedisIndexStore:
     """``IndexStore`` on a Redis server, with short timeouts and no client-side retries."""
 
@@ -99,7 +147,7 @@ class RedisIndexStore:
             decode_responses=True,
         )
         self.keys = KeySchema(settings.key_prefix)
-        self._pinned_tag = self._client.register_script(PINNED_TAG_SCRIPT)
+        self._lookups = LookupConnections(self._client.connection_pool)
         self._clock = clock
         self._cooldown = settings.unavailable_cooldown
         self._down_until = 0.0
@@ -116,11 +164,12 @@ class RedisIndexStore:
     def _lookup(self, query: IndexQuery) -> IndexView:
         repository, reference = query.repository, query.reference
         if query.kind is QueryKind.BLOB:
-            return IndexView(present=bool(self._client.sismember(self.keys.local_blobs(repository), reference)))
+            return IndexView(present=bool(self._lookups.run("SISMEMBER", self.keys.local_blobs(repository), reference)))
         if query.kind is QueryKind.MANIFEST:
-            return IndexView(present=bool(self._client.sismember(self.keys.local_manifests(repository), reference)))
-        keys = [self.keys.primary_tags(repository), self.keys.local_manifests(repository)]
-        found = self._pinned_tag(keys=keys, args=[reference])
+            present = self._lookups.run("SISMEMBER", self.keys.local_manifests(repository), reference)
+            return IndexView(present=bool(present))
+        keys = (self.keys.primary_tags(repository), self.keys.local_manifests(repository))
+        found = self._lookups.run_script(PINNED_TAG_SCRIPT, keys, (reference,))
         if not found:
             return IndexView()
         digest, confirmed_at = decode_pin(found[0])
@@ -180,4 +229,5 @@ class RedisIndexStore:
             raise IndexUnavailable(f"redis read failed: {type(exc).__name__}") from None
 
     def close(self) -> None:
+        self._lookups.close()
         self._client.close()

@@ -11,7 +11,7 @@ from geo_route.config import Settings
 from geo_route.index.model import IndexStore
 from geo_route.routing import Policy
 from geo_route.tokens import TokenVerifier
-from geo_route.web.auth import AuthEndpoint
+from geo_route.web.auth import AuthEndpoint, mount_auth
 from geo_route.web.metrics import Metrics
 
 
@@ -34,7 +34,7 @@ def create_app(
     app.extensions["geo_route"] = {"settings": settings, "index": index, "verifier": verifier, "metrics": metrics}
 
     auth = AuthEndpoint(Policy.from_settings(settings), verifier, index, metrics, clock)
-    app.add_url_rule("/auth", "auth", auth, methods=["GET"])
+    app.wsgi_app = mount_auth(app.wsgi_app, auth)  # type: ignore[method-assign]
     app.add_url_rule("/healthz", "healthz", lambda: Response(b"ok\n", 200, mimetype="text/plain"))
     app.add_url_rule("/readyz", "readyz", lambda: readiness(index))
     app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.render(), 200, content_type=metrics.content_type))

@@ -1,12 +1,17 @@
-"""GET /auth: the NGINX ``auth_request`` endpoint. Answers only 200 or 401, never a 5xx."""
+"""GET /auth: the NGINX ``auth_request`` endpoint. Answers only 200 or 401, never a 5xx.
+
+It runs on every registry request, so it is a plain WSGI callable mounted in front of Flask's
+dispatcher (see ``app.create_app``): headers are read straight from the WSGI environ and the answer
+is written without building Flask request and response objects. The logic stays in the pure
+modules; this is only the translation between HTTP and a ``Decision``.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-
-from flask import Response, request
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from geo_route import contract
 from geo_route.errors import IndexUnavailable
@@ -17,6 +22,13 @@ from geo_route.tokens import TokenVerifier
 from geo_route.web.metrics import Metrics
 
 log = logging.getLogger("geo_route.auth")
+
+StartResponse = Callable[..., Any]
+STATUS_LINES = {200: "200 OK", 401: "401 Unauthorized", 403: "403 Forbidden"}
+ENV_METHOD = contract.wsgi_environ_key(contract.ORIGINAL_METHOD)
+ENV_URI = contract.wsgi_environ_key(contract.ORIGINAL_URI)
+ENV_AUTHORIZATION = contract.wsgi_environ_key(contract.AUTHORIZATION)
+EMPTY_BODY = (b"",)
 
 
 class AuthEndpoint:
@@ -35,23 +47,20 @@ class AuthEndpoint:
         self._index = index
         self._metrics = metrics
         self._clock = clock
+        self._index_warning = ThrottledWarning(log, interval=10.0)
 
-    def __call__(self) -> Response:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
-        headers = request.headers
         operation = Operation(Kind.UNRECOGNIZED, "")
         try:
-            operation = classify_request(
-                headers.get(contract.ORIGINAL_METHOD, ""), headers.get(contract.ORIGINAL_URI, "")
-            )
-            decision = self.decide(operation, headers.get(contract.AUTHORIZATION))
+            operation = classify_request(environ.get(ENV_METHOD, ""), environ.get(ENV_URI, ""))
+            decision = self.decide(operation, environ.get(ENV_AUTHORIZATION))
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
-        route_label = decision.route.value if decision.route else "denied"
-        self._metrics.decisions.labels(route_label, decision.reason, operation.kind.value).inc()
-        self._metrics.decision_seconds.observe(time.perf_counter() - started)
-        return respond(decision)
+        start_response(STATUS_LINES[decision.status], response_headers(decision))
+        self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
+        return EMPTY_BODY
 
     def decide(self, operation: Operation, authorization: str | None) -> Decision:
         credential = self._verifier.authenticate(authorization)
@@ -68,16 +77,46 @@ class AuthEndpoint:
             return self._index.lookup(query)
         except IndexUnavailable as exc:
             self._metrics.index_errors.inc()
-            log.warning("index unavailable, routing to primary: %s", exc)
+            self._index_warning.emit("index unavailable, routing to primary: %s", exc)
             return UNAVAILABLE
 
 
-def respond(decision: Decision) -> Response:
-    headers = {contract.REASON: decision.reason}
+class ThrottledWarning:
+    """At most one warning per ``interval`` seconds, saying how many were held back in between."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next = 0.0
+        self._held_back = 0
+
+    def emit(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held_back += 1
+            return
+        held_back, self._held_back, self._next = self._held_back, 0, now + self._interval
+        suffix = f" ({held_back} similar warnings held back)" if held_back else ""
+        self._logger.warning(message + suffix, *args)
+
+
+def response_headers(decision: Decision) -> list[tuple[str, str]]:
+    headers = [(contract.REASON, decision.reason), ("Content-Length", "0")]
     if decision.route is not None:
-        headers[contract.ROUTE] = decision.route.value
+        headers.append((contract.ROUTE, decision.route.value))
     if decision.upstream_path:
-        headers[contract.UPSTREAM_PATH] = decision.upstream_path
+        headers.append((contract.UPSTREAM_PATH, decision.upstream_path))
     if decision.www_authenticate:
-        headers[contract.WWW_AUTHENTICATE] = decision.www_authenticate
-    return Response(b"", decision.status, headers)
+        headers.append((contract.WWW_AUTHENTICATE, decision.www_authenticate))
+    return headers
+
+
+def mount_auth(wsgi_app: Callable[..., Any], endpoint: AuthEndpoint) -> Callable[..., Any]:
+    """Serve ``GET /auth`` with ``endpoint`` and pass every other request to ``wsgi_app``."""
+
+    def dispatch(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/auth" and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            return endpoint(environ, start_response)
+        return wsgi_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return dispatch

@@ -7,9 +7,12 @@ Under gunicorn with several workers, ``geo-route serve`` sets ``PROMETHEUS_MULTI
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from geo_route.routing import Decision
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
@@ -39,6 +42,17 @@ class Metrics:
         self.index_errors = Counter(
             "geo_route_index_errors", "Index lookups that failed or timed out.", registry=self.registry
         )
+
+        self._decision_children: dict[tuple[str, str, str], Any] = {}
+
+    def count_decision(self, decision: Decision, operation: str, seconds: float) -> None:
+        route = decision.route.value if decision.route else "denied"
+        key = (route, decision.reason, operation)
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+        self.decision_seconds.observe(seconds)
 
     def count_token_cache(self, hit: bool) -> None:
         (self.token_cache_hits if hit else self.token_cache_misses).inc()
