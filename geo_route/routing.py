@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from geo_route.access import Grants, format_scope
+from geo_route.access import format_scope
 from geo_route.config import Settings, TagPolicy
 from geo_route.index.model import IndexQuery, IndexView, QueryKind
 from geo_route.operations import Kind, Operation, is_valid_digest
@@ -125,14 +125,10 @@ def authorize(operation: Operation, credential: Credential, policy: Policy) -> D
         error = "invalid_token" if invalid else ""
         reason = Reason.INVALID_TOKEN if invalid else Reason.NO_TOKEN
         return Decision(401, reason, www_authenticate=format_challenge(policy, scope, error))
-    if not _covers(credential, operation):
+    if not credential.allows_all(operation.required):
         challenge = format_challenge(policy, scope, "insufficient_scope")
         return Decision(401, Reason.INSUFFICIENT_SCOPE, www_authenticate=challenge)
     return None
-
-
-def _covers(grants: Grants, operation: Operation) -> bool:
-    return grants.allows_all(operation.required)
 
 
 def index_query(operation: Operation, policy: Policy) -> IndexQuery | None:

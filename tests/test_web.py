@@ -260,3 +260,34 @@ def test_through_real_gunicorn(
         log.close()
     assert process.returncode == 0, (tmp_path / "gunicorn.log").read_text()
     assert token not in (tmp_path / "gunicorn.log").read_text()
+
+
+class BrokenIndex:
+    """An index whose lookups hit a bug (not an outage): the shell must still answer 200 → primary."""
+
+    def lookup(self, query: object) -> object:
+        raise RuntimeError("bug")
+
+    def apply(self, updates: object) -> None:
+        raise RuntimeError("bug")
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_bug_routes_to_the_primary_never_a_5xx(settings: Settings, make_token: MakeToken) -> None:
+    client = create_app(settings, index=BrokenIndex()).test_client()  # type: ignore[arg-type]
+    status, headers = ask(client, "GET", f"/v2/group/app/blobs/{D1}", make_token([access("group/app", "pull")]))
+    assert (status, headers[contract.ROUTE], headers[contract.REASON]) == (200, "primary", "internal-error")
+
+
+def test_index_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from geo_route.web.auth import ThrottledWarning
+
+    warning = ThrottledWarning(logging.getLogger("test.throttle"), interval=3600)
+    with caplog.at_level("WARNING", logger="test.throttle"):
+        for attempt in range(5):
+            warning.emit("index down (%s)", attempt)
+    assert [record.getMessage() for record in caplog.records] == ["index down (0)"]
