@@ -21,6 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="the YAML site file")
     check.set_defaults(handler=run_check_config)
 
+    render = commands.add_parser("render-nginx", help="render the NGINX configuration from the site file")
+    render.add_argument("-c", "--config", required=True, help="the YAML site file")
+    render.add_argument("-o", "--output", help="write here (atomically) instead of standard output")
+    render.add_argument(
+        "--part",
+        choices=("full", "http", "server"),
+        default="full",
+        help="full nginx.conf (default), or the http{} / server{} include for an existing NGINX",
+    )
+    render.add_argument("--no-check", action="store_true", help="skip `nginx -t` on the written file")
+    render.set_defaults(handler=run_render_nginx)
+
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     serve.add_argument("-c", "--config", required=True, help="the YAML site file")
     serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
@@ -59,6 +71,29 @@ def load_validated(path: str, environ: Mapping[str, str] | None = None) -> Setti
     except KeyBundleError as exc:
         raise ConfigError([f"token.rootcertbundle: {exc}"]) from None
     return settings
+
+
+def run_render_nginx(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.render import RenderError, check_with_nginx, nginx_binary, render_nginx_conf, write_atomically
+
+    try:
+        text = render_nginx_conf(load_settings(args.config), args.part)
+        if args.output is None:
+            sys.stdout.write(text)
+            return 0
+        output = Path(args.output)
+        write_atomically(output, text)
+        if args.part == "full" and not args.no_check and nginx_binary() is not None:
+            check_with_nginx(output)
+            print(f"{output}: written; nginx -t ok", file=sys.stderr)
+        else:
+            print(f"{output}: written (not checked with nginx -t)", file=sys.stderr)
+    except (ConfigError, RenderError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

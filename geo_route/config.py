@@ -145,6 +145,25 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class NginxSettings:
+    """The secondary's NGINX, rendered by ``geo-route render-nginx``."""
+
+    listen: tuple[str, ...] = ("127.0.0.1:5080",)
+    server_name: str = "_"
+    tls_certificate: str = ""
+    tls_certificate_key: str = ""
+    access_log: str = "/var/log/nginx/geo-route.access.log"
+    error_log: str = "/var/log/nginx/geo-route.error.log"
+    runtime_dir: str = "/var/lib/geo-route/nginx"
+    worker_processes: str = "auto"
+    auth_timeout: float = _checked(check_positive, default=2.0)
+    proxy_timeout: int = _checked(check_positive, default=900)
+    upstream_keepalive: int = _checked(check_positive, default=32)
+    primary_tls_verify: bool = True
+    primary_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything one secondary site needs; built only by ``load_settings``."""
 
@@ -154,6 +173,7 @@ class Settings:
     redis: RedisSettings = RedisSettings()
     routing: RoutingSettings = RoutingSettings()
     server: ServerSettings = ServerSettings()
+    nginx: NginxSettings = NginxSettings()
 
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -167,9 +187,20 @@ def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str
         base_dir = Path(path).resolve().parent
     _merge(data, _environment_overrides(environ, problems))
     settings = _build(Settings, data, "", problems)
+    if settings is not None:
+        problems.extend(check_consistency(settings))
     if problems or settings is None:
         raise ConfigError(problems)
     return _resolve_paths(settings, base_dir)
+
+
+def check_consistency(settings: Settings) -> list[str]:
+    """Problems that involve more than one key."""
+    problems = []
+    nginx = settings.nginx
+    if bool(nginx.tls_certificate) != bool(nginx.tls_certificate_key):
+        problems.append("nginx.tls_certificate: tls_certificate and tls_certificate_key go together")
+    return problems
 
 
 def _read_yaml(path: Path, problems: list[str]) -> dict[str, Any]:
@@ -288,6 +319,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 __all__ = [
+    "NginxSettings",
     "RedisSettings",
     "RoutingSettings",
     "ServerSettings",

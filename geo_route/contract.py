@@ -18,6 +18,8 @@ UPSTREAM_PATH = "X-Geo-Upstream-Path"  # the digest path for a pinned tag served
 WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
 
 RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE)
+# NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set.
+ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH)
 
 # The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
 ALLOWED_STATUSES = (200, 401, 403)

@@ -31,6 +31,7 @@ def test_reference_config_documents_every_key() -> None:
             assert f"\n  {field.name}:" in text, f"{section.name}.{field.name} missing from the reference config"
     # The reference shows the defaults: it only differs from the minimal file where the minimal one is silent.
     assert reference.redis == minimal.redis and reference.server == minimal.server
+    assert reference.nginx == minimal.nginx
     assert reference.token == minimal.token
 
 

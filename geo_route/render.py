@@ -1,0 +1,120 @@
+"""Render the secondary's NGINX configuration from the site settings (Jinja2, StrictUndefined).
+
+``nginx_context`` turns settings into template values (pure); ``render_nginx_conf`` renders the full
+standalone configuration or one of the two include-able parts; ``write_atomically`` and
+``check_with_nginx`` are the CLI's side effects. Header names come from ``contract`` so the config
+and the service cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import jinja2
+
+from geo_route import contract
+from geo_route.config import Settings
+from geo_route.errors import GeoRouteError
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+Part = Literal["full", "http", "server"]
+TEMPLATE_FOR_PART: dict[str, str] = {
+    "full": "nginx.conf.j2",
+    "http": "geo-route-http.conf.j2",
+    "server": "geo-route-server.conf.j2",
+}
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class RenderError(GeoRouteError):
+    """The configuration could not be rendered, written or checked."""
+
+
+def upstream_of(url: str) -> dict[str, Any]:
+    """Scheme, ``host:port`` and TLS name of a registry origin URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or DEFAULT_PORTS[parts.scheme]
+    server_host = f"[{host}]" if ":" in host else host
+    return {"scheme": parts.scheme, "server": f"{server_host}:{port}", "host": host, "origin": url.rstrip("/")}
+
+
+def nginx_context(settings: Settings) -> dict[str, Any]:
+    """Everything the templates use; StrictUndefined makes a missing value an error."""
+    nginx = settings.nginx
+    return {
+        "nginx": nginx,
+        "listen_tls": bool(nginx.tls_certificate),
+        "local": upstream_of(settings.local_registry.url),
+        "primary": upstream_of(settings.primary.url),
+        "auth_server": settings.server.bind[0],  # host:port, [v6]:port and unix:PATH read the same in NGINX
+        "auth_timeout": f"{nginx.auth_timeout:g}s",
+        "original_method_header": contract.ORIGINAL_METHOD,
+        "original_uri_header": contract.ORIGINAL_URI,
+        "route_var": contract.nginx_variable(contract.ROUTE),
+        "reason_var": contract.nginx_variable(contract.REASON),
+        "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
+        "geo_headers": list(contract.ROUTING_HEADERS),
+        "route_local": "local",
+    }
+
+
+def template_environment(templates: Path = TEMPLATES_DIR) -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # NGINX configuration, not HTML
+    )
+
+
+def render_nginx_conf(settings: Settings, part: Part = "full", templates: Path = TEMPLATES_DIR) -> str:
+    try:
+        template = template_environment(templates).get_template(TEMPLATE_FOR_PART[part])
+        return template.render(nginx_context(settings))
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"cannot render {TEMPLATE_FOR_PART[part]}: {exc}") from None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if Path(p).exists()), None)
+
+
+def check_with_nginx(conf: Path, binary: str | None = None) -> str:
+    """``nginx -t`` on a full configuration; returns its output, raises ``RenderError`` on failure."""
+    binary = binary or nginx_binary()
+    if binary is None:
+        raise RenderError("nginx is not installed (apt-get install nginx)")
+    result = subprocess.run(
+        [binary, "-t", "-q", "-c", str(conf.resolve()), "-p", str(conf.resolve().parent)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0:
+        raise RenderError(f"nginx -t rejected {conf}:\n{output}")
+    return output

@@ -1,0 +1,153 @@
+"""NGINX rendering: golden files, every routing header wired, and a real `nginx -t` on the output."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from support import free_port, require_binary
+
+from geo_route import contract
+from geo_route.cli import main
+from geo_route.config import load_settings
+from geo_route.render import RenderError, check_with_nginx, render_nginx_conf
+from geo_route.routing import Decision, Reason, Route
+from geo_route.web.auth import response_headers
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "examples" / "geo-route.reference.yaml"
+GOLDEN = {"full": "geo-route.conf", "http": "geo-route-http.conf", "server": "geo-route-server.conf"}
+
+
+@pytest.mark.parametrize("part", sorted(GOLDEN))
+def test_rendered_examples_match_a_fresh_render(part: str) -> None:
+    rendered = render_nginx_conf(load_settings(REFERENCE, environ={}), part)  # type: ignore[arg-type]
+    golden = ROOT / "nginx" / GOLDEN[part]
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(rendered)
+    assert golden.read_text() == rendered, f"nginx/{GOLDEN[part]} is stale; UPDATE_GOLDEN=1 to regenerate"
+
+
+def emitted_headers() -> set[str]:
+    """Every response header /auth can emit, from the real response builder over every reason."""
+    reasons = [value for name, value in vars(Reason).items() if name.isupper()]
+    names: set[str] = set()
+    for reason in reasons:
+        for decision in (
+            Decision(200, reason, Route.LOCAL, "/v2/a/manifests/sha256:" + "0" * 64),
+            Decision(200, reason, Route.PRIMARY),
+            Decision(401, reason, www_authenticate='Bearer realm="r"'),
+        ):
+            names.update(name for name, _ in response_headers(decision))
+    return names
+
+
+def test_every_header_the_service_emits_is_wired_in_nginx() -> None:
+    config = render_nginx_conf(load_settings(REFERENCE, environ={}), "server")
+    for header in emitted_headers() - {"Content-Length", contract.WWW_AUTHENTICATE}:
+        variable = contract.nginx_variable(header)
+        assert re.search(rf"auth_request_set \$\w+ {re.escape(variable)};", config), f"{header} is not captured"
+    # WWW-Authenticate of a 401 is copied to the client by auth_request itself; the 401 goes to the JSON body.
+    assert "error_page 401 = @geo_route_unauthorized;" in config
+
+
+def test_client_geo_headers_are_cleared_towards_auth_and_upstreams() -> None:
+    config = render_nginx_conf(load_settings(REFERENCE, environ={}), "server")
+    proxying_blocks = re.findall(r"location [^{]+\{[^}]*proxy_pass[^}]*\}", config)
+    assert len(proxying_blocks) == 5
+    for block in proxying_blocks:
+        for header in contract.ROUTING_HEADERS:
+            assert f'proxy_set_header {header} "";' in block
+        assert "proxy_set_header Host $http_host;" in block
+
+
+def site_for_nginx(tmp_path: Path, extra: str = "") -> Path:
+    """The reference site with loopback addresses (nginx -t resolves upstream names; no DNS here)."""
+    site = tmp_path / "site.yaml"
+    text = REFERENCE.read_text().replace("https://registry.primary.example.com", "https://127.0.0.1:5001")
+    text = text[: text.index("\nnginx:")]
+    site.write_text(
+        text
+        + f"""
+nginx:
+  listen: ["127.0.0.1:{free_port()}"]
+  runtime_dir: {tmp_path}/run
+  access_log: {tmp_path}/access.log
+  error_log: {tmp_path}/error.log
+{extra}"""
+    )
+    (tmp_path / "run").mkdir()
+    return site
+
+
+def test_nginx_accepts_the_full_config(tmp_path: Path) -> None:
+    require_binary("nginx")
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={})))
+    check_with_nginx(conf)
+
+
+def test_nginx_accepts_the_parts_included_in_an_existing_server(tmp_path: Path) -> None:
+    require_binary("nginx")
+    settings = load_settings(site_for_nginx(tmp_path), environ={})
+    (tmp_path / "http.conf").write_text(render_nginx_conf(settings, "http"))
+    (tmp_path / "server.conf").write_text(render_nginx_conf(settings, "server"))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"""pid {tmp_path}/run/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{}}
+http {{
+    include {tmp_path}/http.conf;
+    server {{
+        listen 127.0.0.1:{free_port()};
+        server_name registry.secondary.test;
+        include {tmp_path}/server.conf;
+    }}
+}}
+"""
+    )
+    check_with_nginx(conf)
+
+
+def test_nginx_t_failure_is_reported(tmp_path: Path) -> None:
+    require_binary("nginx")
+    conf = tmp_path / "broken.conf"
+    conf.write_text(f"events {{}}\nhttp {{ server {{ listen 127.0.0.1:{free_port()}; bogus_directive on; }} }}\n")
+    with pytest.raises(RenderError, match="bogus_directive"):
+        check_with_nginx(conf)
+
+
+def test_tls_listen_and_http_primary(tmp_path: Path) -> None:
+    require_binary("nginx")
+    text = render_nginx_conf(
+        load_settings(
+            site_for_nginx(tmp_path),
+            environ={
+                "GEO_ROUTE_PRIMARY__URL": "http://10.9.8.7:5000",
+                "GEO_ROUTE_NGINX__TLS_CERTIFICATE": "/etc/ssl/geo.crt",
+                "GEO_ROUTE_NGINX__TLS_CERTIFICATE_KEY": "/etc/ssl/geo.key",
+            },
+        )
+    )
+    assert re.search(r"listen 127\.0\.0\.1:\d+ ssl;", text)
+    assert "proxy_pass http://geo_route_primary$request_uri;" in text
+    assert "proxy_ssl_verify" not in text
+
+
+def test_render_cli_writes_atomically_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    require_binary("nginx")
+    output = tmp_path / "out" / "nginx.conf"
+    assert main(["render-nginx", "-c", str(site_for_nginx(tmp_path)), "-o", str(output)]) == 0
+    assert "nginx -t ok" in capsys.readouterr().err
+    assert output.read_text().startswith("# geo-route")
+    assert [p.name for p in output.parent.iterdir()] == ["nginx.conf"], "no temporary file left behind"
+
+
+def test_render_cli_refuses_a_bad_site_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nginx: {listen: 5}\n")
+    assert main(["render-nginx", "-c", str(bad)]) == 1
+    assert "local_registry.url: required" in capsys.readouterr().err
