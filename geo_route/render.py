@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,14 @@ from geo_route import contract
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+def find_templates() -> Path:
+    """``templates/`` of a source checkout, else the copy a wheel installs under ``share/geo-route``."""
+    candidates = [Path(__file__).resolve().parent.parent / "templates", Path(sys.prefix) / "share/geo-route/templates"]
+    return next((path for path in candidates if (path / "nginx.conf.j2").is_file()), candidates[0])
+
+
+TEMPLATES_DIR = find_templates()
 Part = Literal["full", "http", "server"]
 TEMPLATE_FOR_PART: dict[str, str] = {
     "full": "nginx.conf.j2",

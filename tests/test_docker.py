@@ -1,0 +1,73 @@
+"""docker/: the compose file parses and references only files that exist; its site file is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geo_route.config import load_settings
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+
+
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def test_compose_references_only_existing_files() -> None:
+    spec = compose()
+    declared_volumes = set(spec.get("volumes") or {})
+    assert spec["services"], "no services"
+    for name, service in spec["services"].items():
+        build = service.get("build")
+        if build:
+            context = (DOCKER / build["context"]).resolve()
+            assert context.is_dir(), f"{name}: build context {context} missing"
+            assert (context / build["dockerfile"]).is_file(), f"{name}: dockerfile missing"
+        else:
+            assert service.get("image"), f"{name}: neither build nor image"
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (DOCKER / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in declared_volumes, f"{name}: volume {source} is not declared"
+        for dependency in service.get("depends_on", []):
+            assert dependency in spec["services"], f"{name}: depends on unknown service {dependency}"
+
+
+def test_published_ports_are_loopback_only() -> None:
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_dockerfile_copies_existing_paths() -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    for sources in re.findall(r"^COPY (.+) \S+$", text, flags=re.MULTILINE):
+        for source in sources.split():
+            assert (DOCKER.parent / source).exists(), f"COPY {source}: missing"
+
+
+def test_compose_site_file_is_valid() -> None:
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    services = compose()["services"]
+    assert settings.local_registry.url == "http://secondary:5000" and "secondary" in services
+    assert settings.primary.url == "http://primary:5000" and "primary" in services
+
+
+def test_registry_configs_share_the_token_settings_with_the_site() -> None:
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    for site in ("primary", "secondary"):
+        token = yaml.safe_load((DOCKER / f"registry-{site}.yml").read_text())["auth"]["token"]
+        assert token["issuer"] == settings.token.issuer
+        assert token["service"] == settings.token.service
+        assert token["rootcertbundle"] == settings.token.rootcertbundle
+    service = json.loads((DOCKER / "token-service.json").read_text())
+    assert (service["issuer"], service["service"]) == (settings.token.issuer, settings.token.service)
