@@ -28,3 +28,7 @@ class TokenError(GeoRouteError):
 
 class IndexUnavailable(GeoRouteError):
     """The digest index (Redis) could not answer in time."""
+
+
+class DevstackError(GeoRouteError):
+    """A development-stack component (binary, process, registry, skopeo) is missing or misbehaved."""

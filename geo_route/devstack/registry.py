@@ -1,0 +1,174 @@
+"""A real Docker Distribution 2.8 registry (Debian's ``docker-registry``) with token auth, on loopback.
+
+``start_registry`` writes the YAML config next to the filesystem storage and runs
+``docker-registry serve CONFIG`` until ``GET /v2/`` answers 401 with a ``Bearer`` challenge.
+Every site's registry trusts the same signing certificate, so one token works on all of them.
+Notification endpoints follow protocol notes §1.5 (the 2.8 ``ignore.actions`` needs a dummy media type).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geo_route.devstack.keys import write_private
+from geo_route.devstack.processes import (
+    LOOPBACK,
+    LoggedProcess,
+    free_port,
+    http_get,
+    require_binary,
+    start_process,
+    wait_until,
+)
+
+DUMMY_IGNORED_MEDIA_TYPE = "application/x-none"
+ENVIRONMENT_OVERRIDE_PREFIX = "REGISTRY_"  # the registry reads REGISTRY_<SECTION>_<KEY> as config overrides
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """The registry's ``auth.token`` section."""
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+
+
+@dataclass(frozen=True)
+class NotificationEndpoint:
+    """One ``notifications.endpoints`` entry; ``authorization`` is the whole header value, e.g. ``Bearer s3cret``."""
+
+    name: str
+    url: str
+    authorization: str | None = None
+    timeout: str = "1s"
+    threshold: int = 3
+    backoff: str = "1s"
+    ignored_actions: tuple[str, ...] = ("pull",)
+
+    def to_config(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "url": self.url,
+            "timeout": self.timeout,
+            "threshold": self.threshold,
+            "backoff": self.backoff,
+        }
+        if self.authorization is not None:
+            entry["headers"] = {"Authorization": [self.authorization]}
+        if self.ignored_actions:
+            entry["ignore"] = {"mediatypes": [DUMMY_IGNORED_MEDIA_TYPE], "actions": list(self.ignored_actions)}
+        return entry
+
+
+def render_registry_config(
+    storage_dir: Path,
+    port: int,
+    auth: TokenAuth,
+    notifications: Sequence[NotificationEndpoint] = (),
+) -> dict[str, Any]:
+    """The registry's configuration as data (pure apart from a fresh random ``http.secret``)."""
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text", "fields": {"service": "registry"}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(storage_dir)},
+            "delete": {"enabled": True},
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        },
+        "http": {
+            "addr": f"{LOOPBACK}:{port}",
+            "secret": secrets.token_hex(32),
+            "headers": {"X-Content-Type-Options": ["nosniff"]},
+        },
+        "auth": {
+            "token": {
+                "realm": auth.realm,
+                "service": auth.service,
+                "issuer": auth.issuer,
+                "rootcertbundle": str(auth.rootcertbundle),
+            }
+        },
+        "health": {"storagedriver": {"enabled": False}},
+    }
+    if notifications:
+        config["notifications"] = {
+            "events": {"includereferences": True},
+            "endpoints": [endpoint.to_config() for endpoint in notifications],
+        }
+    return config
+
+
+def write_registry_config(path: Path, config: dict[str, Any]) -> Path:
+    """Write the YAML (mode 0600: it holds the HTTP secret and notification credentials)."""
+    write_private(path, yaml.safe_dump(config, sort_keys=False).encode())
+    return path
+
+
+@dataclass(frozen=True)
+class RegistryProcess:
+    """A running registry; ``address`` is ``127.0.0.1:PORT`` as skopeo references need it."""
+
+    name: str
+    port: int
+    directory: Path
+    config_path: Path
+    logged: LoggedProcess
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def stop(self) -> None:
+        self.logged.stop()
+
+
+def start_registry(
+    directory: Path,
+    auth: TokenAuth,
+    *,
+    name: str = "registry",
+    port: int | None = None,
+    notifications: Sequence[NotificationEndpoint] = (),
+    timeout: float = 30.0,
+) -> RegistryProcess:
+    """Run ``docker-registry serve`` with storage in ``directory/storage``; returns once token auth answers."""
+    binary = require_binary("docker-registry")
+    port = port or free_port()
+    storage = directory / "storage"
+    storage.mkdir(parents=True, exist_ok=True)
+    config_path = write_registry_config(
+        directory / f"{name}.yml", render_registry_config(storage, port, auth, notifications)
+    )
+    logged = start_process([binary, "serve", str(config_path)], directory, name, env=registry_environment())
+    registry = RegistryProcess(name, port, directory, config_path, logged)
+    try:
+        wait_until(lambda: challenges_for_token(registry.url), timeout, f"registry {name}", process=logged)
+    except BaseException:
+        logged.stop()
+        raise
+    return registry
+
+
+def challenges_for_token(url: str) -> bool:
+    """``GET /v2/`` is 401 with a ``Bearer`` challenge: up, and token auth is on."""
+    status, headers = http_get(f"{url}/v2/", timeout=2.0)
+    challenge = {key.lower(): value for key, value in headers.items()}.get("www-authenticate", "")
+    return status == 401 and challenge.startswith("Bearer ")
+
+
+def registry_environment() -> dict[str, str]:
+    """Our environment without ``REGISTRY_*``, which the registry would read as config overrides."""
+    return {key: value for key, value in os.environ.items() if not key.startswith(ENVIRONMENT_OVERRIDE_PREFIX)}
