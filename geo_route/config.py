@@ -156,6 +156,7 @@ class NginxSettings:
     error_log: str = "/var/log/nginx/geo-route.error.log"
     runtime_dir: str = "/var/lib/geo-route/nginx"
     worker_processes: str = "auto"
+    user: str = ""
     auth_timeout: float = _checked(check_positive, default=2.0)
     proxy_timeout: int = _checked(check_positive, default=900)
     upstream_keepalive: int = _checked(check_positive, default=32)

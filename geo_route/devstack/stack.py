@@ -1,0 +1,213 @@
+"""The whole development stack of a geo-route site on loopback: what tests, the demo and benchmarks share.
+
+``bring_up(directory)`` starts, each on a free 127.0.0.1 port and each with its log in ``directory``:
+redis-server, the development token service, two Docker Distribution 2.8 registries (primary and
+secondary, token auth with one shared key), the geo-route auth service under gunicorn and NGINX
+from the rendered site config. It waits until every part answers, writes ``stack.json`` and returns;
+the processes keep running. ``tear_down(directory)`` stops exactly the PIDs in ``stack.json``.
+If start-up fails half-way, what was started is stopped again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geo_route.config import load_settings
+from geo_route.devstack.keys import generate_signing_key
+from geo_route.devstack.processes import (
+    LOOPBACK,
+    free_port,
+    http_get,
+    require_binary,
+    start_process,
+    stop_pid,
+    wait_until,
+)
+from geo_route.devstack.redis_server import RedisProcess
+from geo_route.devstack.registry import TokenAuth, start_registry
+from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
+from geo_route.devstack.token_service import start_token_service
+from geo_route.errors import DevstackError
+from geo_route.render import check_with_nginx, render_nginx_conf
+
+STACK_FILE = "stack.json"
+ISSUER = "geo-route-devstack"
+SERVICE = "container_registry"
+USERNAME = "developer"
+READER = "reader"  # may pull only READER_REPOSITORY: for tests of cross-repository access
+READER_REPOSITORY = "team-a/app"
+STOP_ORDER = ("nginx", "auth", "secondary", "primary", "token-service", "redis")
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What ``stack.json`` holds: URLs, credentials, files and the PID of every process started."""
+
+    directory: str
+    secondary_url: str
+    primary_url: str
+    local_registry_url: str
+    token_realm: str
+    username: str
+    password: str
+    redis_url: str
+    nginx_access_log: str
+    site_file: str
+    users: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def write(self) -> Path:
+        path = Path(self.directory) / STACK_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        path.chmod(0o600)
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> StackInfo:
+        path = directory / STACK_FILE
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise DevstackError(f"no usable {path}: {exc}") from None
+
+
+def bring_up(directory: Path, *, tag_policy: str = "pinned") -> StackInfo:
+    """Start every part in ``directory`` (created if needed); stop them all again if one fails."""
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for binary in ("redis-server", "docker-registry", "nginx", "skopeo"):
+        require_binary(binary)
+    pids: dict[str, int] = {}
+    try:
+        return start_all(directory, tag_policy, pids)
+    except BaseException:
+        stop_pids(pids)
+        raise
+
+
+def start_all(directory: Path, tag_policy: str, pids: dict[str, int]) -> StackInfo:
+    keys = generate_signing_key(directory / "keys")
+    redis = RedisProcess(directory / "redis").start()
+    pids["redis"] = redis.logged.pid if redis.logged else 0
+
+    users = {USERNAME: secrets.token_urlsafe(12), READER: secrets.token_urlsafe(12)}
+    token = start_token_service(token_config(str(keys.private_key), users), directory / "token-service")
+    pids["token-service"] = token.logged.pid
+
+    auth = TokenAuth(realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate))
+    primary = start_registry(directory / "primary", auth, name="primary")
+    pids["primary"] = primary.logged.pid
+    secondary = start_registry(directory / "secondary", auth, name="secondary")
+    pids["secondary"] = secondary.logged.pid
+
+    nginx_port = free_port()
+    site = write_site_file(
+        directory, primary.url, secondary.url, token.realm, str(keys.certificate), redis.url, nginx_port, tag_policy
+    )
+    pids["auth"] = start_auth_service(directory, site)
+    pids["nginx"] = start_nginx(directory, site)
+
+    info = StackInfo(
+        directory=str(directory),
+        secondary_url=f"http://{LOOPBACK}:{nginx_port}",
+        primary_url=primary.url,
+        local_registry_url=secondary.url,
+        token_realm=token.realm,
+        username=USERNAME,
+        password=users[USERNAME],
+        redis_url=redis.url,
+        nginx_access_log=str(directory / "nginx" / "access.log"),
+        site_file=str(site),
+        users=users,
+        pids=dict(pids),
+    )
+    info.write()
+    return info
+
+
+def token_config(private_key: str, users: dict[str, str]) -> TokenServiceConfig:
+    table = {
+        USERNAME: TokenUser(users[USERNAME], {"*": ["pull", "push", "delete"]}),
+        READER: TokenUser(users[READER], {READER_REPOSITORY: ["pull"]}),
+    }
+    return TokenServiceConfig(ISSUER, SERVICE, private_key, f"{LOOPBACK}:{free_port()}", table)
+
+
+def write_site_file(
+    directory: Path,
+    primary_url: str,
+    secondary_url: str,
+    realm: str,
+    certificate: str,
+    redis_url: str,
+    nginx_port: int,
+    tag_policy: str,
+) -> Path:
+    nginx_dir = directory / "nginx"
+    (nginx_dir / "run").mkdir(parents=True, exist_ok=True)
+    site: dict[str, Any] = {
+        "local_registry": {"url": secondary_url},
+        "primary": {"url": primary_url},
+        "token": {"realm": realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": certificate},
+        "redis": {"url": redis_url},
+        "routing": {"tag_policy": tag_policy},
+        "server": {"bind": [f"{LOOPBACK}:{free_port()}"], "workers": 2, "log_level": "warning"},
+        "nginx": {
+            "listen": [f"{LOOPBACK}:{nginx_port}"],
+            "runtime_dir": str(nginx_dir / "run"),
+            "access_log": str(nginx_dir / "access.log"),
+            "error_log": str(nginx_dir / "error.log"),
+            "worker_processes": "2",
+            "user": "root" if os.geteuid() == 0 else "",
+        },
+    }
+    path = directory / "site.yaml"
+    path.write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
+    load_settings(path, environ={})  # fail here, with every problem listed, rather than in a child process
+    return path
+
+
+def start_auth_service(directory: Path, site: Path) -> int:
+    settings = load_settings(site, environ={})
+    argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
+    logged = start_process(argv, directory / "auth", "auth", env=environment_without_settings())
+    url = f"http://{settings.server.bind[0]}/healthz"
+    wait_until(lambda: http_get(url)[0] == 200, 30, "geo-route auth service", process=logged)
+    return logged.pid
+
+
+def start_nginx(directory: Path, site: Path) -> int:
+    nginx_dir = directory / "nginx"
+    conf = nginx_dir / "nginx.conf"
+    conf.write_text(render_nginx_conf(load_settings(site, environ={})), encoding="utf-8")
+    check_with_nginx(conf)
+    binary = require_binary("nginx")
+    argv = [binary, "-e", str(nginx_dir / "error.log"), "-g", "daemon off;", "-c", str(conf), "-p", str(nginx_dir)]
+    logged = start_process(argv, nginx_dir, "nginx-master")
+    settings = load_settings(site, environ={})
+    url = f"http://{settings.nginx.listen[0]}/v2/"
+    wait_until(lambda: http_get(url)[0] == 401, 30, "nginx", process=logged)
+    return logged.pid
+
+
+def environment_without_settings() -> dict[str, str]:
+    """The caller's environment minus GEO_ROUTE_* (the stack's site file must be the whole truth)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("GEO_ROUTE_")}
+
+
+def tear_down(directory: Path) -> dict[str, bool]:
+    """Stop exactly the PIDs ``stack.json`` names; remove nothing. Returns name → stopped."""
+    return stop_pids(StackInfo.read(directory.resolve()).pids)
+
+
+def stop_pids(pids: dict[str, int]) -> dict[str, bool]:
+    names = [name for name in STOP_ORDER if name in pids] + [name for name in pids if name not in STOP_ORDER]
+    return {name: stop_pid(pids[name]) for name in names if pids[name] > 0}
