@@ -33,6 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--no-check", action="store_true", help="skip `nginx -t` on the written file")
     render.set_defaults(handler=run_render_nginx)
 
+    devstack = commands.add_parser("devstack", help="the development stack (every real component on loopback)")
+    devstack_commands = devstack.add_subparsers(dest="devstack_command", required=True)
+    up = devstack_commands.add_parser("up", help="start everything, write DIR/stack.json, leave it running")
+    up.add_argument("--dir", required=True, help="directory for logs, data and stack.json")
+    up.add_argument("--tag-policy", choices=("pinned", "primary"), default="pinned")
+    up.set_defaults(handler=run_devstack_up)
+    down = devstack_commands.add_parser("down", help="stop exactly the processes DIR/stack.json names")
+    down.add_argument("--dir", required=True)
+    down.set_defaults(handler=run_devstack_down)
+
+    demo = commands.add_parser("demo", help="push, pull, replicate, pull, move a tag, pull: show the routes")
+    demo.add_argument("--dir", help="keep the stack's files here instead of a temporary directory")
+    demo.set_defaults(handler=run_demo)
+
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     serve.add_argument("-c", "--config", required=True, help="the YAML site file")
     serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
@@ -94,6 +108,54 @@ def run_render_nginx(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     return 0
+
+
+def run_devstack_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.devstack.stack import STACK_FILE, bring_up
+    from geo_route.errors import GeoRouteError
+
+    try:
+        info = bring_up(Path(args.dir), tag_policy=args.tag_policy)
+    except (GeoRouteError, TimeoutError) as exc:
+        print(f"devstack up failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"secondary (use this URL): {info.secondary_url}")
+    print(f"primary registry:         {info.primary_url}")
+    print(f"local registry:           {info.local_registry_url}")
+    print(f"token realm:              {info.token_realm}  (user {info.username}, password in {STACK_FILE})")
+    print(f"stack file:               {Path(info.directory) / STACK_FILE}")
+    return 0
+
+
+def run_devstack_down(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.devstack.stack import tear_down
+    from geo_route.errors import GeoRouteError
+
+    try:
+        stopped = tear_down(Path(args.dir))
+    except GeoRouteError as exc:
+        print(f"devstack down failed: {exc}", file=sys.stderr)
+        return 1
+    for name, gone in stopped.items():
+        print(f"{name}: {'stopped' if gone else 'STILL RUNNING'}")
+    return 0 if all(stopped.values()) else 1
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.devstack.demo import run_demo as demo
+    from geo_route.errors import GeoRouteError
+
+    try:
+        return 0 if demo(Path(args.dir) if args.dir else None) else 1
+    except (GeoRouteError, TimeoutError) as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def run_serve(args: argparse.Namespace) -> int:
