@@ -117,7 +117,7 @@ def run_devstack_up(args: argparse.Namespace) -> int:
     from geo_route.errors import GeoRouteError
 
     try:
-        info = bring_up(Path(args.dir), tag_policy=args.tag_policy)
+        info = bring_up(Path(args.dir), tag_policy=args.tag_policy).info
     except (GeoRouteError, TimeoutError) as exc:
         print(f"devstack up failed: {exc}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ from geo_route.config import load_settings
 from geo_route.devstack.images import OciImage
 from geo_route.devstack.replicate import ReplicatedTag, replicate_image
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
-from geo_route.devstack.stack import StackInfo
+from geo_route.devstack.stack import RunningStack, StackInfo
 from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
 
@@ -40,8 +40,9 @@ class AccessLogEntry:
 
 
 class StackClient:
-    def __init__(self, info: StackInfo) -> None:
+    def __init__(self, info: StackInfo, stack: RunningStack | None = None) -> None:
         self.info = info
+        self.stack = stack  # set when this process started the stack and may stop its parts
         self.skopeo = Skopeo(Path(info.directory) / "skopeo")
         self.index = RedisIndexStore(load_settings(info.site_file, environ={}).redis)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from geo_route.devstack.client import AccessLogEntry, StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
-from geo_route.devstack.stack import bring_up, tear_down
+from geo_route.devstack.stack import bring_up
 
 REPOSITORY = "demo/app"
 TAG = "v1"
@@ -37,13 +37,13 @@ def run_demo(directory: Path | None = None, print_line: Callable[[str], None] = 
     with tempfile.TemporaryDirectory(prefix="geo-route-demo-") as temporary:
         root = directory or Path(temporary)
         print_line(f"starting the development stack in {root} ...")
-        info = bring_up(root / "stack")
-        client = StackClient(info)
+        stack = bring_up(root / "stack")
+        client = StackClient(stack.info)
         try:
             steps = run_steps(client, root)
         finally:
             client.close()
-            tear_down(root / "stack")
+            stack.stop()
     print_table(steps, print_line)
     ok = all(step.ok for step in steps)
     print_line("demo: every request was routed as expected" if ok else "demo: FAILED, see the table")

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from geo_route.config import load_settings
 from geo_route.devstack.keys import generate_signing_key
 from geo_route.devstack.processes import (
     LOOPBACK,
+    LoggedProcess,
     free_port,
     http_get,
     require_binary,
@@ -79,41 +81,58 @@ class StackInfo:
             raise DevstackError(f"no usable {path}: {exc}") from None
 
 
-def bring_up(directory: Path, *, tag_policy: str = "pinned") -> StackInfo:
+@dataclass
+class RunningStack:
+    """A stack this process started: ``info`` plus the process handles, so it can stop and reap them."""
+
+    info: StackInfo
+    processes: dict[str, LoggedProcess]
+
+    def stop_part(self, name: str) -> None:
+        self.processes[name].stop()
+
+    def stop(self) -> None:
+        for name in ordered(self.processes):
+            self.processes[name].stop()
+
+
+def bring_up(directory: Path, *, tag_policy: str = "pinned") -> RunningStack:
     """Start every part in ``directory`` (created if needed); stop them all again if one fails."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for binary in ("redis-server", "docker-registry", "nginx", "skopeo"):
         require_binary(binary)
-    pids: dict[str, int] = {}
+    processes: dict[str, LoggedProcess] = {}
     try:
-        return start_all(directory, tag_policy, pids)
+        info = start_all(directory, tag_policy, processes)
     except BaseException:
-        stop_pids(pids)
+        RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
+    return RunningStack(info, processes)
 
 
-def start_all(directory: Path, tag_policy: str, pids: dict[str, int]) -> StackInfo:
+def start_all(directory: Path, tag_policy: str, processes: dict[str, LoggedProcess]) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
     redis = RedisProcess(directory / "redis").start()
-    pids["redis"] = redis.logged.pid if redis.logged else 0
+    assert redis.logged is not None
+    processes["redis"] = redis.logged
 
     users = {USERNAME: secrets.token_urlsafe(12), READER: secrets.token_urlsafe(12)}
     token = start_token_service(token_config(str(keys.private_key), users), directory / "token-service")
-    pids["token-service"] = token.logged.pid
+    processes["token-service"] = token.logged
 
     auth = TokenAuth(realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate))
     primary = start_registry(directory / "primary", auth, name="primary")
-    pids["primary"] = primary.logged.pid
+    processes["primary"] = primary.logged
     secondary = start_registry(directory / "secondary", auth, name="secondary")
-    pids["secondary"] = secondary.logged.pid
+    processes["secondary"] = secondary.logged
 
     nginx_port = free_port()
     site = write_site_file(
         directory, primary.url, secondary.url, token.realm, str(keys.certificate), redis.url, nginx_port, tag_policy
     )
-    pids["auth"] = start_auth_service(directory, site)
-    pids["nginx"] = start_nginx(directory, site)
+    processes["auth"] = start_auth_service(directory, site)
+    processes["nginx"] = start_nginx(directory, site)
 
     info = StackInfo(
         directory=str(directory),
@@ -127,7 +146,7 @@ def start_all(directory: Path, tag_policy: str, pids: dict[str, int]) -> StackIn
         nginx_access_log=str(directory / "nginx" / "access.log"),
         site_file=str(site),
         users=users,
-        pids=dict(pids),
+        pids={name: process.pid for name, process in processes.items()},
     )
     info.write()
     return info
@@ -175,16 +194,20 @@ def write_site_file(
     return path
 
 
-def start_auth_service(directory: Path, site: Path) -> int:
+def start_auth_service(directory: Path, site: Path) -> LoggedProcess:
     settings = load_settings(site, environ={})
     argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
     logged = start_process(argv, directory / "auth", "auth", env=environment_without_settings())
     url = f"http://{settings.server.bind[0]}/healthz"
-    wait_until(lambda: http_get(url)[0] == 200, 30, "geo-route auth service", process=logged)
-    return logged.pid
+    try:
+        wait_until(lambda: http_get(url)[0] == 200, 30, "geo-route auth service", process=logged)
+    except BaseException:
+        logged.stop()
+        raise
+    return logged
 
 
-def start_nginx(directory: Path, site: Path) -> int:
+def start_nginx(directory: Path, site: Path) -> LoggedProcess:
     nginx_dir = directory / "nginx"
     conf = nginx_dir / "nginx.conf"
     conf.write_text(render_nginx_conf(load_settings(site, environ={})), encoding="utf-8")
@@ -194,8 +217,12 @@ def start_nginx(directory: Path, site: Path) -> int:
     logged = start_process(argv, nginx_dir, "nginx-master")
     settings = load_settings(site, environ={})
     url = f"http://{settings.nginx.listen[0]}/v2/"
-    wait_until(lambda: http_get(url)[0] == 401, 30, "nginx", process=logged)
-    return logged.pid
+    try:
+        wait_until(lambda: http_get(url)[0] == 401, 30, "nginx", process=logged)
+    except BaseException:
+        logged.stop()
+        raise
+    return logged
 
 
 def environment_without_settings() -> dict[str, str]:
@@ -209,5 +236,10 @@ def tear_down(directory: Path) -> dict[str, bool]:
 
 
 def stop_pids(pids: dict[str, int]) -> dict[str, bool]:
-    names = [name for name in STOP_ORDER if name in pids] + [name for name in pids if name not in STOP_ORDER]
-    return {name: stop_pid(pids[name]) for name in names if pids[name] > 0}
+    return {name: stop_pid(pids[name]) for name in ordered(pids) if pids[name] > 0}
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    """Front to back: NGINX first, Redis last."""
+    names = list(names)
+    return [name for name in STOP_ORDER if name in names] + [name for name in names if name not in STOP_ORDER]

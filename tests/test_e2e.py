@@ -1,0 +1,198 @@
+"""End to end with skopeo through NGINX: real redis-server, two docker-registry, token service, gunicorn, nginx."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geo_route.devstack.client import AccessLogEntry, StackClient
+from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.skopeo import SkopeoError, docker_reference
+from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo, bring_up
+from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
+
+
+def started(directory: Path) -> Iterator[StackClient]:
+    stack = bring_up(directory)
+    client = StackClient(stack.info, stack)
+    try:
+        yield client
+    finally:
+        client.close()
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackClient]:
+    yield from started(tmp_path_factory.mktemp("stack"))
+
+
+@pytest.fixture
+def own(tmp_path: Path) -> Iterator[StackClient]:
+    """A stack of this test's own, for tests that stop parts of it."""
+    yield from started(tmp_path / "stack")
+
+
+def image(tmp_path: Path, tag: str = "v1", variant: str = "") -> OciImage:
+    return build_oci_image(tmp_path / f"image-{variant or 'base'}", tag, variant=variant, layer_count=3)
+
+
+def pull_entries(client: StackClient, repository: str, since: int) -> list[AccessLogEntry]:
+    return [
+        e
+        for e in client.access_log(since)
+        if e.uri.startswith(f"/v2/{repository}/") and ("/blobs/" in e.uri or "/manifests/" in e.uri)
+    ]
+
+
+def published_replicated(client: StackClient, tmp_path: Path, repository: str) -> OciImage:
+    built = image(tmp_path)
+    client.push(built, repository, "v1")
+    client.replicate(repository)
+    return built
+
+
+def test_a_push_through_the_secondary_lands_on_the_primary_only(shared: StackClient, tmp_path: Path) -> None:
+    built = image(tmp_path)
+    since = shared.access_log_offset()
+    assert shared.push(built, "e2e/push", "v1") == built.digest
+    assert shared.digest_at(shared.primary, "e2e/push", "v1") == built.digest
+    with pytest.raises(SkopeoError):
+        shared.digest_at(shared.local_registry, "e2e/push", "v1")
+    writes = [e for e in shared.access_log(since) if e.method not in ("GET", "HEAD") and "/e2e/push/" in e.uri]
+    assert writes and {e.route for e in writes} == {"primary"}
+
+
+def test_a_pull_right_after_the_push_is_served_by_the_primary(shared: StackClient, tmp_path: Path) -> None:
+    built = image(tmp_path)
+    shared.push(built, "e2e/fresh", "v1")
+    since = shared.access_log_offset()
+    assert shared.pull("e2e/fresh", "v1", tmp_path / "out") == built.digest
+    entries = pull_entries(shared, "e2e/fresh", since)
+    assert entries and {e.route for e in entries} == {"primary"}
+    assert all(e.status == 200 for e in entries)
+
+
+def test_after_replication_every_blob_and_manifest_get_is_local(shared: StackClient, tmp_path: Path) -> None:
+    built = published_replicated(shared, tmp_path, "e2e/replicated")
+    since = shared.access_log_offset()
+    assert shared.pull("e2e/replicated", "v1", tmp_path / "out") == built.digest
+    entries = pull_entries(shared, "e2e/replicated", since)
+    assert len(entries) == 1 + len(built.blob_digests)
+    assert {(e.route, e.status) for e in entries} == {("local", 200)}
+    manifest = next(e for e in entries if "/manifests/" in e.uri)
+    assert manifest.reason == "tag-pinned"
+
+
+def test_a_tag_moved_on_the_primary_is_never_served_with_the_old_digest(shared: StackClient, tmp_path: Path) -> None:
+    old = published_replicated(shared, tmp_path, "e2e/moving")
+    new = image(tmp_path, variant="moved")
+    shared.push(new, "e2e/moving", "v1")
+    # The primary's notification (issue 4's updater) or reconciliation pins the new digest.
+    shared.confirm_primary_tag("e2e/moving", "v1")
+    assert shared.pull("e2e/moving", "v1", tmp_path / "out") == new.digest != old.digest
+    shared.replicate("e2e/moving")
+    since = shared.access_log_offset()
+    assert shared.pull("e2e/moving", "v1", tmp_path / "out2") == new.digest
+    assert {e.route for e in pull_entries(shared, "e2e/moving", since)} == {"local"}
+
+
+def test_no_token_gets_a_registry_challenge(shared: StackClient) -> None:
+    request = urllib.request.Request(f"{shared.info.secondary_url}/v2/e2e/any/manifests/v1")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    error = caught.value
+    assert error.code == 401
+    challenge = error.headers["WWW-Authenticate"]
+    assert challenge.startswith(f'Bearer realm="{shared.info.token_realm}",service="container_registry"')
+    assert 'scope="repository:e2e/any:pull"' in challenge
+    assert error.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    assert json.loads(error.read())["errors"][0]["code"] == "UNAUTHORIZED"
+
+
+def test_a_wrong_password_fails_cleanly(shared: StackClient, tmp_path: Path) -> None:
+    started_at = time.monotonic()
+    with pytest.raises(SkopeoError) as caught:
+        shared.skopeo.copy(
+            image(tmp_path).reference,
+            docker_reference(shared.secondary, "e2e/denied", "v1"),
+            dest_creds=shared.credentials().__class__(shared.info.username, "wrong"),
+        )
+    assert "wrong" not in str(caught.value)
+    assert time.monotonic() - started_at < 30
+
+
+def test_a_token_for_repository_a_cannot_read_repository_b(shared: StackClient, tmp_path: Path) -> None:
+    published_replicated(shared, tmp_path, READER_REPOSITORY)
+    published_replicated(shared, tmp_path, "team-b/app")
+    assert shared.pull(READER_REPOSITORY, "v1", tmp_path / "a", user=READER)
+    with pytest.raises(SkopeoError):
+        shared.pull("team-b/app", "v1", tmp_path / "b", user=READER)
+
+
+def stop_part(client: StackClient, name: str) -> None:
+    assert client.stack is not None
+    client.stack.stop_part(name)
+
+
+def assert_pull_succeeds(client: StackClient, tmp_path: Path, repository: str, built: OciImage) -> list[AccessLogEntry]:
+    since = client.access_log_offset()
+    assert client.pull(repository, "v1", tmp_path / f"out-{time.monotonic_ns()}") == built.digest
+    return pull_entries(client, repository, since)
+
+
+def test_redis_stopped_pulls_still_succeed(own: StackClient, tmp_path: Path) -> None:
+    built = published_replicated(own, tmp_path, "e2e/no-redis")
+    stop_part(own, "redis")
+    entries = assert_pull_succeeds(own, tmp_path, "e2e/no-redis", built)
+    assert {e.route for e in entries} == {"primary"}
+    assert {e.reason for e in entries} == {"index-unavailable"}
+
+
+def test_auth_service_stopped_pulls_still_succeed(own: StackClient, tmp_path: Path) -> None:
+    built = published_replicated(own, tmp_path, "e2e/no-auth")
+    stop_part(own, "auth")
+    entries = assert_pull_succeeds(own, tmp_path, "e2e/no-auth", built)
+    assert {e.route for e in entries} == {"auth-unavailable"}
+
+
+def test_local_registry_stopped_pulls_still_succeed(own: StackClient, tmp_path: Path) -> None:
+    built = published_replicated(own, tmp_path, "e2e/no-local")
+    stop_part(own, "secondary")
+    entries = assert_pull_succeeds(own, tmp_path, "e2e/no-local", built)
+    assert {e.route for e in entries} == {"fallback"}
+
+
+def test_index_claiming_content_the_local_registry_lacks(shared: StackClient, tmp_path: Path) -> None:
+    built = image(tmp_path)
+    shared.push(built, "e2e/phantom", "v1")  # on the primary only
+    claims = [
+        ManifestPresence("e2e/phantom", built.digest, True),
+        PrimaryTag("e2e/phantom", "v1", built.digest, time.time()),
+    ]
+    claims += [BlobPresence("e2e/phantom", digest, True) for digest in built.blob_digests]
+    shared.index.apply(claims)
+    entries = assert_pull_succeeds(shared, tmp_path, "e2e/phantom", built)
+    assert {e.route for e in entries} == {"fallback"}, "the service said local, the local registry 404'd"
+
+
+def test_stack_json_names_every_process(shared: StackClient) -> None:
+    info = StackInfo.read(Path(shared.info.directory))
+    assert set(info.pids) == {"redis", "token-service", "primary", "secondary", "auth", "nginx"}
+    for field in (
+        "secondary_url",
+        "primary_url",
+        "local_registry_url",
+        "token_realm",
+        "username",
+        "password",
+        "redis_url",
+        "nginx_access_log",
+    ):
+        assert getattr(info, field)
