@@ -320,8 +320,9 @@ def test_stop_pid_escalates_to_sigkill(tmp_path: Path) -> None:
 
 
 def test_nothing_outside_the_devstack_imports_it() -> None:
+    """Only the devstack itself and the CLI's `devstack`/`demo` commands (lazily) use it."""
     for path in PACKAGE.rglob("*.py"):
-        if path.relative_to(PACKAGE).parts[0] == "devstack":
+        if path.relative_to(PACKAGE).parts[0] == "devstack" or path.name == "cli.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
