@@ -71,3 +71,11 @@ def test_registry_configs_share_the_token_settings_with_the_site() -> None:
         assert token["rootcertbundle"] == settings.token.rootcertbundle
     service = json.loads((DOCKER / "token-service.json").read_text())
     assert (service["issuer"], service["service"]) == (settings.token.issuer, settings.token.service)
+
+
+def test_python_modules_run_by_compose_exist() -> None:
+    for name, service in compose()["services"].items():
+        command = service.get("entrypoint") or []
+        if command[:2] == ["python", "-m"]:
+            module = DOCKER.parent / (command[2].replace(".", "/") + ".py")
+            assert module.is_file(), f"{name}: {command[2]} does not exist"

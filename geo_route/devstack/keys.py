@@ -81,3 +81,24 @@ def load_private_key(path: Path) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path} does not hold an RSA private key")
     return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m geo_route.devstack.keys DIR``: write the key pair once (docker/compose.yaml's ``keys``)."""
+    import sys
+
+    arguments = sys.argv[1:] if argv is None else argv
+    if len(arguments) != 1:
+        print("usage: python -m geo_route.devstack.keys DIR", file=sys.stderr)
+        return 2
+    directory = Path(arguments[0])
+    if (directory / CERTIFICATE_FILE).exists():
+        print(f"{directory / CERTIFICATE_FILE} exists; keeping it")
+        return 0
+    files = generate_signing_key(directory)
+    print(f"wrote {files.private_key} and {files.certificate} (kid {files.kid})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

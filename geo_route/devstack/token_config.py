@@ -35,9 +35,11 @@ class TokenServiceConfig:
     private_key: str
     bind: str
     users: dict[str, TokenUser] = field(default_factory=dict)
+    container: bool = False  # inside a container (docker/compose.yaml) it may listen on the container's address
 
     def __post_init__(self) -> None:
-        require_loopback(self.bind)
+        if not self.container:
+            require_loopback(self.bind)
 
     @property
     def port(self) -> int:
@@ -95,6 +97,7 @@ def parse_config(data: dict[str, Any]) -> TokenServiceConfig:
             private_key=str(data["private_key"]),
             bind=str(data["bind"]),
             users=users,
+            container=bool(data.get("container", False)),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise DevstackError(f"token service config is malformed: {type(exc).__name__} {exc}") from None
