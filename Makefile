@@ -1,26 +1,28 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: help venv test lint bench clean
+.PHONY: help bootstrap demo test lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
 
-$(PY):
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+bootstrap: ## install missing apt packages (nginx, redis-server, docker-registry, skopeo, wrk) and .venv
+	bash script/bootstrap
 
-venv: $(PY) ## create .venv with the project and its test tools
+$(PY): bootstrap
 
-test: $(PY) ## run the whole test suite (starts real redis-server and gunicorn)
-	$(PY) -m pytest
+demo: ## run the demo: push, pull, replicate, pull, move a tag, pull (real components)
+	bash script/demo
 
-lint: $(PY) ## ruff and mypy
+test: ## run the whole test suite (real redis-server, docker-registry, nginx, skopeo, gunicorn)
+	bash script/test
+
+lint: bootstrap ## ruff and mypy
 	$(VENV)/bin/ruff check geo_route tests benchmarks
 	$(VENV)/bin/ruff format --check geo_route tests benchmarks
 	$(VENV)/bin/mypy
 
-bench: $(PY) ## the /auth decision benchmark (gunicorn, 2 workers, real Redis, wrk)
+bench: bootstrap ## the /auth decision benchmark (gunicorn, 2 workers, real Redis, wrk)
 	$(PY) benchmarks/auth_bench.py
 
 clean: ## remove the virtualenv and caches
