@@ -125,6 +125,25 @@ def wait_until(
         time.sleep(interval)
 
 
+def start_until_ready(
+    argv: Sequence[str],
+    log_dir: Path,
+    name: str,
+    ready: Callable[[], bool],
+    *,
+    timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
+) -> LoggedProcess:
+    """``start_process`` then ``wait_until(ready)``; a process that never gets ready is stopped again."""
+    logged = start_process(argv, log_dir, name, env=env)
+    try:
+        wait_until(ready, timeout, name, process=logged)
+    except BaseException:
+        logged.stop()
+        raise
+    return logged
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     """SIGTERM, wait, then SIGKILL: only the process we started, by its PID."""
     if process.poll() is not None:

@@ -24,8 +24,7 @@ from geo_route.devstack.processes import (
     free_port,
     http_get,
     require_binary,
-    start_process,
-    wait_until,
+    start_until_ready,
 )
 
 DUMMY_IGNORED_MEDIA_TYPE = "application/x-none"
@@ -152,14 +151,11 @@ def start_registry(
     config_path = write_registry_config(
         directory / f"{name}.yml", render_registry_config(storage, port, auth, notifications)
     )
-    logged = start_process([binary, "serve", str(config_path)], directory, name, env=registry_environment())
-    registry = RegistryProcess(name, port, directory, config_path, logged)
-    try:
-        wait_until(lambda: challenges_for_token(registry.url), timeout, f"registry {name}", process=logged)
-    except BaseException:
-        logged.stop()
-        raise
-    return registry
+    url = f"http://{LOOPBACK}:{port}"
+    argv = [binary, "serve", str(config_path)]
+    ready = lambda: challenges_for_token(url)  # noqa: E731
+    logged = start_until_ready(argv, directory, name, ready, timeout=timeout, env=registry_environment())
+    return RegistryProcess(name, port, directory, config_path, logged)
 
 
 def challenges_for_token(url: str) -> bool:

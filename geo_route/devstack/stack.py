@@ -29,9 +29,8 @@ from geo_route.devstack.processes import (
     free_port,
     http_get,
     require_binary,
-    start_process,
+    start_until_ready,
     stop_pid,
-    wait_until,
 )
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.registry import TokenAuth, start_registry
@@ -195,34 +194,22 @@ def write_site_file(
 
 
 def start_auth_service(directory: Path, site: Path) -> LoggedProcess:
-    settings = load_settings(site, environ={})
+    url = f"http://{load_settings(site, environ={}).server.bind[0]}/healthz"
     argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
-    logged = start_process(argv, directory / "auth", "auth", env=environment_without_settings())
-    url = f"http://{settings.server.bind[0]}/healthz"
-    try:
-        wait_until(lambda: http_get(url)[0] == 200, 30, "geo-route auth service", process=logged)
-    except BaseException:
-        logged.stop()
-        raise
-    return logged
+    ready = lambda: http_get(url)[0] == 200  # noqa: E731
+    return start_until_ready(argv, directory / "auth", "auth", ready, env=environment_without_settings())
 
 
 def start_nginx(directory: Path, site: Path) -> LoggedProcess:
+    settings = load_settings(site, environ={})
     nginx_dir = directory / "nginx"
     conf = nginx_dir / "nginx.conf"
-    conf.write_text(render_nginx_conf(load_settings(site, environ={})), encoding="utf-8")
+    conf.write_text(render_nginx_conf(settings), encoding="utf-8")
     check_with_nginx(conf)
-    binary = require_binary("nginx")
-    argv = [binary, "-e", str(nginx_dir / "error.log"), "-g", "daemon off;", "-c", str(conf), "-p", str(nginx_dir)]
-    logged = start_process(argv, nginx_dir, "nginx-master")
-    settings = load_settings(site, environ={})
+    argv = [require_binary("nginx"), "-e", str(nginx_dir / "error.log"), "-g", "daemon off;", "-c", str(conf)]
+    argv += ["-p", str(nginx_dir)]
     url = f"http://{settings.nginx.listen[0]}/v2/"
-    try:
-        wait_until(lambda: http_get(url)[0] == 401, 30, "nginx", process=logged)
-    except BaseException:
-        logged.stop()
-        raise
-    return logged
+    return start_until_ready(argv, nginx_dir, "nginx-master", lambda: http_get(url)[0] == 401)
 
 
 def environment_without_settings() -> dict[str, str]:

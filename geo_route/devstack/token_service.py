@@ -45,7 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gunicorn.app.base import BaseApplication
 
 from geo_route.devstack.keys import load_private_key
-from geo_route.devstack.processes import LoggedProcess, http_get, start_process, wait_until
+from geo_route.devstack.processes import LoggedProcess, http_get, start_until_ready
 from geo_route.devstack.token_config import TokenServiceConfig, read_config
 from geo_route.devstack.token_scopes import Rules, grant_access, parse_scopes
 from geo_route.tokens import libtrust_kid
@@ -245,14 +245,9 @@ def start_token_service(config: TokenServiceConfig, directory: Path, timeout: fl
     directory.mkdir(parents=True, exist_ok=True)
     config_path = config.write(directory / "token-service.json")
     argv = [sys.executable, "-m", "geo_route.devstack.token_service", "--config", str(config_path)]
-    logged = start_process(argv, directory, "token-service")
-    running = TokenServiceProcess(config, logged)
-    try:
-        wait_until(lambda: http_get(running.url + HEALTH_PATH)[0] == 200, timeout, "token service", process=logged)
-    except BaseException:
-        logged.stop()
-        raise
-    return running
+    health = f"http://{config.bind}{HEALTH_PATH}"
+    ready = lambda: http_get(health)[0] == 200  # noqa: E731
+    return TokenServiceProcess(config, start_until_ready(argv, directory, "token-service", ready, timeout=timeout))
 
 
 def main(argv: list[str] | None = None) -> int:
