@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 import urllib.error
@@ -13,6 +15,7 @@ import pytest
 
 from geo_route.devstack.client import AccessLogEntry, StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.processes import wait_until
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo, bring_up
 from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
@@ -196,3 +199,31 @@ def test_stack_json_names_every_process(shared: StackClient) -> None:
         "nginx_access_log",
     ):
         assert getattr(info, field)
+
+
+def test_client_geo_headers_do_not_influence_routing(shared: StackClient, tmp_path: Path) -> None:
+    built = image(tmp_path)
+    shared.push(built, "e2e/spoof", "v1")  # on the primary only: the honest answer is "primary"
+    credentials = shared.credentials()
+    basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    token_url = f"{shared.info.token_realm}?service=container_registry&scope=repository:e2e/spoof:pull"
+    with urllib.request.urlopen(
+        urllib.request.Request(token_url, headers={"Authorization": f"Basic {basic}"})
+    ) as answer:
+        token = json.loads(answer.read())["token"]
+    spoofed = {
+        "Authorization": f"Bearer {token}",
+        "X-Geo-Route": "local",
+        "X-Geo-Reason": "blob-local",
+        "X-Geo-Upstream-Path": "/v2/e2e/other/blobs/" + built.layers[0].digest,
+        "X-Original-URI": "/v2/e2e/other/blobs/" + built.layers[0].digest,
+    }
+    since = shared.access_log_offset()
+    url = f"{shared.info.secondary_url}/v2/e2e/spoof/blobs/{built.layers[1].digest}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers=spoofed), timeout=10) as answer:
+        assert answer.status == 200
+        assert hashlib.sha256(answer.read()).hexdigest() == built.layers[1].digest.split(":", 1)[1]
+    logged = lambda: [e for e in shared.access_log(since) if "/e2e/spoof/" in e.uri]  # noqa: E731
+    wait_until(lambda: bool(logged()), 5, "the access log line")  # NGINX logs after the response is sent
+    (entry,) = logged()
+    assert (entry.route, entry.reason) == ("primary", "blob-not-local")

@@ -119,10 +119,23 @@ class StackClient:
         return path.stat().st_size if path.exists() else 0
 
     def access_log(self, since: int = 0) -> list[AccessLogEntry]:
+        """Entries written after byte offset ``since``, once the log has stopped growing for a moment
+        (NGINX writes a request's line just after the response is sent)."""
+        self.wait_for_quiet_log()
         with open(self.info.nginx_access_log, "rb") as stream:
             stream.seek(since)
             lines = stream.read().decode("utf-8").splitlines()
         return [parse_access_log_line(line) for line in lines if line.strip()]
+
+    def wait_for_quiet_log(self, quiet: float = 0.05, limit: float = 2.0) -> None:
+        deadline = time.monotonic() + limit
+        size = self.access_log_offset()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            grown = self.access_log_offset()
+            if grown == size:
+                return
+            size = grown
 
     def close(self) -> None:
         self.index.close()
