@@ -81,7 +81,7 @@ def test_moving_a_tag_on_the_primary_changes_the_pin(store: RedisIndexStore) -> 
 
 def test_deleting_a_primary_tag_unpins_it(store: RedisIndexStore) -> None:
     store.apply([PrimaryTag("a/b", "v1", D1, 1.0)])
-    store.apply([PrimaryTag("a/b", "v1", "")])
+    store.apply([PrimaryTag("a/b", "v1", "", 2.0)])
     assert store.lookup(tag("a/b", "v1")) == IndexView()
 
 
@@ -181,3 +181,23 @@ def test_a_hung_redis_times_out_within_the_socket_timeout(
         if server.process.poll() is None:
             server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+def test_an_older_primary_pin_never_overwrites_a_newer_one(store: RedisIndexStore) -> None:
+    store.apply([PrimaryTag("a/b", "v1", D2, 20.0)])
+    store.apply([PrimaryTag("a/b", "v1", D1, 10.0)])  # a late, older notification
+    assert store.primary_tag("a/b", "v1") == (D2, 20.0)
+    store.apply([PrimaryTag("a/b", "v1", "", 15.0)])  # an older delete
+    assert store.primary_tag("a/b", "v1") == (D2, 20.0)
+    store.apply([PrimaryTag("a/b", "v1", "", 25.0)])
+    assert store.primary_tag("a/b", "v1") is None
+
+
+def test_snapshots_and_locks(store: RedisIndexStore) -> None:
+    store.apply([BlobPresence("a/b", D1, True), ManifestPresence("a/b", D2, True), PrimaryTag("a/b", "v1", D2, 3.0)])
+    assert store.local_snapshot("a/b") == ({D1}, {D2})
+    assert store.primary_tags("a/b") == {"v1": (D2, 3.0)}
+    assert store.try_lock("reconcile", 30)
+    assert not store.try_lock("reconcile", 30)
+    store.unlock("reconcile")
+    assert store.try_lock("reconcile", 30)

@@ -43,6 +43,18 @@ from geo_route.index.model import (
 )
 
 T = TypeVar("T")
+# A primary tag pin changes only for news at least as recent as what it holds: notifications arrive
+# unordered, so an old push (or delete) replayed after a newer one must not win.
+SET_PIN_IF_NEWER_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then
+  local confirmed = tonumber(string.match(current, ' (%S+)$') or '0') or 0
+  if tonumber(ARGV[3]) < confirmed then return 0 end
+end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3]) end
+return 1
+"""
 PINNED_TAG_SCRIPT = """
 local pinned = redis.call('HGET', KEYS[1], ARGV[1])
 if not pinned then return false end
@@ -148,6 +160,7 @@ class RedisIndexStore:
         )
         self.keys = KeySchema(settings.key_prefix)
         self._lookups = LookupConnections(self._client.connection_pool)
+        self._set_pin = self._client.register_script(SET_PIN_IF_NEWER_SCRIPT)
         self._clock = clock
         self._cooldown = settings.unavailable_cooldown
         self._down_until = 0.0
@@ -177,6 +190,9 @@ class RedisIndexStore:
 
     def apply(self, updates: Iterable[IndexUpdate]) -> None:
         try:
+            updates = list(updates)
+            if any(isinstance(update, PrimaryTag) for update in updates):
+                self._client.script_load(SET_PIN_IF_NEWER_SCRIPT)  # EVALSHA inside MULTI: make sure it is loaded
             with self._client.pipeline(transaction=True) as pipe:
                 for update in updates:
                     self._queue(pipe, update)
@@ -193,14 +209,18 @@ class RedisIndexStore:
                 pipe.sadd(key, update.digest)
             else:
                 pipe.srem(key, update.digest)
-        elif isinstance(update, PrimaryTag | LocalTag):
-            key = (self.keys.primary_tags if isinstance(update, PrimaryTag) else self.keys.local_tags)(repository)
+        elif isinstance(update, PrimaryTag):
+            if update.digest:
+                pipe.sadd(self.keys.repos, repository)
+            confirmed = f"{update.confirmed_at:.3f}"
+            pipe.evalsha(self._set_pin.sha, 1, self.keys.primary_tags(repository), update.tag, update.digest, confirmed)
+        elif isinstance(update, LocalTag):
+            key = self.keys.local_tags(repository)
             if not update.digest:
                 pipe.hdel(key, update.tag)
                 return
-            value = encode_pin(update.digest, update.confirmed_at) if isinstance(update, PrimaryTag) else update.digest
             pipe.sadd(self.keys.repos, repository)
-            pipe.hset(key, update.tag, value)
+            pipe.hset(key, update.tag, update.digest)
         else:  # pragma: no cover - exhaustiveness guard
             raise TypeError(f"not an index update: {update!r}")
 
@@ -218,6 +238,25 @@ class RedisIndexStore:
     def primary_tag(self, repository: str, tag: str) -> tuple[str, float] | None:
         value = self._read(lambda: self._client.hget(self.keys.primary_tags(repository), tag))
         return decode_pin(str(value)) if value else None
+
+    def local_snapshot(self, repository: str) -> tuple[set[str], set[str]]:
+        """(blob digests, manifest digests) the index holds as present locally for ``repository``."""
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.keys.local_blobs(repository))
+            pipe.smembers(self.keys.local_manifests(repository))
+            blobs, manifests = self._read(pipe.execute)
+        return {str(d) for d in blobs}, {str(d) for d in manifests}
+
+    def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]:
+        found = self._read(lambda: self._client.hgetall(self.keys.primary_tags(repository)))
+        return {str(tag): decode_pin(str(value)) for tag, value in found.items()}
+
+    def try_lock(self, name: str, seconds: int) -> bool:
+        """A lease held by whoever set it first, for ``seconds`` (one reconciliation at a time)."""
+        return bool(self._read(lambda: self._client.set(f"{self.keys.prefix}lock:{name}", "1", nx=True, ex=seconds)))
+
+    def unlock(self, name: str) -> None:
+        self._read(lambda: self._client.delete(f"{self.keys.prefix}lock:{name}"))
 
     def repositories(self) -> set[str]:
         return {str(name) for name in self._read(lambda: self._client.smembers(self.keys.repos))}
