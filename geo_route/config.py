@@ -145,6 +145,30 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class UpdaterSettings:
+    """The index updater (``geo-route updater``) and reconciliation (``geo-route reconcile``)."""
+
+    bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8081",))
+    workers: int = _checked(check_positive, default=1)
+    local_secret: str = field(default="", repr=False)
+    primary_secret: str = field(default="", repr=False)
+    max_body_bytes: int = _checked(check_positive, default=1_048_576)
+    dedupe_size: int = _checked(check_not_negative, default=10_000)
+    reconcile_interval: int = _checked(check_not_negative, default=0)
+    reconcile_concurrency: int = _checked(check_positive, default=4)
+    signing_key: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def problems_for_serving(self) -> list[str]:
+        """What ``geo-route updater`` needs beyond the structural checks."""
+        problems = []
+        for name in ("local_secret", "primary_secret"):
+            if len(getattr(self, name)) < 16:
+                problems.append(f"updater.{name}: required, at least 16 characters (the registry sends it verbatim)")
+        return problems
+
+
+@dataclass(frozen=True)
 class NginxSettings:
     """The secondary's NGINX, rendered by ``geo-route render-nginx``."""
 
@@ -175,6 +199,7 @@ class Settings:
     routing: RoutingSettings = RoutingSettings()
     server: ServerSettings = ServerSettings()
     nginx: NginxSettings = NginxSettings()
+    updater: UpdaterSettings = UpdaterSettings()
 
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -312,11 +337,17 @@ def _join(path: str, key: str) -> str:
 
 
 def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
+    """Relative file paths in the site file are relative to the file."""
     bundle = Path(settings.token.rootcertbundle)
-    if bundle.is_absolute():
-        return settings
-    token = dataclasses.replace(settings.token, rootcertbundle=str(base_dir / bundle))
-    return dataclasses.replace(settings, token=token)
+    if not bundle.is_absolute():
+        token = dataclasses.replace(settings.token, rootcertbundle=str(base_dir / bundle))
+        settings = dataclasses.replace(settings, token=token)
+    key = settings.updater.signing_key
+    if key and not Path(key).is_absolute():
+        settings = dataclasses.replace(
+            settings, updater=dataclasses.replace(settings.updater, signing_key=str(base_dir / key))
+        )
+    return settings
 
 
 __all__ = [
@@ -326,6 +357,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "TokenSettings",
+    "UpdaterSettings",
     "UpstreamSettings",
     "load_settings",
     "redact_url",
