@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", help="keep the stack's files here instead of a temporary directory")
     demo.set_defaults(handler=run_demo)
 
+    updater = commands.add_parser("updater", help="run the index updater (registry notifications in) under gunicorn")
+    updater.add_argument("-c", "--config", required=True, help="the YAML site file")
+    updater.set_defaults(handler=run_updater)
+
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     serve.add_argument("-c", "--config", required=True, help="the YAML site file")
     serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
@@ -156,6 +160,24 @@ def run_demo(args: argparse.Namespace) -> int:
     except (GeoRouteError, TimeoutError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
+
+
+def run_updater(args: argparse.Namespace) -> int:
+    from geo_route.server import serve_updater
+
+    try:
+        settings = load_settings(args.config)
+        problems = settings.updater.problems_for_serving()
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=settings.updater.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve_updater(settings)
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -30,40 +31,68 @@ def mark_worker_dead(server: Any, worker: Any) -> None:
     multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
-class AuthServer(BaseApplication):  # type: ignore[misc]
-    """gunicorn application that builds one ``create_app`` per worker (keys loaded once per worker)."""
+class GunicornServer(BaseApplication):  # type: ignore[misc]
+    """A gunicorn application that builds the WSGI app once per worker with ``load_app``."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, options: dict[str, Any], load_app: Callable[[], Any]) -> None:
+        self.options = options
+        self.load_app = load_app
         super().__init__()
 
     def load_config(self) -> None:
-        server = self.settings.server
-        options = {
-            "bind": list(server.bind),
-            "workers": server.workers,
-            "threads": server.threads,
-            "worker_class": server.worker_class,
-            "timeout": server.timeout,
-            "backlog": server.backlog,
-            "reuse_port": server.reuse_port,
-            "keepalive": server.keepalive,
-            "loglevel": server.log_level,
-            "accesslog": None,
-            "child_exit": mark_worker_dead,
-            "proc_name": "geo-route-auth",
-        }
+        options = {"accesslog": None, "child_exit": mark_worker_dead, **self.options}
         if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 25: no shared ~/.gunicorn socket
             options["control_socket_disable"] = True
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from geo_route.web import create_app
-
-        return create_app(self.settings)
+        return self.load_app()
 
 
 def serve(settings: Settings) -> None:
-    prepare_multiprocess_metrics()
-    AuthServer(settings).run()
+    """The auth service (``geo-route serve``)."""
+    prepare_multiprocess_metrics()  # before prometheus_client is imported
+    from geo_route.web import create_app
+
+    server = settings.server
+    options = {
+        "bind": list(server.bind),
+        "workers": server.workers,
+        "threads": server.threads,
+        "worker_class": server.worker_class,
+        "timeout": server.timeout,
+        "backlog": server.backlog,
+        "reuse_port": server.reuse_port,
+        "keepalive": server.keepalive,
+        "loglevel": server.log_level,
+        "proc_name": "geo-route-auth",
+    }
+    GunicornServer(options, lambda: create_app(settings)).run()
+
+
+def serve_updater(settings: Settings) -> None:
+    """The index updater (``geo-route updater``): notification endpoints plus the reconcile loop."""
+    prepare_multiprocess_metrics()  # before prometheus_client is imported
+    from geo_route.web.updater import create_updater_app
+
+    updater = settings.updater
+    options = {
+        "bind": list(updater.bind),
+        "workers": updater.workers,
+        "worker_class": "sync",
+        "timeout": 60,
+        "loglevel": updater.log_level,
+        "proc_name": "geo-route-updater",
+        "post_worker_init": lambda worker: start_reconcile_loop(settings, worker),
+    }
+    GunicornServer(options, lambda: create_updater_app(settings)).run()
+
+
+def start_reconcile_loop(settings: Settings, worker: Any) -> None:
+    """Every worker may run the loop; the index's lease lets one reconciliation run at a time."""
+    if settings.updater.reconcile_interval <= 0:
+        return
+    from geo_route.reconcile import ReconcileLoop
+
+    ReconcileLoop(settings).start()

@@ -58,8 +58,52 @@ class Metrics:
         (self.token_cache_hits if hit else self.token_cache_misses).inc()
 
     def render(self) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+        return render_registry(self.registry)
+
+
+def render_registry(registry: CollectorRegistry) -> bytes:
+    """This process's metrics, or every gunicorn worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        aggregated = CollectorRegistry()
+        multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
+        return generate_latest(aggregated)
+    return generate_latest(registry)
+
+
+class UpdaterMetrics:
+    """The index updater's metrics, in its own registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter(
+            "geo_route_events",
+            "Notification events by source (local, primary), action and outcome.",
+            ["source", "action", "outcome"],
+            registry=self.registry,
+        )
+        self.apply_seconds = Histogram(
+            "geo_route_event_apply_seconds",
+            "Time to apply one envelope to the index (one transaction).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.lag_seconds = Histogram(
+            "geo_route_notification_lag_seconds",
+            "Now minus the event's timestamp, at receipt.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600),
+            registry=self.registry,
+        )
+        self.duplicates = Counter(
+            "geo_route_event_duplicates", "Redelivered events skipped by id.", ["source"], registry=self.registry
+        )
+        self.rejected = Counter(
+            "geo_route_envelopes_rejected",
+            "Envelopes refused (unauthorized, too large, not an envelope, index unavailable).",
+            ["source", "reason"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return render_registry(self.registry)
