@@ -12,7 +12,7 @@ from enum import Enum
 
 from geo_route.access import format_scope
 from geo_route.config import Settings, TagPolicy
-from geo_route.index.model import IndexQuery, IndexView, QueryKind
+from geo_route.index.model import IndexQuery, IndexView, PrimaryTag, QueryKind
 from geo_route.operations import Kind, Operation, is_valid_digest
 from geo_route.tokens import Credential, TokenProblem
 
@@ -170,6 +170,17 @@ def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now
     if not view.present:
         return primary(Reason.TAG_NOT_LOCAL)
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
+
+
+def pins_to_drop(operation: Operation, policy: Policy, now: float) -> tuple[PrimaryTag, ...]:
+    """A tag pushed through this site is about to move: unpin it now (read-your-writes).
+
+    Until the primary's notification pins the new digest (its timestamp is later, so it wins),
+    reads of the tag go to the primary instead of the old local manifest.
+    """
+    if operation.kind is Kind.MANIFEST_PUT and operation.tag and policy.tag_policy == "pinned":
+        return (PrimaryTag(operation.repository, operation.tag, "", now),)
+    return ()
 
 
 def format_challenge(policy: Policy, scope: str, error: str = "") -> str:

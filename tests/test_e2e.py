@@ -97,9 +97,10 @@ def test_a_tag_moved_on_the_primary_is_never_served_with_the_old_digest(shared: 
     old = published_replicated(shared, tmp_path, "e2e/moving")
     new = image(tmp_path, variant="moved")
     shared.push(new, "e2e/moving", "v1")
-    # The primary's notification (issue 4's updater) or reconciliation pins the new digest.
-    shared.confirm_primary_tag("e2e/moving", "v1")
+    # Right away, before anything else: the push through this site unpinned the tag (read-your-writes).
     assert shared.pull("e2e/moving", "v1", tmp_path / "out") == new.digest != old.digest
+    shared.wait_for_pin("e2e/moving", "v1", new.digest)  # the primary's notification, through the updater
+    assert shared.pull("e2e/moving", "v1", tmp_path / "out1") == new.digest
     shared.replicate("e2e/moving")
     since = shared.access_log_offset()
     assert shared.pull("e2e/moving", "v1", tmp_path / "out2") == new.digest
@@ -187,7 +188,7 @@ def test_index_claiming_content_the_local_registry_lacks(shared: StackClient, tm
 
 def test_stack_json_names_every_process(shared: StackClient) -> None:
     info = StackInfo.read(Path(shared.info.directory))
-    assert set(info.pids) == {"redis", "token-service", "primary", "secondary", "auth", "nginx"}
+    assert set(info.pids) == {"redis", "token-service", "updater", "primary", "secondary", "auth", "nginx"}
     for field in (
         "secondary_url",
         "primary_url",

@@ -1,10 +1,10 @@
 """Drive a running development stack the way users and GitLab Geo do: skopeo through the secondary
 URL, replication from the primary to the secondary, and the index facts replication produces.
 
-Until the index updater exists (issue 4), ``replicate`` records in the index what the secondary's
-notifications will report (manifests and blobs now present, the local tags) and what the primary's
-notifications will report (the tag's digest), and ``confirm_primary_tag`` asks the primary for a
-tag's digest the way reconciliation will. Both use the index's own write API.
+The index is filled by the stack's updater from both registries' notifications; ``replicate`` and
+``wait_for_pin`` wait until it has caught up. ``confirm_primary_tag`` asks the primary for a tag's
+digest the way reconciliation does; ``presence_updates`` lists what a replicated image should put
+in the index (tests use it to make the index claim things).
 """
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from geo_route.config import load_settings
 from geo_route.devstack.images import OciImage
+from geo_route.devstack.processes import wait_until
 from geo_route.devstack.replicate import ReplicatedTag, replicate_image
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
 from geo_route.devstack.stack import RunningStack, StackInfo
-from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence, PrimaryTag
+from geo_route.index.model import IndexQuery, PrimaryTag, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 
+NOTIFICATION_WAIT = 15.0  # seconds for a registry notification to reach the index
 INDEX_MEDIA_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -77,7 +78,8 @@ class StackClient:
         return self.skopeo.manifest_digest(docker_reference(address, repository, tag), self.credentials())
 
     def replicate(self, repository: str, tags: list[str] | None = None) -> list[ReplicatedTag]:
-        """Copy tags from the primary to the secondary registry (GitLab Geo's job) and index the result."""
+        """Copy tags from the primary to the secondary registry (GitLab Geo's job). The secondary's
+        notifications reach the index through the updater; wait until they have."""
         creds = self.credentials()
         copied = replicate_image(
             self.skopeo,
@@ -88,25 +90,18 @@ class StackClient:
             source_creds=creds,
             destination_creds=creds,
         )
-        updates: list[IndexUpdate] = []
         for replicated in copied:
-            updates += self.presence_updates(repository, replicated.digest)
-            updates.append(LocalTag(repository, replicated.tag, replicated.digest))
-            updates.append(PrimaryTag(repository, replicated.tag, replicated.digest, time.time()))
-        self.index.apply(updates)
+            self.wait_for_pin(repository, replicated.tag, replicated.digest, present=True)
         return copied
 
-    def presence_updates(self, repository: str, digest: str) -> list[IndexUpdate]:
-        """The manifest, its children (for an index) and every blob it references, as present locally."""
-        reference = docker_reference(self.local_registry, repository, digest)
-        manifest: dict[str, Any] = json.loads(self.skopeo.inspect_raw(reference, self.credentials()))
-        updates: list[IndexUpdate] = [ManifestPresence(repository, digest, True)]
-        if manifest.get("mediaType") in INDEX_MEDIA_TYPES or "manifests" in manifest:
-            for child in manifest.get("manifests", []):
-                updates += self.presence_updates(repository, child["digest"])
-            return updates
-        blobs = [manifest["config"], *manifest.get("layers", [])]
-        return updates + [BlobPresence(repository, blob["digest"], True) for blob in blobs]
+    def wait_for_pin(self, repository: str, tag: str, digest: str, *, present: bool | None = None) -> None:
+        """Wait until the index pins ``tag`` to ``digest`` (and, if asked, has that manifest locally)."""
+
+        def pinned() -> bool:
+            view = self.index.lookup(IndexQuery(QueryKind.TAG, repository, tag))
+            return view.pinned_digest == digest and (present is None or view.present == present)
+
+        wait_until(pinned, NOTIFICATION_WAIT, f"the index to pin {repository}:{tag} to {digest[:19]}")
 
     def confirm_primary_tag(self, repository: str, tag: str) -> str:
         """Ask the primary which digest ``tag`` names now and pin it in the index."""

@@ -90,7 +90,7 @@ def run_steps(client: StackClient, root: Path) -> list[Step]:
 
 def move_tag(client: StackClient, image: OciImage) -> None:
     client.push(image, REPOSITORY, TAG)
-    client.confirm_primary_tag(REPOSITORY, TAG)  # what the primary's notification will tell the index (issue 4)
+    client.wait_for_pin(REPOSITORY, TAG, image.digest)  # the primary's notification, through the updater
 
 
 Expectation = tuple[str, Callable[[list[AccessLogEntry]], bool]]

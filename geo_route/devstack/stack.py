@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from geo_route.config import load_settings
-from geo_route.devstack.keys import generate_signing_key
+from geo_route.devstack.keys import SigningKeyFiles, generate_signing_key
 from geo_route.devstack.processes import (
     LOOPBACK,
     LoggedProcess,
@@ -33,7 +33,7 @@ from geo_route.devstack.processes import (
     stop_pid,
 )
 from geo_route.devstack.redis_server import RedisProcess
-from geo_route.devstack.registry import TokenAuth, start_registry
+from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, start_registry
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
 from geo_route.devstack.token_service import start_token_service
 from geo_route.errors import DevstackError
@@ -45,7 +45,7 @@ SERVICE = "container_registry"
 USERNAME = "developer"
 READER = "reader"  # may pull only READER_REPOSITORY: for tests of cross-repository access
 READER_REPOSITORY = "team-a/app"
-STOP_ORDER = ("nginx", "auth", "secondary", "primary", "token-service", "redis")
+STOP_ORDER = ("nginx", "auth", "secondary", "primary", "updater", "token-service", "redis")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class StackInfo:
     redis_url: str
     nginx_access_log: str
     site_file: str
+    updater_url: str = ""
     users: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -120,16 +121,41 @@ def start_all(directory: Path, tag_policy: str, processes: dict[str, LoggedProce
     token = start_token_service(token_config(str(keys.private_key), users), directory / "token-service")
     processes["token-service"] = token.logged
 
+    primary_port, secondary_port, nginx_port = free_port(), free_port(), free_port()
+    site = write_site_file(
+        directory,
+        f"http://{LOOPBACK}:{primary_port}",
+        f"http://{LOOPBACK}:{secondary_port}",
+        token.realm,
+        keys,
+        redis.url,
+        nginx_port,
+        tag_policy,
+    )
+    settings = load_settings(site, environ={})
+    processes["updater"] = start_updater(directory, site)
+
     auth = TokenAuth(realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate))
-    primary = start_registry(directory / "primary", auth, name="primary")
+    updater_url = f"http://{settings.updater.bind[0]}"
+    primary = start_registry(
+        directory / "primary",
+        auth,
+        name="primary",
+        port=primary_port,
+        notifications=[
+            NotificationEndpoint("geo-route", f"{updater_url}/events/primary", settings.updater.primary_secret)
+        ],
+    )
     processes["primary"] = primary.logged
-    secondary = start_registry(directory / "secondary", auth, name="secondary")
+    secondary = start_registry(
+        directory / "secondary",
+        auth,
+        name="secondary",
+        port=secondary_port,
+        notifications=[NotificationEndpoint("geo-route", f"{updater_url}/events/local", settings.updater.local_secret)],
+    )
     processes["secondary"] = secondary.logged
 
-    nginx_port = free_port()
-    site = write_site_file(
-        directory, primary.url, secondary.url, token.realm, str(keys.certificate), redis.url, nginx_port, tag_policy
-    )
     processes["auth"] = start_auth_service(directory, site)
     processes["nginx"] = start_nginx(directory, site)
 
@@ -144,6 +170,7 @@ def start_all(directory: Path, tag_policy: str, processes: dict[str, LoggedProce
         redis_url=redis.url,
         nginx_access_log=str(directory / "nginx" / "access.log"),
         site_file=str(site),
+        updater_url=updater_url,
         users=users,
         pids={name: process.pid for name, process in processes.items()},
     )
@@ -164,7 +191,7 @@ def write_site_file(
     primary_url: str,
     secondary_url: str,
     realm: str,
-    certificate: str,
+    keys: SigningKeyFiles,
     redis_url: str,
     nginx_port: int,
     tag_policy: str,
@@ -174,7 +201,7 @@ def write_site_file(
     site: dict[str, Any] = {
         "local_registry": {"url": secondary_url},
         "primary": {"url": primary_url},
-        "token": {"realm": realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": certificate},
+        "token": {"realm": realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": str(keys.certificate)},
         "redis": {"url": redis_url},
         "routing": {"tag_policy": tag_policy},
         "server": {"bind": [f"{LOOPBACK}:{free_port()}"], "workers": 2, "log_level": "warning"},
@@ -185,6 +212,13 @@ def write_site_file(
             "error_log": str(nginx_dir / "error.log"),
             "worker_processes": "2",
             "user": "root" if os.geteuid() == 0 else "",
+        },
+        "updater": {
+            "bind": [f"{LOOPBACK}:{free_port()}"],
+            "local_secret": f"Bearer {secrets.token_urlsafe(24)}",
+            "primary_secret": f"Bearer {secrets.token_urlsafe(24)}",
+            "signing_key": str(keys.private_key),
+            "log_level": "warning",
         },
     }
     path = directory / "site.yaml"
@@ -198,6 +232,13 @@ def start_auth_service(directory: Path, site: Path) -> LoggedProcess:
     argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
     ready = lambda: http_get(url)[0] == 200  # noqa: E731
     return start_until_ready(argv, directory / "auth", "auth", ready, env=environment_without_settings())
+
+
+def start_updater(directory: Path, site: Path) -> LoggedProcess:
+    url = f"http://{load_settings(site, environ={}).updater.bind[0]}/healthz"
+    argv = [sys.executable, "-m", "geo_route.cli", "updater", "-c", str(site)]
+    ready = lambda: http_get(url)[0] == 200  # noqa: E731
+    return start_until_ready(argv, directory / "updater", "updater", ready, env=environment_without_settings())
 
 
 def start_nginx(directory: Path, site: Path) -> LoggedProcess:

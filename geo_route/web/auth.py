@@ -15,9 +15,9 @@ from typing import Any
 
 from geo_route import contract
 from geo_route.errors import IndexUnavailable
-from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexStore, IndexView
+from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexStore, IndexView, PrimaryTag
 from geo_route.operations import Kind, Operation, classify_request
-from geo_route.routing import Decision, Policy, Reason, authorize, index_query, primary, route
+from geo_route.routing import Decision, Policy, Reason, authorize, index_query, pins_to_drop, primary, route
 from geo_route.tokens import TokenVerifier
 from geo_route.web.metrics import Metrics
 
@@ -67,7 +67,18 @@ class AuthEndpoint:
         denial = authorize(operation, credential, self._policy)
         if denial is not None:
             return denial
-        return route(operation, self.look_up(operation), self._policy, self._clock())
+        now = self._clock()
+        self.drop_pins(pins_to_drop(operation, self._policy, now))
+        return route(operation, self.look_up(operation), self._policy, now)
+
+    def drop_pins(self, pins: tuple[PrimaryTag, ...]) -> None:
+        if not pins:
+            return
+        try:
+            self._index.apply(pins)
+        except IndexUnavailable as exc:  # the write still goes to the primary; max_tag_age bounds the rest
+            self._metrics.index_errors.inc()
+            self._index_warning.emit("could not unpin a tag being pushed: %s", exc)
 
     def look_up(self, operation: Operation) -> IndexView:
         query = index_query(operation, self._policy)
