@@ -152,7 +152,7 @@ class UpdaterSettings:
     workers: int = _checked(check_positive, default=1)
     local_secret: str = field(default="", repr=False)
     primary_secret: str = field(default="", repr=False)
-    max_body_bytes: int = _checked(check_positive, default=1_048_576)
+    max_body_bytes: int = _checked(check_positive, default=8_388_608)
     dedupe_size: int = _checked(check_not_negative, default=10_000)
     reconcile_interval: int = _checked(check_not_negative, default=0)
     reconcile_concurrency: int = _checked(check_positive, default=4)
