@@ -13,7 +13,7 @@ the OCI grammar never contains spaces or colons):
 A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob or a
 manifest, one Lua script (``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests)
 for a tag. Writes go in
-one ``MULTI``/``EXEC`` per call. After a failure the store answers "unavailable" at once for
+one ``MULTI``/``EXEC`` per call, sent as one write. After a failure the store answers "unavailable" at once for
 ``unavailable_cooldown`` seconds instead of waiting on a dead Redis for every request.
 """
 
@@ -30,7 +30,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from geo_route.config import RedisSettings
-from geo_route.errors import IndexUnavailable
+from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
     IndexQuery,
@@ -110,12 +110,42 @@ class LookupConnections:
         self._opened: list[Any] = []
         self._lock = threading.Lock()
 
-    def run(self, *args: str) -> Any:
+    def connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = self._local.connection = self._pool.make_connection()
             with self._lock:
                 self._opened.append(connection)
+        return connection
+
+    def run_transaction(self, commands: list[tuple[str, ...]]) -> list[Any]:
+        """``MULTI``, the commands, ``EXEC`` in one write and one round trip; all or nothing."""
+        connection = self.connection()
+        try:
+            connection.send_packed_command(
+                connection.pack_commands([("MULTI",), *commands, ("EXEC",)]), check_health=False
+            )
+            queued_errors = []
+            for _ in range(len(commands) + 1):  # +OK for MULTI, +QUEUED per command (or an error)
+                try:
+                    connection.read_response()
+                except redis.ResponseError as exc:
+                    queued_errors.append(exc)
+            results = connection.read_response()  # EXEC: the replies, or EXECABORT after a queueing error
+        except redis.ResponseError:
+            raise
+        except BaseException:
+            connection.disconnect()
+            raise
+        if queued_errors:
+            raise queued_errors[0]
+        failed = [reply for reply in results if isinstance(reply, Exception)]
+        if failed:
+            raise failed[0]
+        return list(results)
+
+    def run(self, *args: str) -> Any:
+        connection = self.connection()
         try:
             connection.send_command(*args, check_health=False)
             return connection.read_response()
@@ -160,7 +190,6 @@ class RedisIndexStore:
         )
         self.keys = KeySchema(settings.key_prefix)
         self._lookups = LookupConnections(self._client.connection_pool)
-        self._set_pin = self._client.register_script(SET_PIN_IF_NEWER_SCRIPT)
         self._clock = clock
         self._cooldown = settings.unavailable_cooldown
         self._down_until = 0.0
@@ -189,40 +218,41 @@ class RedisIndexStore:
         return IndexView(present=bool(found[1]), pinned_digest=digest, confirmed_at=confirmed_at)
 
     def apply(self, updates: Iterable[IndexUpdate]) -> None:
+        commands = [command for update in updates for command in self.commands_for(update)]
+        if not commands:
+            return
         try:
-            updates = list(updates)
-            if any(isinstance(update, PrimaryTag) for update in updates):
-                self._client.script_load(SET_PIN_IF_NEWER_SCRIPT)  # EVALSHA inside MULTI: make sure it is loaded
-            with self._client.pipeline(transaction=True) as pipe:
-                for update in updates:
-                    self._queue(pipe, update)
-                pipe.execute()
+            self._lookups.run_transaction(commands)
+        except redis.ResponseError as exc:  # a bug in a command, not an outage: nothing was applied
+            raise GeoRouteError(f"redis refused an index update: {exc}") from None
         except redis.RedisError as exc:
             raise IndexUnavailable(f"redis write failed: {type(exc).__name__}") from None
 
-    def _queue(self, pipe: redis.client.Pipeline, update: IndexUpdate) -> None:
+    def commands_for(self, update: IndexUpdate) -> list[tuple[str, ...]]:
         repository = update.repository
         if isinstance(update, BlobPresence | ManifestPresence):
             key = (self.keys.local_blobs if isinstance(update, BlobPresence) else self.keys.local_manifests)(repository)
             if update.present:
-                pipe.sadd(self.keys.repos, repository)
-                pipe.sadd(key, update.digest)
-            else:
-                pipe.srem(key, update.digest)
-        elif isinstance(update, PrimaryTag):
-            if update.digest:
-                pipe.sadd(self.keys.repos, repository)
+                return [("SADD", self.keys.repos, repository), ("SADD", key, update.digest)]
+            return [("SREM", key, update.digest)]
+        if isinstance(update, PrimaryTag):
             confirmed = f"{update.confirmed_at:.3f}"
-            pipe.evalsha(self._set_pin.sha, 1, self.keys.primary_tags(repository), update.tag, update.digest, confirmed)
-        elif isinstance(update, LocalTag):
+            pin = (
+                "EVAL",
+                SET_PIN_IF_NEWER_SCRIPT,
+                "1",
+                self.keys.primary_tags(repository),
+                update.tag,
+                update.digest,
+                confirmed,
+            )
+            return [("SADD", self.keys.repos, repository), pin] if update.digest else [pin]
+        if isinstance(update, LocalTag):
             key = self.keys.local_tags(repository)
             if not update.digest:
-                pipe.hdel(key, update.tag)
-                return
-            pipe.sadd(self.keys.repos, repository)
-            pipe.hset(key, update.tag, update.digest)
-        else:  # pragma: no cover - exhaustiveness guard
-            raise TypeError(f"not an index update: {update!r}")
+                return [("HDEL", key, update.tag)]
+            return [("SADD", self.keys.repos, repository), ("HSET", key, update.tag, update.digest)]
+        raise TypeError(f"not an index update: {update!r}")
 
     def ping(self) -> bool:
         try:
