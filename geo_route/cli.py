@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     updater.add_argument("-c", "--config", required=True, help="the YAML site file")
     updater.set_defaults(handler=run_updater)
 
+    reconcile = commands.add_parser("reconcile", help="repair the index from the registries (walk, HEAD, refresh pins)")
+    reconcile.add_argument("-c", "--config", required=True, help="the YAML site file")
+    reconcile.add_argument("--once", action="store_true", help="one run, then exit (0 only if it was clean)")
+    reconcile.set_defaults(handler=run_reconcile)
+
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     serve.add_argument("-c", "--config", required=True, help="the YAML site file")
     serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
@@ -178,6 +183,22 @@ def run_updater(args: argparse.Namespace) -> int:
     )
     serve_updater(settings)
     return 0
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    from geo_route.reconcile import run_reconcile_command
+
+    try:
+        settings = load_settings(args.config)
+        if not settings.updater.signing_key:
+            raise ConfigError(["updater.signing_key: required to mint the pull tokens reconciliation uses"])
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=settings.updater.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run_reconcile_command(settings, args.once, print)
 
 
 def run_serve(args: argparse.Namespace) -> int:

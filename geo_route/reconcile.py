@@ -1,0 +1,416 @@
+"""Reconciliation: rebuild the index's local presence from the local registry and re-confirm the
+primary's tag pins, while notifications keep arriving (issue 4).
+
+``reconcile`` takes the ``reconcile`` lease in the index (one run at a time), then:
+
+1. walks every repository the local registry's catalog lists, plus every repository the index knows
+   (one the catalog no longer lists loses its entries the same way): snapshot, walk, second
+   snapshot, one ``apply`` per repository (``reconcile_walk`` explains why no notification's update
+   is lost);
+2. asks the primary (``HEAD`` by tag) for every tag the index knows (pinned from the primary, or
+   tagged in the local registry) and pins the answer with the time the question was asked, so a
+   newer notification still wins; a 404 removes the pin; an error leaves it.
+
+Requests use pull tokens minted with the sites' shared signing key (``pull_tokens``); at most
+``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile`` and
+``ReconcileLoop`` runs reconciliations in the updater's background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+from geo_route.config import Settings
+from geo_route.errors import GeoRouteError, IndexUnavailable
+from geo_route.index.model import IndexUpdate, PrimaryTag
+from geo_route.index.redis_store import RedisIndexStore
+from geo_route.pull_tokens import PullTokens
+from geo_route.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
+from geo_route.reconcile_walk import RepositoryWalker, Snapshot, gather, plan_updates
+from geo_route.registry_client import RegistryClient, RegistryError
+
+LOCK_NAME = "reconcile"
+LOCK_SECONDS = 3600  # longest run we expect; a crashed run blocks the next ones at most this long
+PROGRESS_EVERY = 100
+APPLY_CHUNK = 1000
+REDIS_TIMEOUT = 10.0  # a reconciliation reads whole sets: the decision path's 50 ms would be too short
+HTTP_TIMEOUT = 30.0
+log = logging.getLogger("geo_route.reconcile")
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class ReconcileStore(Protocol):
+    """The index operations reconciliation uses (``RedisIndexStore`` has them all)."""
+
+    def apply(self, updates: list[IndexUpdate]) -> None: ...
+    def local_snapshot(self, repository: str) -> tuple[set[str], set[str]]: ...
+    def local_tags(self, repository: str) -> dict[str, str]: ...
+    def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]: ...
+    def repositories(self) -> set[str]: ...
+    def try_lock(self, name: str, seconds: int) -> bool: ...
+    def unlock(self, name: str) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Registries:
+    """The two registries reconciliation reads, with their token source."""
+
+    local: RegistryClient
+    primary: RegistryClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings, timeout: float = HTTP_TIMEOUT) -> Registries:
+        tokens = PullTokens.from_settings(settings)
+        local = RegistryClient(settings.local_registry.url, tokens, timeout=timeout)
+        primary = RegistryClient(settings.primary.url, tokens, timeout=timeout, tls_context=primary_tls(settings))
+        return cls(local, primary)
+
+    def close(self) -> None:
+        self.local.close()
+        self.primary.close()
+
+
+def primary_tls(settings: Settings) -> ssl.SSLContext | None:
+    """The primary is trusted as NGINX trusts it (``nginx.primary_tls_verify``/``primary_ca_bundle``)."""
+    if not settings.primary.url.startswith("https:"):
+        return None
+    if not settings.nginx.primary_tls_verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    bundle = settings.nginx.primary_ca_bundle
+    return ssl.create_default_context(cafile=bundle if bundle and Path(bundle).is_file() else None)
+
+
+class ProgressCounter:
+    """Counts manifests read (from any thread) and calls ``progress`` every ``every`` of them."""
+
+    def __init__(self, progress: ProgressCallback | None, every: int, total: int) -> None:
+        self.progress = progress
+        self.every = max(every, 1)
+        self.total = total
+        self.manifests = 0
+        self.repositories_done = 0
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+
+    def count_manifest(self) -> None:
+        with self.lock:
+            self.manifests += 1
+            if self.progress is not None and self.manifests % self.every == 0:
+                self.progress(self.snapshot())
+
+    def count_repository(self) -> None:
+        with self.lock:
+            self.repositories_done += 1
+
+    def snapshot(self) -> Progress:
+        seconds = time.monotonic() - self.started
+        return Progress(self.manifests, self.repositories_done, self.total, seconds)
+
+
+def reconcile(
+    settings: Settings,
+    store: ReconcileStore,
+    *,
+    progress: ProgressCallback | None = None,
+    concurrency: int | None = None,
+    progress_every: int = PROGRESS_EVERY,
+    registries: Registries | None = None,
+    stop: threading.Event | None = None,
+    lock_seconds: int = LOCK_SECONDS,
+) -> ReconcileReport:
+    """One reconciliation run. Registry and index trouble is counted in the report, never raised;
+    an unusable ``updater.signing_key`` raises ``SigningKeyError`` before anything is locked."""
+    options = RunOptions(
+        concurrency or settings.updater.reconcile_concurrency, progress, progress_every, stop or threading.Event()
+    )
+    if registries is not None:
+        return run_locked(store, registries, options, lock_seconds)
+    registries = Registries.from_settings(settings)
+    try:
+        return run_locked(store, registries, options, lock_seconds)
+    finally:
+        registries.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    concurrency: int
+    progress: ProgressCallback | None
+    progress_every: int
+    stop: threading.Event
+
+
+def run_locked(
+    store: ReconcileStore, registries: Registries, options: RunOptions, lock_seconds: int
+) -> ReconcileReport:
+    started = time.monotonic()
+    report = ReconcileReport()
+    try:
+        report.locked = not store.try_lock(LOCK_NAME, lock_seconds)
+    except IndexUnavailable as exc:
+        report.add_errors([f"index: {exc}"])
+        return report
+    if report.locked:
+        return report
+    try:
+        with ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
+            run = ReconcileRun(store, registries, requests, report, options.stop)
+            run.walk_local(options.concurrency, options.progress, options.progress_every)
+            run.refresh_primary_pins()
+    except IndexUnavailable as exc:
+        report.add_errors([f"index: {exc}"])
+    finally:
+        release_lock(store, report)
+        report.seconds = time.monotonic() - started
+    return report
+
+
+def release_lock(store: ReconcileStore, report: ReconcileReport) -> None:
+    try:
+        store.unlock(LOCK_NAME)
+    except IndexUnavailable as exc:
+        report.add_errors([f"index: cannot release the lock (it expires by itself): {exc}"])
+
+
+class ReconcileRun:
+    """The state of one run: the store, the registries, the request pool, the report being filled."""
+
+    def __init__(
+        self,
+        store: ReconcileStore,
+        registries: Registries,
+        requests: Executor,
+        report: ReconcileReport,
+        stop: threading.Event,
+    ) -> None:
+        self.store = store
+        self.registries = registries
+        self.requests = requests
+        self.report = report
+        self.stop = stop
+
+    def walk_local(self, workers: int, progress: ProgressCallback | None, progress_every: int) -> None:
+        names = self.list_repositories()
+        if names is None:
+            return
+        counter = ProgressCounter(progress, progress_every, len(names))
+        walker = RepositoryWalker(self.registries.local, self.requests, counter.count_manifest)
+        with ThreadPoolExecutor(workers, "reconcile-repository") as repositories:
+            futures = {repositories.submit(self.reconcile_repository, walker, name): name for name in names}
+            for future in as_completed(futures):
+                name = futures[future]
+                tally, errors = future.result()
+                counter.count_repository()
+                if tally is not None:
+                    self.report.add_repository(tally)
+                self.report.add_errors([f"{name}: {message}" for message in errors])
+
+    def list_repositories(self) -> list[str] | None:
+        """The catalog's repositories and the index's; ``None`` if the catalog cannot be read."""
+        ((_, catalog),) = gather(self.requests, lambda _: self.registries.local.list_repositories(), [None])
+        if isinstance(catalog, RegistryError):
+            self.report.add_errors([f"catalog: {catalog}"])
+            return None
+        return sorted(set(catalog) | self.store.repositories())
+
+    def reconcile_repository(
+        self, walker: RepositoryWalker, repository: str
+    ) -> tuple[RepositoryTally | None, list[str]]:
+        """Snapshot, walk, snapshot, apply. Runs on a repository thread; the caller merges the result."""
+        if self.stop.is_set():
+            self.report.cancelled = True
+            return None, []
+        try:
+            before = self.take_snapshot(repository)
+            found = walker.walk(repository, before)
+            updates, tally = plan_updates(repository, before, self.take_snapshot(repository), found)
+            self.store.apply(updates)
+        except IndexUnavailable as exc:
+            return None, [f"index: {exc}"]
+        return tally, found.errors
+
+    def take_snapshot(self, repository: str) -> Snapshot:
+        blobs, manifests = self.store.local_snapshot(repository)
+        return Snapshot(frozenset(blobs), frozenset(manifests), self.store.local_tags(repository))
+
+    def refresh_primary_pins(self) -> None:
+        """``HEAD`` every tag the index knows at the primary; pin the answers (see the module docstring)."""
+        if self.stop.is_set():
+            self.report.cancelled = True
+            return
+        known = self.known_tags()
+        asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
+        updates: list[IndexUpdate] = []
+        tally = self.report.primary_tags
+        for (repository, tag), answer in asked:
+            if isinstance(answer, RegistryError):
+                self.report.add_errors([f"primary {repository}:{tag}: {answer}"])
+                continue
+            asked_at, digest = answer
+            pinned = known[repository][tag]
+            update = pin_update(repository, tag, digest, pinned, asked_at, tally)
+            if update is not None:
+                updates.append(update)
+        for start in range(0, len(updates), APPLY_CHUNK):
+            self.store.apply(updates[start : start + APPLY_CHUNK])
+
+    def known_tags(self) -> dict[str, dict[str, str | None]]:
+        """repository → tag → pinned digest (``None``: tagged locally, not pinned)."""
+        known: dict[str, dict[str, str | None]] = {}
+        for repository in sorted(self.store.repositories()):
+            tags: dict[str, str | None] = dict.fromkeys(self.store.local_tags(repository))
+            tags.update({tag: digest for tag, (digest, _) in self.store.primary_tags(repository).items()})
+            if tags:
+                known[repository] = tags
+        return known
+
+    def ask_primary(self, key: tuple[str, str]) -> tuple[float, str | None]:
+        asked_at = time.time()  # before the question: a notification newer than the answer still wins
+        return asked_at, self.registries.primary.head_manifest(*key)
+
+
+def pin_update(
+    repository: str, tag: str, digest: str | None, pinned: str | None, asked_at: float, tally: PrimaryTally
+) -> PrimaryTag | None:
+    if digest is not None:
+        tally.refreshed += 1
+        tally.changed += int(pinned is not None and pinned != digest)
+        return PrimaryTag(repository, tag, digest, asked_at)
+    if pinned is None:
+        return None  # tagged locally only, unknown to the primary: nothing to unpin
+    tally.removed += 1
+    return PrimaryTag(repository, tag, "", asked_at)
+
+
+def open_store(settings: Settings) -> RedisIndexStore:
+    """An index store for reconciliation: whole-set reads need longer timeouts than a decision."""
+    redis = dataclasses.replace(
+        settings.redis,
+        socket_timeout=max(settings.redis.socket_timeout, REDIS_TIMEOUT),
+        connect_timeout=max(settings.redis.connect_timeout, REDIS_TIMEOUT),
+        unavailable_cooldown=0.0,
+    )
+    return RedisIndexStore(redis)
+
+
+def run_reconcile_command(settings: Settings, once: bool, print_line: Callable[[str], None]) -> int:
+    """``geo-route reconcile``: one run (exit 0 when it ran cleanly, else 1), or a run every
+    ``updater.reconcile_interval`` seconds (at least 1) until SIGINT/SIGTERM (exit 0)."""
+    try:
+        registries = Registries.from_settings(settings)
+    except GeoRouteError as exc:
+        print_line(f"reconcile: {exc}")
+        return 1
+    store = open_store(settings)
+    stop = threading.Event()
+    try:
+        with stop_on_signals(stop):
+            while True:
+                report = reconcile(
+                    settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
+                )
+                print_line(report.format())
+                if once:
+                    return 0 if report.ok else 1
+                if stop.wait(max(settings.updater.reconcile_interval, 1)):
+                    return 0
+    finally:
+        registries.close()
+        store.close()
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGINT/SIGTERM while inside (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {number: signal.signal(number, handle) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+class ReconcileLoop:
+    """Reconciliation every ``updater.reconcile_interval`` seconds (at least 1) in a daemon thread.
+
+    The first run starts at once. ``stop()`` asks a running reconciliation to finish the repository
+    it is in and skip the rest, then waits for the thread. ``last_report`` is the latest report.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: ReconcileStore | None = None,
+        on_report: Callable[[ReconcileReport], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.interval = max(settings.updater.reconcile_interval, 1)
+        self.on_report = on_report
+        self.last_report: ReconcileReport | None = None
+        self.runs = 0
+        self._store = store
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("ReconcileLoop already started")
+        self._thread = threading.Thread(target=self.run_until_stopped, name="geo-route-reconcile", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_until_stopped(self) -> None:
+        store = self._store
+        own_store = store is None
+        registries: Registries | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    store = store or open_store(self.settings)
+                    registries = registries or Registries.from_settings(self.settings)
+                    self.record(reconcile(self.settings, store, registries=registries, stop=self._stop))
+                except GeoRouteError as exc:
+                    log.error("reconcile: %s", exc)
+                except Exception:  # the loop must outlive a bug in one run
+                    log.exception("reconcile: unexpected error")
+                self._stop.wait(self.interval)
+        finally:
+            if registries is not None:
+                registries.close()
+            if own_store and isinstance(store, RedisIndexStore):
+                store.close()
+
+    def record(self, report: ReconcileReport) -> None:
+        self.runs += 1
+        self.last_report = report
+        level = logging.INFO if report.ok or report.locked else logging.WARNING
+        log.log(level, "%s", report.format())
+        if self.on_report is not None:
+            self.on_report(report)

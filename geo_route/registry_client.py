@@ -1,0 +1,257 @@
+"""A small read-only Docker registry v2 client on the standard library (``http.client``).
+
+What reconciliation needs: the catalog and tag lists (paginated by ``n`` and the ``Link`` header),
+manifests by tag or digest (with an ``Accept`` naming the OCI and Docker types: 2.8 answers 404 for
+an OCI manifest otherwise, protocol notes §3.4), and ``HEAD`` of blobs and manifests. Every request
+carries ``Authorization`` from an ``Authorizer`` and has a timeout; each thread keeps one keep-alive
+connection, and a request on a reused connection that the server has closed is retried once on a
+fresh one (every request here is a GET or HEAD, so a retry is harmless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
+
+from geo_route.errors import GeoRouteError
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+PAGE_SIZE = 100  # the registry's own default page; 2.8.2 refuses an n above catalog.maxentries
+MAX_PAGES = 100_000  # a server that keeps sending the same Link must not loop forever
+NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?', re.IGNORECASE)
+USER_AGENT = "geo-route-reconcile"
+
+
+class RegistryError(GeoRouteError):
+    """A request failed: transport error, timeout, or an unexpected status (``status`` 0 for transport)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Authorizer(Protocol):
+    def authorization(self, repository: str | None) -> str:
+        """The ``Authorization`` value for a repository's pull (``None``: the catalog)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A manifest as the registry serves it; ``children`` for an index, ``blobs`` otherwise."""
+
+    digest: str
+    media_type: str
+    children: tuple[str, ...]
+    blobs: tuple[str, ...]
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_MEDIA_TYPES or bool(self.children)
+
+
+def parse_next_link(value: str | None) -> str | None:
+    """The path and query of a ``Link: <…>; rel="next"`` header (an absolute URL's host is ignored)."""
+    if not value:
+        return None
+    match = NEXT_LINK.search(value)
+    if match is None:
+        return None
+    parts = urlsplit(match.group(1))
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def parse_manifest(body: bytes, digest: str, content_type: str) -> Manifest:
+    """Children (an index's ``manifests``) or blobs (``config`` + ``layers``; schema 1 ``fsLayers``)."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"manifest {digest} is not JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise RegistryError(f"manifest {digest} is not a JSON object")
+    media_type = str(document.get("mediaType") or content_type.split(";", 1)[0].strip())
+    children = tuple(_digests(document.get("manifests")))
+    blobs = [] if children else _digests([document.get("config")]) + _digests(document.get("layers"))
+    blobs += [str(layer["blobSum"]) for layer in document.get("fsLayers") or [] if isinstance(layer, dict)]
+    return Manifest(digest, media_type, children, tuple(dict.fromkeys(blobs)))
+
+
+def _digests(descriptors: Any) -> list[str]:
+    if not isinstance(descriptors, list):
+        return []
+    return [str(d["digest"]) for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+
+
+def sha256_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+class RegistryClient:
+    """Read-only access to one registry origin (``http(s)://host[:port]``); safe to share between threads."""
+
+    def __init__(
+        self,
+        origin: str,
+        authorizer: Authorizer,
+        *,
+        timeout: float = 10.0,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not a registry origin: {origin!r}")
+        self.origin = origin.rstrip("/")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._authorizer = authorizer
+        self._timeout = timeout
+        self._tls = tls_context or (ssl.create_default_context() if self._https else None)
+        self._local = threading.local()
+        self._opened: set[http.client.HTTPConnection] = set()
+        self._lock = threading.Lock()
+
+    # -- the registry API ---------------------------------------------------------------------------
+
+    def list_repositories(self) -> list[str]:
+        return self._list_pages("/v2/_catalog", "repositories", None)
+
+    def list_tags(self, repository: str) -> list[str] | None:
+        """The repository's tags; ``None`` when the registry does not know the repository (404)."""
+        try:
+            return self._list_pages(f"/v2/{repository}/tags/list", "tags", repository)
+        except RegistryError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_manifest(self, repository: str, reference: str) -> Manifest | None:
+        """The manifest by tag or digest; ``None`` on 404."""
+        answer = self.request("GET", self._manifest_path(repository, reference), repository, MANIFEST_ACCEPT)
+        if answer.status == 404:
+            return None
+        self._expect(answer, f"GET manifest {repository}:{reference}")
+        digest = reference if ":" in reference else ""  # a tag never contains a colon
+        digest = digest or answer.headers.get("docker-content-digest") or sha256_digest(answer.body)
+        return parse_manifest(answer.body, digest, answer.headers.get("content-type", ""))
+
+    def head_manifest(self, repository: str, reference: str) -> str | None:
+        """The digest a tag (or digest) names; ``None`` on 404. Falls back to a GET without the header."""
+        answer = self.request("HEAD", self._manifest_path(repository, reference), repository, MANIFEST_ACCEPT)
+        if answer.status == 404:
+            return None
+        self._expect(answer, f"HEAD manifest {repository}:{reference}")
+        digest = answer.headers.get("docker-content-digest")
+        if digest:
+            return digest
+        manifest = self.get_manifest(repository, reference)
+        return manifest.digest if manifest else None
+
+    def has_blob(self, repository: str, digest: str) -> bool:
+        """``HEAD`` the blob: 200 (or a redirect to storage) → present, 404 → absent."""
+        answer = self.request("HEAD", f"/v2/{repository}/blobs/{digest}", repository)
+        if answer.status == 404:
+            return False
+        if answer.status in (200, 307, 302):
+            return True
+        raise self._unexpected(answer, f"HEAD blob {repository}@{digest}")
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def _list_pages(self, path: str, key: str, repository: str | None) -> list[str]:
+        items: dict[str, None] = {}
+        target: str | None = f"{path}?n={PAGE_SIZE}"
+        for _ in range(MAX_PAGES):
+            if target is None:
+                break
+            answer = self.request("GET", target, repository)
+            self._expect(answer, f"GET {path}")
+            try:
+                page = json.loads(answer.body).get(key) or []
+            except (ValueError, AttributeError) as exc:
+                raise RegistryError(f"GET {path}: not the expected JSON ({exc})") from None
+            before = len(items)
+            items.update((str(item), None) for item in page)
+            target = parse_next_link(answer.headers.get("link"))
+            if len(items) == before:
+                break
+        return list(items)
+
+    @staticmethod
+    def _manifest_path(repository: str, reference: str) -> str:
+        return f"/v2/{repository}/manifests/{quote(reference, safe=':')}"
+
+    def _expect(self, answer: Answer, what: str) -> None:
+        if answer.status != 200:
+            raise self._unexpected(answer, what)
+
+    @staticmethod
+    def _unexpected(answer: Answer, what: str) -> RegistryError:
+        detail = answer.body[:200].decode("utf-8", "replace").strip()
+        return RegistryError(f"{what}: HTTP {answer.status} {detail}".rstrip(), answer.status)
+
+    def request(self, method: str, target: str, repository: str | None, accept: str | None = None) -> Answer:
+        headers = {"Authorization": self._authorizer.authorization(repository), "User-Agent": USER_AGENT}
+        if accept:
+            headers["Accept"] = accept
+        for attempt in (1, 2):
+            connection, reused = self._connection()
+            try:
+                connection.request(method, target, headers=headers)
+                response = connection.getresponse()
+                body = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(connection)
+                if reused and attempt == 1:
+                    continue  # the server closed an idle keep-alive connection: once more on a new one
+                where = f"{method} {self.origin}{target.split('?', 1)[0]}"
+                raise RegistryError(f"{where}: {type(exc).__name__} {exc}") from None
+            if response.will_close:
+                self._drop(connection)
+            answer_headers = {name.lower(): value for name, value in response.getheaders()}
+            return Answer(response.status, answer_headers, body)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is not None:
+            return connection, True
+        if self._https:
+            connection = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout, context=self._tls)
+        else:
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        self._local.connection = connection
+        with self._lock:
+            self._opened.add(connection)
+        return connection, False
+
+    def _drop(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        self._local.connection = None
+        with self._lock:
+            self._opened.discard(connection)
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._opened:
+                connection.close()
+            self._opened.clear()
