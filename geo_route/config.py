@@ -127,6 +127,8 @@ class RoutingSettings:
 
     tag_policy: TagPolicy = "pinned"
     max_tag_age: int = _checked(check_not_negative, default=0)
+    cache_digest_seconds: int = _checked(check_not_negative, default=30)
+    cache_tag_seconds: int = _checked(check_not_negative, default=0)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,8 @@ class NginxSettings:
     auth_timeout: float = _checked(check_positive, default=2.0)
     proxy_timeout: int = _checked(check_positive, default=900)
     upstream_keepalive: int = _checked(check_positive, default=32)
+    decision_cache: bool = False
+    decision_cache_size: str = "10m"
     primary_tls_verify: bool = True
     primary_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
 

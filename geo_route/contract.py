@@ -17,7 +17,11 @@ REASON = "X-Geo-Reason"  # see routing.Reason
 UPSTREAM_PATH = "X-Geo-Upstream-Path"  # the digest path for a pinned tag served locally
 WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
 
-RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE)
+# How long NGINX may reuse the decision (its proxy_cache honours X-Accel-Expires; 0 = never).
+# NGINX consumes it; it never reaches a client.
+REUSE_SECONDS = "X-Accel-Expires"
+
+RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE, REUSE_SECONDS)
 # NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set.
 ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH)
 

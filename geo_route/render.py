@@ -69,6 +69,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "reason_var": contract.nginx_variable(contract.REASON),
         "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
         "geo_headers": list(contract.ROUTING_HEADERS),
+        "reuse_header": contract.REUSE_SECONDS,
         "route_local": "local",
     }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from geo_route.access import format_scope
+from geo_route.access import Grants, format_scope
 from geo_route.config import Settings, TagPolicy
 from geo_route.index.model import IndexQuery, IndexView, PrimaryTag, QueryKind
 from geo_route.operations import Kind, Operation, is_valid_digest
@@ -77,6 +77,8 @@ class Policy:
     service: str
     tag_policy: TagPolicy = "pinned"
     max_tag_age: float = 0.0  # seconds; 0 = a pinned tag never goes stale
+    cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about content by digest
+    cache_tag_seconds: float = 0.0  # the same for tags (only with max_tag_age > 0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -85,6 +87,8 @@ class Policy:
             service=settings.token.service,
             tag_policy=settings.routing.tag_policy,
             max_tag_age=settings.routing.max_tag_age,
+            cache_digest_seconds=settings.routing.cache_digest_seconds,
+            cache_tag_seconds=settings.routing.cache_tag_seconds,
         )
 
 
@@ -181,6 +185,34 @@ def pins_to_drop(operation: Operation, policy: Policy, now: float) -> tuple[Prim
     if operation.kind is Kind.MANIFEST_PUT and operation.tag and policy.tag_policy == "pinned":
         return (PrimaryTag(operation.repository, operation.tag, "", now),)
     return ()
+
+
+DIGEST_CACHEABLE = frozenset({Kind.BASE, Kind.BLOB, Kind.MANIFEST_BY_DIGEST})
+UNCACHEABLE_REASONS = frozenset({Reason.INDEX_UNAVAILABLE, Reason.INTERNAL_ERROR})
+
+
+def cache_seconds(
+    operation: Operation, decision: Decision, credential: Credential, view: IndexView, policy: Policy, now: float
+) -> int:
+    """How long NGINX may reuse this decision for the same token, method and URI (0: not at all).
+
+    Never past the token's ``exp``; a denial or an outage answer is not reused; content addressed
+    by digest may be reused for ``cache_digest_seconds``; a tag decision only when tags have a
+    staleness bound, and never past it (nor for a tag being pushed: that decision unpins it).
+    """
+    if decision.status != 200 or decision.reason in UNCACHEABLE_REASONS or not isinstance(credential, Grants):
+        return 0
+    token_left = credential.expires_at - now
+    if operation.kind in DIGEST_CACHEABLE:
+        seconds = min(policy.cache_digest_seconds, token_left)
+    elif operation.kind is Kind.MANIFEST_BY_TAG and policy.max_tag_age > 0:
+        pin_left = (
+            policy.max_tag_age - (now - view.confirmed_at) if decision.route is Route.LOCAL else policy.max_tag_age
+        )
+        seconds = min(policy.cache_tag_seconds, pin_left, token_left)
+    else:
+        seconds = 0
+    return max(0, int(seconds))
 
 
 def format_challenge(policy: Policy, scope: str, error: str = "") -> str:

@@ -46,11 +46,28 @@ def emitted_headers() -> set[str]:
 
 def test_every_header_the_service_emits_is_wired_in_nginx() -> None:
     config = render_nginx_conf(load_settings(REFERENCE, environ={}), "server")
-    for header in emitted_headers() - {"Content-Length", contract.WWW_AUTHENTICATE}:
+    for header in emitted_headers() - {"Content-Length", contract.WWW_AUTHENTICATE, contract.REUSE_SECONDS}:
         variable = contract.nginx_variable(header)
         assert re.search(rf"auth_request_set \$\w+ {re.escape(variable)};", config), f"{header} is not captured"
     # WWW-Authenticate of a 401 is copied to the client by auth_request itself; the 401 goes to the JSON body.
     assert "error_page 401 = @geo_route_unauthorized;" in config
+
+
+def test_decision_cache_honours_the_services_lifetimes(tmp_path: Path) -> None:
+    require_binary("nginx")
+    settings = load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__DECISION_CACHE": "true"})
+    text = render_nginx_conf(settings)
+    assert "keys_zone=geo_route_decisions:10m" in text
+    auth_location = text[text.index("location = /_geo_route/auth") :]
+    assert 'proxy_cache_key "$http_authorization|$request_method|$request_uri";' in auth_location
+    ignored = re.search(r"proxy_ignore_headers ([^;]+);", auth_location)
+    assert ignored and contract.REUSE_SECONDS not in ignored.group(1), "X-Accel-Expires must be honoured"
+    assert "proxy_cache_valid" not in text, "only the service's lifetimes apply"
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    check_with_nginx(conf)
+    (tmp_path / "off").mkdir()
+    assert "proxy_cache " not in render_nginx_conf(load_settings(site_for_nginx(tmp_path / "off"), environ={}))
 
 
 def test_client_geo_headers_are_cleared_towards_auth_and_upstreams() -> None:

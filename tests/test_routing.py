@@ -181,3 +181,47 @@ def test_a_stale_local_tag_is_never_served() -> None:
     # the view for the tag is about D2, so the request goes to the primary.
     decision = decide(classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(D2, present=False), PINNED, NOW)
     assert (decision.route, decision.reason) == (Route.PRIMARY, Reason.TAG_NOT_LOCAL)
+
+
+# ---- how long NGINX may reuse a decision -------------------------------------------------------
+
+CACHING = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, cache_digest_seconds=30, cache_tag_seconds=10)
+
+
+def reuse(method: str, uri: str, credential: Grants | TokenProblem, view: IndexView, policy: Policy = CACHING) -> int:
+    from geo_route.routing import cache_seconds
+
+    operation = classify_request(method, uri)
+    decision = decide(operation, credential, view, policy, NOW)
+    return cache_seconds(operation, decision, credential, view, policy, NOW)
+
+
+def expiring_in(seconds: float) -> Grants:
+    return Grants("alice", NOW + seconds, PULL.actions)
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "credential", "view", "policy", "expected"),
+    [
+        ("GET", f"/v2/app/blobs/{D1}", PULL, HERE, CACHING, 30),
+        ("GET", f"/v2/app/blobs/{D1}", PULL, ABSENT, CACHING, 30),  # "primary" for a digest is safe to reuse
+        ("GET", f"/v2/app/manifests/{D1}", PULL, HERE, CACHING, 30),
+        ("GET", f"/v2/app/blobs/{D1}", expiring_in(7.9), HERE, CACHING, 7),  # never past the token's exp
+        ("GET", f"/v2/app/blobs/{D1}", expiring_in(-1), HERE, CACHING, 0),
+        ("GET", f"/v2/app/blobs/{D1}", PULL, UNAVAILABLE, CACHING, 0),  # an outage answer is not reused
+        ("GET", f"/v2/app/blobs/{D1}", TokenProblem.MISSING, HERE, CACHING, 0),  # denials are not reused
+        ("GET", f"/v2/app/blobs/{D1}", TokenProblem.INVALID, HERE, CACHING, 0),
+        ("GET", f"/v2/other/blobs/{D1}", PULL, HERE, CACHING, 0),  # insufficient scope
+        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), CACHING, 10),
+        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 295), CACHING, 5),  # within the staleness bound
+        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), PINNED, 0),  # no bound: tags not reused
+        ("PUT", "/v2/app/manifests/v1", PUSH, HERE, CACHING, 0),
+        ("PATCH", "/v2/app/blobs/uploads/u1", PUSH, HERE, CACHING, 0),
+        ("GET", "/v2/app/tags/list", PULL, NOT_ASKED, CACHING, 0),
+        ("GET", "/v2/Bad/manifests/x", PULL, NOT_ASKED, CACHING, 0),
+    ],
+)
+def test_decision_reuse_lifetimes(
+    method: str, uri: str, credential: Grants | TokenProblem, view: IndexView, policy: Policy, expected: int
+) -> None:
+    assert reuse(method, uri, credential, view, policy) == expected

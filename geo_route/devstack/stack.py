@@ -96,7 +96,7 @@ class RunningStack:
             self.processes[name].stop()
 
 
-def bring_up(directory: Path, *, tag_policy: str = "pinned") -> RunningStack:
+def bring_up(directory: Path, *, tag_policy: str = "pinned", decision_cache: bool = False) -> RunningStack:
     """Start every part in ``directory`` (created if needed); stop them all again if one fails."""
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
@@ -104,14 +104,14 @@ def bring_up(directory: Path, *, tag_policy: str = "pinned") -> RunningStack:
         require_binary(binary)
     processes: dict[str, LoggedProcess] = {}
     try:
-        info = start_all(directory, tag_policy, processes)
+        info = start_all(directory, tag_policy, decision_cache, processes)
     except BaseException:
         RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
     return RunningStack(info, processes)
 
 
-def start_all(directory: Path, tag_policy: str, processes: dict[str, LoggedProcess]) -> StackInfo:
+def start_all(directory: Path, tag_policy: str, decision_cache: bool, processes: dict[str, LoggedProcess]) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
     redis = RedisProcess(directory / "redis").start()
     assert redis.logged is not None
@@ -131,6 +131,7 @@ def start_all(directory: Path, tag_policy: str, processes: dict[str, LoggedProce
         redis.url,
         nginx_port,
         tag_policy,
+        decision_cache,
     )
     settings = load_settings(site, environ={})
     processes["updater"] = start_updater(directory, site)
@@ -195,6 +196,7 @@ def write_site_file(
     redis_url: str,
     nginx_port: int,
     tag_policy: str,
+    decision_cache: bool = False,
 ) -> Path:
     nginx_dir = directory / "nginx"
     (nginx_dir / "run").mkdir(parents=True, exist_ok=True)
@@ -212,6 +214,7 @@ def write_site_file(
             "error_log": str(nginx_dir / "error.log"),
             "worker_processes": "2",
             "user": "root" if os.geteuid() == 0 else "",
+            "decision_cache": decision_cache,
         },
         "updater": {
             "bind": [f"{LOOPBACK}:{free_port()}"],

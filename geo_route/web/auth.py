@@ -17,7 +17,17 @@ from geo_route import contract
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexStore, IndexView, PrimaryTag
 from geo_route.operations import Kind, Operation, classify_request
-from geo_route.routing import Decision, Policy, Reason, authorize, index_query, pins_to_drop, primary, route
+from geo_route.routing import (
+    Decision,
+    Policy,
+    Reason,
+    authorize,
+    cache_seconds,
+    index_query,
+    pins_to_drop,
+    primary,
+    route,
+)
 from geo_route.tokens import TokenVerifier
 from geo_route.web.metrics import Metrics
 
@@ -52,24 +62,28 @@ class AuthEndpoint:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
         operation = Operation(Kind.UNRECOGNIZED, "")
+        reuse = 0
         try:
             operation = classify_request(environ.get(ENV_METHOD, ""), environ.get(ENV_URI, ""))
-            decision = self.decide(operation, environ.get(ENV_AUTHORIZATION))
+            decision, reuse = self.decide(operation, environ.get(ENV_AUTHORIZATION))
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
-        start_response(STATUS_LINES[decision.status], response_headers(decision))
+        start_response(STATUS_LINES[decision.status], response_headers(decision, reuse))
         self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
         return EMPTY_BODY
 
-    def decide(self, operation: Operation, authorization: str | None) -> Decision:
+    def decide(self, operation: Operation, authorization: str | None) -> tuple[Decision, int]:
+        """The decision and how many seconds NGINX may reuse it (see ``routing.cache_seconds``)."""
         credential = self._verifier.authenticate(authorization)
         denial = authorize(operation, credential, self._policy)
         if denial is not None:
-            return denial
+            return denial, 0
         now = self._clock()
         self.drop_pins(pins_to_drop(operation, self._policy, now))
-        return route(operation, self.look_up(operation), self._policy, now)
+        view = self.look_up(operation)
+        decision = route(operation, view, self._policy, now)
+        return decision, cache_seconds(operation, decision, credential, view, self._policy, now)
 
     def drop_pins(self, pins: tuple[PrimaryTag, ...]) -> None:
         if not pins:
@@ -111,8 +125,12 @@ class ThrottledWarning:
         self._logger.warning(message + suffix, *args)
 
 
-def response_headers(decision: Decision) -> list[tuple[str, str]]:
-    headers = [(contract.REASON, decision.reason), ("Content-Length", "0")]
+def response_headers(decision: Decision, reuse_seconds: int = 0) -> list[tuple[str, str]]:
+    headers = [
+        (contract.REASON, decision.reason),
+        ("Content-Length", "0"),
+        (contract.REUSE_SECONDS, str(reuse_seconds)),
+    ]
     if decision.route is not None:
         headers.append((contract.ROUTE, decision.route.value))
     if decision.upstream_path:

@@ -1,0 +1,95 @@
+"""NGINX reusing the auth service's decisions (nginx.decision_cache), with the real stack."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geo_route.config import load_settings
+from geo_route.devstack.client import StackClient
+from geo_route.devstack.images import build_oci_image
+from geo_route.devstack.processes import wait_until
+from geo_route.devstack.stack import bring_up
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[StackClient]:
+    running = bring_up(tmp_path / "stack", decision_cache=True)
+    client = StackClient(running.info, running)
+    try:
+        yield client
+    finally:
+        client.close()
+        running.stop()
+
+
+def token_for(client: StackClient, scope: str) -> str:
+    credentials = client.credentials()
+    basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    url = f"{client.info.token_realm}?service=container_registry&scope={scope}"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Basic {basic}"})) as answer:
+        return str(json.loads(answer.read())["token"])
+
+
+def decisions_made(client: StackClient) -> float:
+    bind = load_settings(client.info.site_file, environ={}).server.bind[0]
+    with urllib.request.urlopen(f"http://{bind}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(float(v) for v in re.findall(r"^geo_route_decisions_total\{[^}]*\} ([\d.e+]+)$", text, re.MULTILINE))
+
+
+def get(client: StackClient, path: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{client.info.secondary_url}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_a_reusable_decision_is_served_from_nginx_and_still_routed_locally(stack: StackClient, tmp_path: Path) -> None:
+    image = build_oci_image(tmp_path / "image", "v1")
+    stack.push(image, "group/app", "v1")
+    stack.replicate("group/app")
+    token = token_for(stack, "repository:group/app:pull")
+    blob = f"/v2/group/app/blobs/{image.layers[0].digest}"
+    assert get(stack, blob, token) == 200
+    before = decisions_made(stack)
+    since = stack.access_log_offset()
+    for _ in range(5):
+        assert get(stack, blob, token) == 200
+    assert decisions_made(stack) == before, "the decision came from NGINX's cache"
+    wait_until(lambda: len([e for e in stack.access_log(since) if e.uri == blob]) == 5, 5, "access log")
+    assert {(e.route, e.reason) for e in stack.access_log(since) if e.uri == blob} == {("local", "blob-local")}
+
+
+def test_denials_and_tags_are_not_reused(stack: StackClient, tmp_path: Path) -> None:
+    image = build_oci_image(tmp_path / "image", "v1")
+    stack.push(image, "group/app", "v1")
+    stack.replicate("group/app")
+    token = token_for(stack, "repository:group/app:pull")
+    before = decisions_made(stack)
+    for _ in range(3):
+        assert get(stack, "/v2/group/app/blobs/" + image.layers[0].digest, None) == 401
+        assert get(stack, "/v2/group/app/manifests/v1", token) in (200, 404)  # 404: OCI type not accepted
+    assert decisions_made(stack) == before + 6
+
+
+def test_another_token_gets_its_own_decision(stack: StackClient, tmp_path: Path) -> None:
+    image = build_oci_image(tmp_path / "image", "v1")
+    stack.push(image, "group/app", "v1")
+    stack.replicate("group/app")
+    blob = "/v2/group/app/blobs/" + image.layers[0].digest
+    first = token_for(stack, "repository:group/app:pull")
+    assert get(stack, blob, first) == 200
+    before = decisions_made(stack)
+    assert get(stack, blob, token_for(stack, "repository:group/app:pull")) == 200
+    assert decisions_made(stack) == before + 1
