@@ -1,5 +1,5 @@
 """Reconciliation: rebuild the index's local presence from the local registry and re-confirm the
-primary's tag pins, while notifications keep arriving (issue 4).
+primary's tag pins, while notifications keep arriving.
 
 ``reconcile`` takes the ``reconcile`` lease in the index (one run at a time), then:
 
