@@ -201,3 +201,15 @@ def test_snapshots_and_locks(store: RedisIndexStore) -> None:
     assert not store.try_lock("reconcile", 30)
     store.unlock("reconcile")
     assert store.try_lock("reconcile", 30)
+
+
+def test_a_lease_is_only_released_by_its_owner(store: RedisIndexStore, redis_settings: Settings) -> None:
+    other = RedisIndexStore(redis_settings.redis)
+    assert store.try_lock("job", 30)
+    other.unlock("job")  # not its lease: nothing happens
+    assert not other.try_lock("job", 30)
+    store.unlock("job")
+    assert other.try_lock("job", 30)
+    store.unlock("job")  # ours expired/was released; the other's lease stays
+    assert not store.try_lock("job", 30)
+    other.close()

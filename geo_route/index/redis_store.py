@@ -9,6 +9,7 @@ the OCI grammar never contains spaces or colons):
     P local:tags:R           HASH  tag -> digest in the local registry
     P primary:tags:R         HASH  tag -> "<digest> <confirmed_at unix seconds>" as last published
                                    by the primary (by a notification or reconciliation)
+    P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
 
 A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob or a
 manifest, one Lua script (``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests)
@@ -20,6 +21,7 @@ one ``MULTI``/``EXEC`` per call, sent as one write. After a failure the store an
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +65,12 @@ return {pinned, redis.call('SISMEMBER', KEYS[2], digest)}
 """
 
 
+RELEASE_OWN_LEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class KeySchema:
     """Builds every key; the one place that knows the layout described above."""
 
@@ -81,6 +89,9 @@ class KeySchema:
 
     def primary_tags(self, repository: str) -> str:
         return f"{self.prefix}primary:tags:{repository}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}lock:{name}"
 
 
 def encode_pin(digest: str, confirmed_at: float) -> str:
@@ -193,6 +204,7 @@ class RedisIndexStore:
         self._clock = clock
         self._cooldown = settings.unavailable_cooldown
         self._down_until = 0.0
+        self._leases: dict[str, str] = {}
 
     def lookup(self, query: IndexQuery) -> IndexView:
         if self._clock() < self._down_until:
@@ -282,11 +294,20 @@ class RedisIndexStore:
         return {str(tag): decode_pin(str(value)) for tag, value in found.items()}
 
     def try_lock(self, name: str, seconds: int) -> bool:
-        """A lease held by whoever set it first, for ``seconds`` (one reconciliation at a time)."""
-        return bool(self._read(lambda: self._client.set(f"{self.keys.prefix}lock:{name}", "1", nx=True, ex=seconds)))
+        """A lease held by whoever set it first, for ``seconds`` (one reconciliation at a time).
+
+        The lease holds a value of this store's own, so ``unlock`` never releases somebody else's
+        lease (one that was taken after ours expired)."""
+        owner = secrets.token_hex(16)
+        taken = bool(self._read(lambda: self._client.set(self.keys.lock(name), owner, nx=True, ex=seconds)))
+        if taken:
+            self._leases[name] = owner
+        return taken
 
     def unlock(self, name: str) -> None:
-        self._read(lambda: self._client.delete(f"{self.keys.prefix}lock:{name}"))
+        owner = self._leases.pop(name, None)
+        if owner is not None:
+            self._read(lambda: self._client.eval(RELEASE_OWN_LEASE_SCRIPT, 1, self.keys.lock(name), owner))
 
     def repositories(self) -> set[str]:
         return {str(name) for name in self._read(lambda: self._client.smembers(self.keys.repos))}
