@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,22 +96,39 @@ class RunningStack:
             self.processes[name].stop()
 
 
-def bring_up(directory: Path, *, tag_policy: str = "pinned", decision_cache: bool = False) -> RunningStack:
-    """Start every part in ``directory`` (created if needed); stop them all again if one fails."""
+def bring_up(
+    directory: Path,
+    *,
+    tag_policy: str = "pinned",
+    decision_cache: bool = False,
+    primary_front: Callable[[str], str] | None = None,
+) -> RunningStack:
+    """Start every part in ``directory`` (created if needed); stop them all again if one fails.
+
+    ``primary_front``, if given, is called with the primary registry's ``127.0.0.1:PORT`` (before the
+    site file is written) and returns the address NGINX and clients use for the primary instead, e.g.
+    a simulated WAN in front of it. The registries' notifications and the updater are unaffected.
+    """
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for binary in ("redis-server", "docker-registry", "nginx", "skopeo"):
         require_binary(binary)
     processes: dict[str, LoggedProcess] = {}
     try:
-        info = start_all(directory, tag_policy, decision_cache, processes)
+        info = start_all(directory, tag_policy, decision_cache, processes, primary_front)
     except BaseException:
         RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
     return RunningStack(info, processes)
 
 
-def start_all(directory: Path, tag_policy: str, decision_cache: bool, processes: dict[str, LoggedProcess]) -> StackInfo:
+def start_all(
+    directory: Path,
+    tag_policy: str,
+    decision_cache: bool,
+    processes: dict[str, LoggedProcess],
+    primary_front: Callable[[str], str] | None = None,
+) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
     redis = RedisProcess(directory / "redis").start()
     assert redis.logged is not None
@@ -122,9 +139,12 @@ def start_all(directory: Path, tag_policy: str, decision_cache: bool, processes:
     processes["token-service"] = token.logged
 
     primary_port, secondary_port, nginx_port = free_port(), free_port(), free_port()
+    primary_url = f"http://{LOOPBACK}:{primary_port}"
+    if primary_front is not None:
+        primary_url = f"http://{primary_front(f'{LOOPBACK}:{primary_port}')}"
     site = write_site_file(
         directory,
-        f"http://{LOOPBACK}:{primary_port}",
+        primary_url,
         f"http://{LOOPBACK}:{secondary_port}",
         token.realm,
         keys,
@@ -163,7 +183,7 @@ def start_all(directory: Path, tag_policy: str, decision_cache: bool, processes:
     info = StackInfo(
         directory=str(directory),
         secondary_url=f"http://{LOOPBACK}:{nginx_port}",
-        primary_url=primary.url,
+        primary_url=primary.url if primary_front is None else primary_url,
         local_registry_url=secondary.url,
         token_realm=token.realm,
         username=USERNAME,
