@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per HTTP run")
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     require_binary("wrk")
     directory = Path(tempfile.mkdtemp(prefix="geo-route-updater-bench-"))
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis.stop()
         shutil.rmtree(directory, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps({"target": TARGET, "results": dict(results)}, indent=2) + "\n")
     print("\ngeo-route updater benchmark (2 CPUs shared by the load, the updater and Redis)")
     for name, rate in results:
         verdict = "meets" if rate >= TARGET else "below"
