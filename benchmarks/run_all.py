@@ -101,6 +101,7 @@ def draw_plots(outcomes: list[Outcome]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     plots: dict[str, str] = {}
     pulls = find(outcomes, "pulls").data.get("scenarios", [])
@@ -112,6 +113,8 @@ def draw_plots(outcomes: list[Outcome]) -> dict[str, str]:
         axis.barh([p - 0.2 for p in positions], [s["other"]["median"] for s in pulls], 0.4, label="compared with")
         axis.set_yticks(list(positions), labels, fontsize=8)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         axis.set_xlabel("seconds per pull (median, log scale)")
         axis.set_title("Image pulls with skopeo (100 Mbit/s, 80 ms RTT to the primary)")
         axis.legend()
