@@ -56,6 +56,11 @@ def check_not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def check_nginx_size(value: str) -> str | None:
+    """An NGINX size: digits with an optional k or m suffix (``128k``)."""
+    return None if re.fullmatch(r"[1-9][0-9]*[kKmM]?", value) else f"must be an NGINX size such as 128k, got {value!r}"
+
+
 def check_non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -185,6 +190,8 @@ class NginxSettings:
     user: str = ""
     auth_timeout: float = _checked(check_positive, default=2.0)
     proxy_timeout: int = _checked(check_positive, default=900)
+    connect_timeout: int = _checked(check_positive, default=5)
+    proxy_buffer_size: str = _checked(check_nginx_size, default="128k")
     upstream_keepalive: int = _checked(check_positive, default=32)
     decision_cache: bool = False
     decision_cache_size: str = "10m"

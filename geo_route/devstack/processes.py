@@ -7,6 +7,7 @@ process group or a process it was not handed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -51,11 +52,16 @@ def require_binary(name: str, package: str | None = None) -> str:
 
 @dataclass(frozen=True)
 class LoggedProcess:
-    """A process we started, with stdout and stderr in ``log_path``."""
+    """A process we started, with stdout and stderr in ``log_path``.
+
+    It remembers how it was started (``env``, ``ready``) so a fault test can kill it and ``restart`` it.
+    """
 
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    env: Mapping[str, str] | None = None
+    ready: Callable[[], bool] | None = None
 
     @property
     def pid(self) -> int:
@@ -73,6 +79,52 @@ class LoggedProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         stop_process(self.popen, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL this process and every process it started (gunicorn workers, NGINX workers), by PID:
+        what a crash or the OOM killer does. Reaps our child."""
+        for pid in [*descendants(self.pid), self.pid]:
+            send_signal(pid, signal.SIGKILL)
+        self.popen.wait(10.0)
+
+    def pause(self) -> None:
+        """SIGSTOP (a process that accepts connections but never answers); ``resume`` undoes it."""
+        send_signal(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        send_signal(self.pid, signal.SIGCONT)
+
+    def restart(self, timeout: float = 30.0) -> LoggedProcess:
+        """Start the same command again (same log, environment and readiness check); the old one must
+        be gone. Returns the new process once it is ready."""
+        if self.is_running():
+            raise DevstackError(f"{self.name} (pid {self.pid}) is still running; stop or kill it first")
+        argv = [str(arg) for arg in self.popen.args]  # type: ignore[union-attr]
+        fresh = start_process(argv, self.log_path.parent, self.name, env=self.env)
+        fresh = dataclasses.replace(fresh, ready=self.ready)
+        if self.ready is not None:
+            try:
+                wait_until(self.ready, timeout, f"{self.name} after a restart", process=fresh)
+            except BaseException:
+                fresh.stop()
+                raise
+        return fresh
+
+
+def descendants(pid: int) -> list[int]:
+    """The PIDs below ``pid`` (children first), read from /proc: the processes it started itself."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            try:
+                children = [int(child) for child in task.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found.extend(children)
+            pending.extend(children)
+    return found
 
 
 def start_process(
@@ -95,7 +147,7 @@ def start_process(
             env=dict(env) if env is not None else None,
             cwd=cwd,
         )
-    return LoggedProcess(name, popen, log_path)
+    return LoggedProcess(name, popen, log_path, env=env)
 
 
 def wait_until(
@@ -135,7 +187,7 @@ def start_until_ready(
     env: Mapping[str, str] | None = None,
 ) -> LoggedProcess:
     """``start_process`` then ``wait_until(ready)``; a process that never gets ready is stopped again."""
-    logged = start_process(argv, log_dir, name, env=env)
+    logged = dataclasses.replace(start_process(argv, log_dir, name, env=env), ready=ready)
     try:
         wait_until(ready, timeout, name, process=logged)
     except BaseException:

@@ -5,6 +5,7 @@ Talks RESP over a plain socket for its readiness check: nothing outside ``geo_ro
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 from pathlib import Path
@@ -32,7 +33,7 @@ class RedisProcess:
         binary = require_binary("redis-server")
         argv = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
         argv += ["--dir", str(self.directory)]
-        self.logged = start_process(argv, self.directory, "redis")
+        self.logged = dataclasses.replace(start_process(argv, self.directory, "redis"), ready=self.answers_ping)
         try:
             wait_until(self.answers_ping, timeout, f"redis-server on port {self.port}", process=self.logged)
         except BaseException:

@@ -10,6 +10,7 @@ If start-up fails half-way, what was started is stopped again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -90,6 +91,16 @@ class RunningStack:
 
     def stop_part(self, name: str) -> None:
         self.processes[name].stop()
+
+    def kill_part(self, name: str) -> None:
+        """SIGKILL a part and the processes it started (a crash); ``restart_part`` brings it back."""
+        self.processes[name].kill()
+
+    def restart_part(self, name: str, timeout: float = 30.0) -> None:
+        """Start a stopped or killed part again with the same command, port and files; update stack.json."""
+        self.processes[name] = self.processes[name].restart(timeout)
+        self.info = dataclasses.replace(self.info, pids={**self.info.pids, name: self.processes[name].pid})
+        self.info.write()
 
     def stop(self) -> None:
         for name in ordered(self.processes):
