@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,12 @@ def bring_up(
     tag_policy: str = "pinned",
     decision_cache: bool = False,
     primary_front: Callable[[str], str] | None = None,
+    site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunningStack:
     """Start every part in ``directory`` (created if needed); stop them all again if one fails.
+
+    ``site_overrides`` merges keys into sections of the generated site file, e.g.
+    ``{"routing": {"max_tag_age": 5}}``.
 
     ``primary_front``, if given, is called with the primary registry's ``127.0.0.1:PORT`` (before the
     site file is written) and returns the address NGINX and clients use for the primary instead, e.g.
@@ -126,7 +130,7 @@ def bring_up(
         require_binary(binary)
     processes: dict[str, LoggedProcess] = {}
     try:
-        info = start_all(directory, tag_policy, decision_cache, processes, primary_front)
+        info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides)
     except BaseException:
         RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
@@ -139,6 +143,7 @@ def start_all(
     decision_cache: bool,
     processes: dict[str, LoggedProcess],
     primary_front: Callable[[str], str] | None = None,
+    site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
     redis = RedisProcess(directory / "redis").start()
@@ -163,6 +168,7 @@ def start_all(
         nginx_port,
         tag_policy,
         decision_cache,
+        site_overrides,
     )
     settings = load_settings(site, environ={})
     processes["updater"] = start_updater(directory, site)
@@ -228,6 +234,7 @@ def write_site_file(
     nginx_port: int,
     tag_policy: str,
     decision_cache: bool = False,
+    site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     nginx_dir = directory / "nginx"
     (nginx_dir / "run").mkdir(parents=True, exist_ok=True)
@@ -255,6 +262,8 @@ def write_site_file(
             "log_level": "warning",
         },
     }
+    for section, values in (site_overrides or {}).items():
+        site[section] = {**site.get(section, {}), **values}
     path = directory / "site.yaml"
     path.write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
     load_settings(path, environ={})  # fail here, with every problem listed, rather than in a child process
