@@ -191,6 +191,7 @@ class NginxSettings:
     auth_timeout: float = _checked(check_positive, default=2.0)
     proxy_timeout: int = _checked(check_positive, default=900)
     connect_timeout: int = _checked(check_positive, default=5)
+    local_timeout: int = _checked(check_positive, default=30)
     proxy_buffer_size: str = _checked(check_nginx_size, default="128k")
     upstream_keepalive: int = _checked(check_positive, default=32)
     decision_cache: bool = False

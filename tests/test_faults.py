@@ -40,6 +40,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 REPLICATED = "faults/replicated:v1"
 PRIMARY_ONLY = "faults/primary-only:v1"
 FAULT_HOLD = 3.0  # seconds a fault stays on (at least; until 3 pulls ran under it)
+# Short NGINX timeouts so that hung registries show their bound within the test's time (defaults:
+# local_timeout 30 s, proxy_timeout 900 s; the bound is the setting, whatever its value).
+LOCAL_TIMEOUT, PROXY_TIMEOUT = 2, 5
 
 
 @dataclass
@@ -90,7 +93,8 @@ class Matrix:
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
     started = time.monotonic()
     root = tmp_path_factory.mktemp("faults")
-    stack = bring_up(root / "stack")
+    timeouts = {"local_timeout": LOCAL_TIMEOUT, "proxy_timeout": PROXY_TIMEOUT}
+    stack = bring_up(root / "stack", site_overrides={"nginx": timeouts})
     client = StackClient(stack.info, stack)
     try:
         m = Matrix(client, stack, root)
@@ -247,6 +251,46 @@ def test_local_registry_killed(matrix: Matrix) -> None:
     )
     assert_ok(recovered(matrix, outcome, "restart, nothing else"))
     assert "fallback/200" in outcome.routes_during_fault
+
+
+def test_local_registry_hung(matrix: Matrix) -> None:
+    outcome = Outcome("local-hung", f"the local registry SIGSTOPped for 3 s (nginx.local_timeout {LOCAL_TIMEOUT} s)")
+    secondary = matrix.stack.processes["secondary"]
+    under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], secondary.pause, secondary.resume)
+    assert_ok(recovered(matrix, outcome, "SIGCONT, nothing else"))
+    assert "fallback/200" in outcome.routes_during_fault
+
+
+def test_primary_hung(matrix: Matrix) -> None:
+    outcome = Outcome("primary-hung", f"the primary SIGSTOPped for 3 s (nginx.proxy_timeout {PROXY_TIMEOUT} s)")
+    primary = matrix.stack.processes["primary"]
+    window: list[float] = []
+
+    def pause() -> None:
+        window.append(time.monotonic())
+        primary.pause()
+
+    def resume() -> None:
+        primary.resume()
+        window.append(time.monotonic())
+
+    def allowed(pull: Pull) -> bool:
+        return pull.target == PRIMARY_ONLY and pull.started < window[1] and pull.ended > window[0]
+
+    pulls = under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], pause, resume, allowed)
+    failed = [p for p in pulls if p.error]
+    for pull in failed:  # the site's 503 before any byte was sent, else the transfer is cut (EOF)
+        assert "503" in pull.error or "EOF" in pull.error, pull.error
+        assert pull.seconds < PROXY_TIMEOUT + 5, (pull.seconds, pull.error)
+    if failed:
+        cut = sum(1 for p in failed if "503" not in p.error)
+        slowest = max(p.seconds for p in failed)
+        outcome.notes.append(
+            f"{len(failed)} pull(s) of the primary-only image failed, each within {slowest:.1f} s "
+            f"(nginx.proxy_timeout {PROXY_TIMEOUT} s): {len(failed) - cut} with the site's 503, {cut} cut mid-blob "
+            "(the primary stopped after the response had begun)"
+        )
+    assert_ok(recovered(matrix, outcome, "SIGCONT, nothing else"))
 
 
 def test_primary_unreachable(matrix: Matrix) -> None:
