@@ -1,1 +1,1 @@
-"""Building blocks of ``benchmarks/auth_bench.py``: the private site, wrk, the service's metrics, the report."""
+"""Building blocks of the benchmarks: the private site, wrk, the service's metrics, memory, the report."""

@@ -77,7 +77,9 @@ def render_registry_config(
     """The registry's configuration as data (pure apart from a fresh random ``http.secret``)."""
     config: dict[str, Any] = {
         "version": 0.1,
-        "log": {"level": "info", "formatter": "text", "fields": {"service": "registry"}},
+        # warn, not info: 2.8 logs every notification endpoint's headers (our shared secrets) at info
+        # when it starts. Its access log (one line per request) is independent of the level.
+        "log": {"level": "warn", "formatter": "text", "fields": {"service": "registry"}},
         "storage": {
             "filesystem": {"rootdirectory": str(storage_dir)},
             "delete": {"enabled": True},

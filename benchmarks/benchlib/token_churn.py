@@ -1,0 +1,199 @@
+"""Phase 2 of ``benchmarks/load.py``: many distinct valid tokens, and the auth service's memory meanwhile.
+
+Tokens are minted with the stack's signing key (``updater.signing_key``) as ``geo_route.pull_tokens``
+mints them, each with its own ``jti``, and each is sent once through NGINX. The auth service caches
+verified tokens in a bounded LRU per worker (``token.cache_size``); /metrics shows only its hits and
+misses, so the bound is shown by memory that stops growing and by early tokens that miss again.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import http.client
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchlib.common import BenchError
+from benchlib.memory import tree_memory
+from geo_route.config import Settings, load_settings
+from geo_route.devstack.client import StackClient
+from geo_route.devstack.processes import fetch
+from geo_route.pull_tokens import PullTokens, load_signing_key
+
+TOKEN_CONNECTIONS = 32
+TOKEN_LIFETIME = 1800
+FULL_FACTOR = 1.25  # tokens sent >= this x workers x cache_size: every worker's cache is full
+FLAT_SHARE, FLAT_SLACK_KIB = 0.2, 1024
+
+
+@dataclass
+class TokenRound:
+    tokens_sent: int  # cumulative, distinct
+    auth_rss_kib: int
+    cache_hits: int
+    cache_misses: int
+    failed: int
+    seconds: float
+
+
+@dataclass
+class TokenPhase:
+    cache_size: int
+    workers: int
+    mint_seconds: float = 0.0
+    baseline_rss_kib: int = 0
+    rounds: list[TokenRound] = field(default_factory=list)
+    resend_misses: int = 0
+    resend_count: int = 0
+
+
+def mint_batch(key_path: str, issuer: str, service: str, repository: str, count: int) -> list[str]:
+    """``count`` distinct pull tokens for ``repository`` (each has its own jti); runs in a worker process."""
+    tokens = PullTokens(load_signing_key(key_path), issuer=issuer, service=service, lifetime=TOKEN_LIFETIME)
+    now = time.time()
+    return [tokens.mint(repository, now) for _ in range(count)]
+
+
+def mint_tokens(settings: Settings, repository: str, count: int) -> list[str]:
+    batch = 500
+    sizes = [min(batch, count - start) for start in range(0, count, batch)]
+    mint = functools.partial(
+        mint_batch, settings.updater.signing_key, settings.token.issuer, settings.token.service, repository
+    )
+    with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        tokens = [token for minted in pool.map(mint, sizes) for token in minted]
+    if len(set(tokens)) != count:
+        raise BenchError(f"minted {len(set(tokens))} distinct tokens, wanted {count}")
+    return tokens
+
+
+def send_with_tokens(address: str, uri: str, tokens: list[str], connections: int) -> int:
+    """GET ``uri`` once with each token over ``connections`` keep-alive connections; the number not 200."""
+    failed = [0] * connections
+
+    def work(slot: int) -> None:
+        host, port = address.rsplit(":", 1)
+        connection = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            for token in tokens[slot::connections]:
+                try:
+                    connection.request("GET", uri, headers={"Authorization": f"Bearer {token}"})
+                    response = connection.getresponse()
+                    response.read()
+                    failed[slot] += response.status != 200
+                except (OSError, http.client.HTTPException):
+                    failed[slot] += 1
+                    connection.close()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(failed)
+
+
+def token_cache_counts(settings: Settings) -> tuple[int, int]:
+    """(hits, misses) of ``geo_route_token_cache_total`` from the auth service's /metrics (all workers)."""
+    text = fetch(f"http://{settings.server.bind[0]}/metrics").body.decode()
+    found = dict(re.findall(r'^geo_route_token_cache_total\{result="(\w+)"\} ([\d.e+]+)$', text, re.MULTILINE))
+    return int(float(found.get("hit", 0))), int(float(found.get("miss", 0)))
+
+
+def run_token_phase(
+    client: StackClient, auth_pid: int, repository: str, uri: str, count: int, round_size: int
+) -> TokenPhase:
+    """GET ``uri`` once with each of ``count`` distinct pull tokens for ``repository``, ``round_size`` at a
+    time, sampling the auth service's memory and token-cache counters after each round."""
+    settings = load_settings(client.info.site_file, environ={})
+    phase = TokenPhase(settings.token.cache_size, settings.server.workers)
+    started = time.monotonic()
+    tokens = mint_tokens(settings, repository, count)
+    phase.mint_seconds = time.monotonic() - started
+    print(f"[tokens] minted {len(tokens):,} distinct tokens in {phase.mint_seconds:.1f} s", flush=True)
+    phase.baseline_rss_kib = tree_memory(auth_pid).total_kib
+    for start in range(0, len(tokens), round_size):
+        began = time.monotonic()
+        failed = send_with_tokens(client.secondary, uri, tokens[start : start + round_size], TOKEN_CONNECTIONS)
+        hits, misses = token_cache_counts(settings)
+        sent = min(start + round_size, len(tokens))
+        memory = tree_memory(auth_pid)
+        phase.rounds.append(TokenRound(sent, memory.total_kib, hits, misses, failed, time.monotonic() - began))
+        print(
+            f"[tokens] {sent:7,} distinct tokens sent: auth service RSS {memory.describe()}, cache hits {hits:,}"
+            f" misses {misses:,}, failed {failed}",
+            flush=True,
+        )
+    first = tokens[:round_size]
+    _, misses_before = token_cache_counts(settings)
+    failed = send_with_tokens(client.secondary, uri, first, TOKEN_CONNECTIONS)
+    phase.resend_misses, phase.resend_count = token_cache_counts(settings)[1] - misses_before, len(first)
+    phase.rounds.append(
+        TokenRound(len(tokens), tree_memory(auth_pid).total_kib, *token_cache_counts(settings), failed, 0)
+    )
+    return phase
+
+
+def judge_tokens(phase: TokenPhase) -> tuple[list[str], dict[str, Any]]:
+    """Whether RSS stayed flat once the caches were full, and the figures that say so."""
+    problems = [f"{r.failed} requests not 200 after {r.tokens_sent:,} tokens" for r in phase.rounds if r.failed]
+    full_at = FULL_FACTOR * phase.workers * phase.cache_size
+    rounds = phase.rounds[:-1]  # the last entry is the re-send
+    full = [r for r in rounds if r.tokens_sent >= full_at]
+    figures: dict[str, Any] = {"full_after_tokens": full_at}
+    if len(full) < 2:
+        problems.append(f"too few tokens to judge: the caches are full after {full_at:,.0f}; send more (--tokens)")
+        return problems, figures
+    filling_tokens = full[0].tokens_sent
+    fill_kib = full[0].auth_rss_kib - phase.baseline_rss_kib
+    after_tokens = full[-1].tokens_sent - full[0].tokens_sent
+    after_kib = full[-1].auth_rss_kib - full[0].auth_rss_kib
+    allowed = max(FLAT_SLACK_KIB, FLAT_SHARE * fill_kib * after_tokens / filling_tokens)
+    figures.update(
+        {
+            "growth_while_filling_kib": fill_kib,
+            "tokens_while_filling": filling_tokens,
+            "growth_once_full_kib": after_kib,
+            "tokens_once_full": after_tokens,
+            "allowed_growth_once_full_kib": allowed,
+            "resend_miss_share": phase.resend_misses / phase.resend_count if phase.resend_count else 0.0,
+        }
+    )
+    if after_kib > allowed:
+        problems.append(
+            f"auth service RSS grew {after_kib / 1024:.1f} MiB over {after_tokens:,} tokens once the"
+            f" caches were full (allowed {allowed / 1024:.1f} MiB): the token cache is not bounded"
+        )
+    if phase.resend_misses < 0.95 * phase.resend_count:
+        problems.append(f"re-sent first-round tokens: only {phase.resend_misses:,} of {phase.resend_count:,} missed")
+    return problems, figures
+
+
+def print_tokens(phase: TokenPhase, figures: dict[str, Any]) -> None:
+    print(
+        f"\nmany tokens: token.cache_size {phase.cache_size:,} per worker, {phase.workers} workers;"
+        f" auth service RSS before {phase.baseline_rss_kib / 1024:.1f} MiB"
+    )
+    for r in phase.rounds[:-1]:
+        print(
+            f"  {r.tokens_sent:>7,} tokens  RSS {r.auth_rss_kib / 1024:7.1f} MiB  misses {r.cache_misses:>7,}"
+            f"  hits {r.cache_hits:>7,}  {r.seconds:5.1f} s"
+        )
+    print(
+        f"  first round re-sent: {phase.resend_misses:,} of {phase.resend_count:,} missed the cache (evicted);"
+        f" RSS {phase.rounds[-1].auth_rss_kib / 1024:.1f} MiB"
+    )
+    if "growth_once_full_kib" in figures:
+        print(
+            f"  RSS growth while filling: {figures['growth_while_filling_kib'] / 1024:.1f} MiB over"
+            f" {figures['tokens_while_filling']:,} tokens; once full: {figures['growth_once_full_kib'] / 1024:.1f}"
+            f" MiB over {figures['tokens_once_full']:,} tokens"
+            f" (allowed {figures['allowed_growth_once_full_kib'] / 1024:.1f} MiB)"
+        )
