@@ -65,6 +65,8 @@ def parse_envelope(body: bytes) -> list[Any]:
         envelope = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EnvelopeError(f"not JSON: {exc}") from None
+    except RecursionError:  # hostile nesting ("[[[[...") exhausts the decoder's stack: still not an envelope
+        raise EnvelopeError("not JSON: nested too deeply") from None
     if not isinstance(envelope, dict) or not isinstance(envelope.get("events"), list):
         raise EnvelopeError("not an envelope: expected an object with an 'events' list")
     return list(envelope["events"])
