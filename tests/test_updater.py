@@ -16,7 +16,7 @@ from support import RedisServer
 from geo_route.config import Settings, load_settings
 from geo_route.index.model import IndexQuery, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.web.updater import create_updater_app
+from geo_route.web.updater import RecentEventIds, create_updater_app
 
 LOCAL_SECRET = "Bearer local-secret-0123456789"
 PRIMARY_SECRET = "Bearer primary-secret-0123456789"
@@ -189,3 +189,11 @@ def test_redis_down_is_503_so_the_registry_retries(tmp_path: Path, site_file: Ca
             restarted.stop()
     finally:
         server.stop()
+
+
+def test_the_dedupe_window_is_bounded() -> None:
+    recent = RecentEventIds(1_000)
+    for start in range(0, 100_000, 500):
+        recent.remember([f"event-{n}" for n in range(start, start + 500)])
+    assert len(recent) == 1_000
+    assert recent.seen("event-99999") and not recent.seen("event-98999")

@@ -36,6 +36,9 @@ class RecentEventIds:
         self._ids: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._ids)
+
     def seen(self, event_id: str) -> bool:
         with self._lock:
             return event_id in self._ids
