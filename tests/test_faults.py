@@ -43,6 +43,8 @@ FAULT_HOLD = 3.0  # seconds a fault stays on (at least; until 3 pulls ran under 
 # Short NGINX timeouts so that hung registries show their bound within the test's time (defaults:
 # local_timeout 30 s, proxy_timeout 900 s; the bound is the setting, whatever its value).
 LOCAL_TIMEOUT, PROXY_TIMEOUT = 2, 5
+TIMEOUTS = {"local_timeout": LOCAL_TIMEOUT, "proxy_timeout": PROXY_TIMEOUT}
+MAX_TAG_AGE = 3  # seconds, for the cell that shows routing.max_tag_age bounding lost notifications
 
 
 @dataclass
@@ -93,8 +95,7 @@ class Matrix:
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
     started = time.monotonic()
     root = tmp_path_factory.mktemp("faults")
-    timeouts = {"local_timeout": LOCAL_TIMEOUT, "proxy_timeout": PROXY_TIMEOUT}
-    stack = bring_up(root / "stack", site_overrides={"nginx": timeouts})
+    stack = bring_up(root / "stack", site_overrides={"nginx": TIMEOUTS})
     client = StackClient(stack.info, stack)
     try:
         m = Matrix(client, stack, root)
@@ -362,6 +363,16 @@ def test_the_primary_tag_moves_while_it_is_pulled(matrix: Matrix) -> None:
     assert_ok(recovered(matrix, outcome, "replication and its notifications"))
 
 
+def lose_notifications(m: Matrix, target: str, new: OciImage) -> None:
+    """The updater down while ``new`` is pushed straight to the primary; then the primary restarts,
+    and the notification queued in its memory is gone for good."""
+    m.stack.kill_part("updater")
+    m.publish(target, new, replicated=False, through_site=False)
+    m.stack.kill_part("primary")
+    m.stack.restart_part("primary")
+    m.stack.restart_part("updater")
+
+
 def test_notifications_dropped_then_reconciled(matrix: Matrix) -> None:
     outcome = Outcome(
         "notifications-lost",
@@ -372,27 +383,59 @@ def test_notifications_dropped_then_reconciled(matrix: Matrix) -> None:
     matrix.publish(target, old, replicated=True)
     times: dict[str, float] = {}
 
-    def lose_notifications() -> None:
-        matrix.stack.kill_part("updater")
-        matrix.publish(target, new, replicated=False, through_site=False)
-        matrix.stack.kill_part("primary")  # its in-memory notification queue dies with it
-        matrix.stack.restart_part("primary")
-        matrix.stack.restart_part("updater")
+    def lose() -> None:
+        lose_notifications(matrix, target, new)
         times["moved"] = time.monotonic()
 
     def reconcile() -> None:
         matrix.reconcile()
         times["reconciled"] = time.monotonic()
 
-    pulls = under_fault(matrix, outcome, [target], lose_notifications, reconcile)
+    pulls = under_fault(matrix, outcome, [target], lose, reconcile)
     before = [p for p in pulls if times["moved"] < p.started < times["reconciled"] and p.digest == old.digest]
     outcome.stale = sum(1 for p in pulls if p.started > times["reconciled"] and p.digest != new.digest)
     outcome.notes.append(
-        f"{len(before)} pull(s) between the lost notification and reconciliation got the tag's previous digest "
-        "(published, but stale): with notifications lost, routing.max_tag_age and updater.reconcile_interval "
-        "bound this window (0 = until the next reconciliation); tag_policy: primary never serves a tag locally"
+        f"with the default routing.max_tag_age 0, {len(before)} pull(s) between the lost notification and "
+        "reconciliation got the tag's previous digest (published, but stale); none after it. "
+        "See notifications-lost, max_tag_age for the bound"
     )
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
+
+
+def test_lost_notifications_are_bounded_by_max_tag_age(matrix: Matrix, tmp_path: Path) -> None:
+    """The same loss on a stack with routing.max_tag_age: a pin not confirmed for that long is not
+    trusted, so the previous digest is served at most until then, and the primary answers after."""
+    outcome = Outcome(
+        "notifications-lost, max_tag_age",
+        f"the same, with routing.max_tag_age {MAX_TAG_AGE} s (a stack of its own)",
+    )
+    overrides = {"nginx": TIMEOUTS, "routing": {"max_tag_age": MAX_TAG_AGE}}
+    stack = bring_up(tmp_path / "stack", site_overrides=overrides)
+    client = StackClient(stack.info, stack)
+    try:
+        m = Matrix(client, stack, tmp_path, images=matrix.images)
+        target = "faults/bounded:v1"
+        old, new = m.image("dropped-old"), m.image("dropped-new")
+        m.publish(target, old, replicated=True)
+        confirmed = time.monotonic()  # the primary's notification confirmed the pin before this
+        pulls = under_fault(m, outcome, [target], lambda: lose_notifications(m, target, new), m.reconcile)
+        trusted_until = confirmed + MAX_TAG_AGE
+        outcome.stale = sum(1 for p in pulls if p.started > trusted_until + 0.5 and p.digest != new.digest)
+        served_old = sum(1 for p in pulls if p.digest == old.digest and p.started <= trusted_until + 0.5)
+        got_new = [p for p in pulls if p.started > trusted_until + 0.5]
+        assert got_new, "pulls after the staleness bound"
+        outcome.notes.append(
+            f"{served_old} pull(s) got the previous digest, all within max_tag_age ({MAX_TAG_AGE} s) of the pin's "
+            f"last confirmation; all {len(got_new)} later pulls got the new digest from the primary (reason "
+            "tag-stale) before reconciliation ran. Pair max_tag_age with a shorter updater.reconcile_interval, "
+            "which re-confirms pins, or tags stop being served locally once their notifications are older"
+        )
+        recovered(m, outcome, "reconcile --once")
+        matrix.outcomes.append(m.outcomes.pop())
+    finally:
+        client.close()
+        stack.stop()
+    assert_ok(outcome)
 
 
 def test_blob_deleted_behind_the_index(matrix: Matrix) -> None:
