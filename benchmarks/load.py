@@ -41,13 +41,19 @@ again: they must miss (evicted), which bounds what the cache holds. Checks: ever
 once the caches are full (1.25 x workers x cache_size tokens sent) the auth service's RSS grows by
 at most 20 % of what the same number of tokens added while filling (or by at most 1 MiB).
 
+Phase 3, many distinct notification events (``--events``, default 60,000): one-event envelopes with
+new ids POSTed to the updater's ``/events/local`` over 4 keep-alive connections, as a registry sends
+them (``benchlib/event_churn.py``). The updater remembers applied ids in a window of
+``updater.dedupe_size`` per worker: once the windows are full its RSS must stay flat (1 MiB slack).
+
 VmRSS is summed over each tree (gunicorn master and workers, updater master and worker); pages
 shared since fork count once per process. Every process shares the machine's CPUs with wrk and ab.
 
 Usage:
     .venv/bin/python benchmarks/load.py [--clients 500] [--duration 60] [--quick] [--json FILE]
 
-``--quick``: 10 s of load, 6,000 tokens in rounds of 1,000 against ``token.cache_size`` 1,000.
+``--quick``: 10 s of load, 6,000 tokens in rounds of 1,000 against ``token.cache_size`` 1,000,
+12,000 events in rounds of 2,000 against ``updater.dedupe_size`` 2,000.
 Exit status: 0 when every check passed, 1 when a check failed, 2 when the setup failed.
 """
 
@@ -70,6 +76,7 @@ from typing import Any, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib and head_rate, also when imported
 
 from benchlib.common import BenchError
+from benchlib.event_churn import judge_events, print_events, run_event_phase
 from benchlib.memory import TreeMemory, tree_memory
 from benchlib.processes import sample_cpu_seconds
 from benchlib.pull_mix import (
@@ -100,7 +107,15 @@ from geo_route.errors import DevstackError
 REPOSITORY = "bench/load"
 REPLICATED = {"small": 4 * 1024, "medium": 64 * 1024, "large": 1024 * 1024}  # tag -> layer payload bytes
 PRIMARY_ONLY = ("primary-only", 8 * 1024)
-QUICK = {"duration": 10, "tokens": 6000, "token_round": 1000, "token_cache_size": 1000}
+QUICK = {
+    "duration": 10,
+    "tokens": 6000,
+    "token_round": 1000,
+    "token_cache_size": 1000,
+    "events": 12_000,
+    "event_round": 2000,
+    "dedupe_size": 2000,
+}
 ERROR_LOG_LINES_SHOWN = 5
 
 
@@ -324,7 +339,11 @@ def write_json(path: str, args: argparse.Namespace, report: dict[str, Any]) -> N
 
 
 def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> list[str]:
-    overrides = {"token": {"cache_size": args.token_cache_size}} if args.token_cache_size is not None else None
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.token_cache_size is not None:
+        overrides["token"] = {"cache_size": args.token_cache_size}
+    if args.dedupe_size is not None:
+        overrides["updater"] = {"dedupe_size": args.dedupe_size}
     with contextlib.ExitStack() as owned:
         started = time.monotonic()
         stack: RunningStack = bring_up(root / "stack", site_overrides=overrides)
@@ -348,12 +367,16 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> list[st
         token_problems, figures = judge_tokens(phase)
         memory["updater"]["after tokens"] = tree_memory(updater)
         print_tokens(phase, figures)
+        events = run_event_phase(client, updater, args.events, args.event_round)
+        event_problems, event_figures = judge_events(events)
+        print_events(events, event_figures)
         report.update(
             load=asdict(result),
             memory={name: {k: v.as_dict() for k, v in moments.items()} for name, moments in memory.items()},
             tokens={**asdict(phase), "figures": figures},
+            events={**asdict(events), "figures": event_figures},
         )
-        return problems + token_problems
+        return problems + token_problems + event_problems
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -365,11 +388,15 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=None, help="distinct tokens of phase 2 (default 40000)")
     parser.add_argument("--token-round", type=int, default=None, help="tokens between samples (default 5000)")
     parser.add_argument("--token-cache-size", type=int, default=None, help="token.cache_size (default: the site's)")
+    parser.add_argument("--events", type=int, default=None, help="distinct events of phase 3 (default 60000)")
+    parser.add_argument("--event-round", type=int, default=None, help="events between samples (default 10000)")
+    parser.add_argument("--dedupe-size", type=int, default=None, help="updater.dedupe_size (default: the site's)")
     parser.add_argument("--quick", action="store_true", help="10 s of load; 6000 tokens against a cache of 1000")
     parser.add_argument("--json", default="", help="write the results to this file")
     parser.add_argument("--report", default="", help="put the printed results into this Markdown file's load section")
     args = parser.parse_args(argv)
-    defaults = QUICK if args.quick else {"duration": 60, "tokens": 40_000, "token_round": 5000}
+    full = {"duration": 60, "tokens": 40_000, "token_round": 5000, "events": 60_000, "event_round": 10_000}
+    defaults = QUICK if args.quick else full
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
