@@ -209,14 +209,29 @@ class TokenVerifier:
         if not isinstance(audience, str) or audience != self._settings.service:
             raise TokenError("token audience mismatch")
         expires = claims["exp"]
-        if not isinstance(expires, int | float) or isinstance(expires, bool):
-            raise TokenError("token exp is not a number")
+        check_go_types(claims)
         try:
             actions = parse_access_claim(claims.get("access"))
         except ValueError as exc:
             raise TokenError(f"token access claim malformed: {exc}") from None
         subject = claims.get("sub")
         return Grants(subject=subject if isinstance(subject, str) else "", expires_at=float(expires), actions=actions)
+
+
+INTEGER_CLAIMS = ("exp", "nbf", "iat")  # int64 in registry 2.8's ClaimSet
+STRING_CLAIMS = ("iss", "sub", "jti")  # string (JSON null decodes to "")
+
+
+def check_go_types(claims: dict[str, Any]) -> None:
+    """Registry 2.8 decodes the claims into Go types and refuses a token whose claim does not fit
+    (``exp: 1.5`` or ``sub: 42`` is a malformed token there): refuse the same ones."""
+    for name in INTEGER_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TokenError(f"token {name} is not an integer")
+    for name in STRING_CLAIMS:
+        if claims.get(name) is not None and not isinstance(claims[name], str):
+            raise TokenError(f"token {name} is not a string")
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -209,6 +209,13 @@ def attack_tokens(site: Site) -> dict[str, str]:
         "wrong iss": signed(site.key, claims(pull_a, iss="someone-else")),
         "wrong aud": signed(site.key, claims(pull_a, aud="another-registry")),
         "tampered payload": tamper(signed(site.key, claims(pull_a))),
+        # Signed by the trusted key, but with claims registry 2.8's Go types cannot hold:
+        "exp not an integer": signed(site.key, claims(pull_a, exp=now + 300.5)),
+        "nbf a string": signed(site.key, claims(pull_a, nbf=str(now - 5))),
+        "iat not an integer": signed(site.key, claims(pull_a, iat=now + 0.25)),
+        "sub a number": signed(site.key, claims(pull_a, sub=42)),
+        "jti a number": signed(site.key, claims(pull_a, jti=7)),
+        "aud a list": signed(site.key, claims(pull_a, aud=[SERVICE])),
     }
 
 
@@ -230,19 +237,30 @@ ATTACKS = [
     "wrong iss",
     "wrong aud",
     "tampered payload",
+    "exp not an integer",
+    "nbf a string",
+    "iat not an integer",
+    "sub a number",
+    "jti a number",
+    "aud a list",
 ]
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_a_bad_token_is_refused_exactly_as_the_registry_refuses_it(site: Site, attack: str) -> None:
     token = attack_tokens(site)[attack]
-    for method, uri in (
+    since = site.client.access_log_offset()
+    uris = (
         ("GET", f"/v2/{REPO_A}/manifests/{site.image_a.digest}"),
         ("GET", f"/v2/{REPO_A}/blobs/{site.image_a.blob_digests[0]}"),
         ("HEAD", f"/v2/{REPO_A}/manifests/v1"),
-    ):
+    )
+    for method, uri in uris:
         status, challenge, _ = assert_refused_like_the_registry(site, method, uri, token)
         assert 'error="invalid_token"' in challenge, (attack, status, challenge)
+    # Refused by the auth service itself, not passed to a registry that happened to refuse it too.
+    entries = [e for e in site.client.access_log(since) if e.uri.startswith(f"/v2/{REPO_A}/")]
+    assert [(e.status, e.route, e.reason) for e in entries] == [(401, "", "invalid-token")] * len(uris)
 
 
 def test_a_token_for_repository_a_is_refused_on_repository_b(site: Site) -> None:
