@@ -35,7 +35,6 @@ check failed, 2 when the setup failed.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import http.client
 import json
@@ -53,12 +52,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when imported from elsewhere
 
 from benchlib.common import BenchError
+from benchlib.pull_mix import finish
 
-from geo_route.devstack.client import StackClient
+from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import MANIFEST_MEDIA_TYPE, build_oci_image
 from geo_route.devstack.processes import LOOPBACK, LoggedProcess, fetch, free_port, require_binary, start_until_ready
 from geo_route.devstack.skopeo import docker_reference
-from geo_route.devstack.stack import SERVICE, RunningStack, bring_up
 from geo_route.errors import DevstackError
 
 REPOSITORY = "bench/head"
@@ -188,18 +187,7 @@ def run_ab(url: str, token: str, connections: int, duration: int) -> list[AbResu
         subprocess.Popen([*command, "-c", str(c), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for c in per_process
     ]
-    results = []
-    for child in children:
-        try:
-            out, err = child.communicate(timeout=duration + 60)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate()
-            raise BenchError(f"ab (pid {child.pid}) did not finish within {duration + 60} s") from None
-        if child.returncode != 0:
-            raise BenchError(f"ab exited with {child.returncode}:\n{out[-2000:]}{err[-2000:]}")
-        results.append(parse_ab(out))
-    return results
+    return [parse_ab(finish(child, "ab", duration + 60)) for child in children]
 
 
 @dataclass
@@ -212,16 +200,6 @@ class CacheRun:
     def ratio(self) -> float:
         assert self.georoute is not None and self.plain is not None
         return self.georoute.requests_per_s / self.plain.requests_per_s if self.plain.requests_per_s else 0.0
-
-
-def pull_token(client: StackClient, repository: str) -> str:
-    """One pull token from the stack's token service (the realm the registries' challenges name)."""
-    basic = base64.b64encode(f"{client.info.username}:{client.info.password}".encode()).decode()
-    url = f"{client.info.token_realm}?service={SERVICE}&scope=repository:{repository}:pull"
-    answer = fetch(url, {"Authorization": f"Basic {basic}"})
-    if answer.status != 200:
-        raise BenchError(f"token service answered {answer.status}: {answer.body[:200]!r}")
-    return str(json.loads(answer.body)["token"])
 
 
 def start_plain_nginx(directory: Path, registry: str, workers: str) -> tuple[LoggedProcess, str]:
@@ -281,10 +259,7 @@ def measure_stack(
     label = f"cache {'on' if decision_cache else 'off'}"
     with contextlib.ExitStack() as owned:
         started = time.monotonic()
-        stack: RunningStack = bring_up(root / "stack", decision_cache=decision_cache)
-        owned.callback(stack.stop)
-        client = StackClient(stack.info, stack)
-        owned.callback(client.close)
+        client = owned.enter_context(started_stack(root / "stack", decision_cache=decision_cache))
         image = build_oci_image(root / "image", TAG, layer_count=2, layer_bytes=64 * 1024)
         pushed = client.skopeo.copy(
             image.reference, docker_reference(client.primary, REPOSITORY, TAG), dest_creds=client.credentials()
@@ -295,7 +270,7 @@ def measure_stack(
         client.replicate(REPOSITORY, [TAG])
         plain, plain_address = start_plain_nginx(root / "plain-nginx", client.local_registry, "2")
         owned.callback(plain.stop)
-        token = pull_token(client, REPOSITORY)
+        token = client.token(f"repository:{REPOSITORY}:pull")
         uri = f"/v2/{REPOSITORY}/manifests/{image.digest}"
         fronts = {"geo-route": client.secondary, "plain": plain_address}
         print(f"[{label}] stack + plain NGINX up, image replicated in {time.monotonic() - started:.1f} s", flush=True)

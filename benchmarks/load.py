@@ -94,14 +94,13 @@ from benchlib.pull_mix import (
 from benchlib.service_metrics import MetricsSnapshot, compare_metrics, read_metrics
 from benchlib.token_churn import judge_tokens, print_tokens, run_token_phase
 from benchlib.wrk import WrkResult, parse_wrk_output
-from head_rate import ACCEPT, AbResult, parse_ab, pull_token
+from head_rate import ACCEPT, AbResult, parse_ab
 
 from geo_route.config import load_settings
-from geo_route.devstack.client import StackClient
+from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.processes import descendants
 from geo_route.devstack.skopeo import docker_reference
-from geo_route.devstack.stack import RunningStack, bring_up
 from geo_route.errors import DevstackError
 
 REPOSITORY = "bench/load"
@@ -346,18 +345,16 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> list[st
         overrides["updater"] = {"dedupe_size": args.dedupe_size}
     with contextlib.ExitStack() as owned:
         started = time.monotonic()
-        stack: RunningStack = bring_up(root / "stack", site_overrides=overrides)
-        owned.callback(stack.stop)
-        client = StackClient(stack.info, stack)
-        owned.callback(client.close)
+        client = owned.enter_context(started_stack(root / "stack", site_overrides=overrides))
         replicated, primary_only = publish_images(client, root)
         mix, head = build_targets(replicated, primary_only)
-        token = pull_token(client, REPOSITORY)
+        token = client.token(f"repository:{REPOSITORY}:pull")
         check_targets_once(client, [*mix, head], token)
         print(
             f"stack up, images pushed and replicated, every request kind checked in {time.monotonic() - started:.1f} s"
         )
-        auth, updater = stack.processes["auth"].pid, stack.processes["updater"].pid
+        assert client.stack is not None
+        auth, updater = client.stack.processes["auth"].pid, client.stack.processes["updater"].pid
         memory = {"auth service": {"before": tree_memory(auth)}, "updater": {"before": tree_memory(updater)}}
         result = run_mixed_load(client, mix, head, token, args, root)
         memory["auth service"]["after"], memory["updater"]["after"] = tree_memory(auth), tree_memory(updater)

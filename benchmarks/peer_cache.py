@@ -45,14 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from wan.link import SimulatedWan, WanError, WanUnavailable
+from wan.link import WanError, WanFront, WanUnavailable
 
-from geo_route.devstack.client import StackClient
+from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import build_oci_image
 from geo_route.devstack.processes import LOOPBACK, LoggedProcess, fetch, free_port, require_binary, start_until_ready
 from geo_route.devstack.registry import registry_environment
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
-from geo_route.devstack.stack import bring_up
 from geo_route.errors import DevstackError
 from geo_route.index.model import IndexQuery, QueryKind
 
@@ -156,24 +155,12 @@ def run(args: argparse.Namespace) -> int:
     wall = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="geo-route-peer-") as temporary, contextlib.ExitStack() as owned:
         root = Path(temporary)
-        primary_direct: list[str] = []
-        wans: list[SimulatedWan] = []
-
-        def front(address: str) -> str:
-            host, port = address.rsplit(":", 1)
-            primary_direct.append(address)
-            wans.append(owned.enter_context(SimulatedWan((host, int(port)), rate_mbit=RATE_MBIT, rtt_ms=RTT_MS)))
-            listen_host, listen_port = wans[0].listen_address
-            return f"{listen_host}:{listen_port}"
-
+        front = WanFront(owned, rate_mbit=RATE_MBIT, rtt_ms=RTT_MS)
         started = time.monotonic()
-        stack = bring_up(root / "stack", primary_front=None if args.no_wan else front)
-        owned.callback(stack.stop)
-        client = StackClient(stack.info, stack)
-        owned.callback(client.close)
+        client = owned.enter_context(started_stack(root / "stack", primary_front=None if args.no_wan else front))
         client.skopeo = Skopeo(root / "skopeo", timeout=SKOPEO_TIMEOUT)
-        primary_own = primary_direct[0] if primary_direct else client.primary
-        where = f"behind the WAN ({wans[0].describe()})" if wans else "on loopback (no WAN)"
+        primary_own = front.direct or client.primary
+        where = f"behind the WAN ({front.wan.describe()})" if front.wan else "on loopback (no WAN)"
         print(f"stack up in {time.monotonic() - started:.1f} s; primary {client.primary} {where}")
 
         old = build_oci_image(root / "image", TAG, variant="old", layer_count=args.layers, layer_bytes=layer_bytes)
@@ -268,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     results["wall_seconds"] = time.monotonic() - wall
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"wall time {results['wall_seconds']:.1f} s; stack and proxy stopped{', WAN removed' if wans else ''}")
+    print(f"wall time {results['wall_seconds']:.1f} s; stack and proxy stopped{', WAN removed' if front.wan else ''}")
     for problem in bench.problems:
         print(f"CHECK FAILED: {problem}")
     if bench.problems:

@@ -47,12 +47,11 @@ from pathlib import Path
 from typing import Any
 
 from wan.check import Reading, measure, sink_server
-from wan.link import SimulatedWan, WanError, WanUnavailable
+from wan.link import SimulatedWan, WanError, WanFront, WanUnavailable
 
-from geo_route.devstack.client import AccessLogEntry, StackClient
+from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.skopeo import Skopeo, docker_reference
-from geo_route.devstack.stack import bring_up
 from geo_route.errors import DevstackError
 
 REPOSITORY = "bench/pulls"
@@ -264,23 +263,13 @@ def run(args: argparse.Namespace) -> int:
             f" (built in {time.monotonic() - started:.1f} s)"
         )
 
-        wans: list[SimulatedWan] = []
-        primary_direct: list[str] = []
-
-        def front(address: str) -> str:
-            host, port = address.rsplit(":", 1)
-            primary_direct.append(address)
-            wans.append(owned.enter_context(SimulatedWan((host, int(port)), rate_mbit=RATE_MBIT, rtt_ms=RTT_MS)))
-            listen_host, listen_port = wans[0].listen_address
-            return f"{listen_host}:{listen_port}"
-
+        front = WanFront(owned, rate_mbit=RATE_MBIT, rtt_ms=RTT_MS)
         started = time.monotonic()
-        stack = bring_up(root / "stack", primary_front=front)  # the WAN (in `owned`) is closed after stack.stop()
-        owned.callback(stack.stop)
-        client = StackClient(stack.info, stack)
-        owned.callback(client.close)
+        # The WAN (entered in `owned` while the stack comes up) is closed after the stack is stopped.
+        client = owned.enter_context(started_stack(root / "stack", primary_front=front))
         client.skopeo = Skopeo(root / "skopeo", timeout=SKOPEO_TIMEOUT)
-        wan = wans[0]
+        wan = front.wan
+        assert wan is not None
         print(f"stack up in {time.monotonic() - started:.1f} s; primary {client.primary} = WAN: {wan.describe()}")
         rtts = http_rtts(client.primary, 5)
         print(
@@ -291,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.monotonic()
         pushed = client.skopeo.copy(
-            image.reference, docker_reference(primary_direct[0], REPOSITORY, TAG), dest_creds=client.credentials()
+            image.reference, docker_reference(front.direct, REPOSITORY, TAG), dest_creds=client.credentials()
         )
         if pushed != image.digest:
             raise CheckFailed(f"pushed {pushed}, built {image.digest}")

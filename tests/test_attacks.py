@@ -188,6 +188,12 @@ def test_a_valid_pull_token_reads_its_repository_through_the_site(site: Site) ->
 # -- token attacks
 
 
+@pytest.fixture(scope="module")
+def bad_tokens(site: Site) -> dict[str, str]:
+    """Every attack's token, made once for the module (the outsider key is a fresh RSA-2048 key)."""
+    return attack_tokens(site)
+
+
 def attack_tokens(site: Site) -> dict[str, str]:
     pull_a = [grant(REPO_A, "pull")]
     trusted_kid = libtrust_kid(site.key.public_key())
@@ -247,8 +253,10 @@ ATTACKS = [
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_a_bad_token_is_refused_exactly_as_the_registry_refuses_it(site: Site, attack: str) -> None:
-    token = attack_tokens(site)[attack]
+def test_a_bad_token_is_refused_exactly_as_the_registry_refuses_it(
+    site: Site, bad_tokens: dict[str, str], attack: str
+) -> None:
+    token = bad_tokens[attack]
     since = site.client.access_log_offset()
     uris = (
         ("GET", f"/v2/{REPO_A}/manifests/{site.image_a.digest}"),
@@ -294,10 +302,10 @@ def test_a_pull_token_cannot_push_delete_or_mount(site: Site) -> None:
     assert f"repository:{REPO_A}:pull" in challenge and 'error="insufficient_scope"' in challenge
 
 
-def test_the_attacks_never_reach_a_registry_with_a_routed_decision(site: Site) -> None:
+def test_the_attacks_never_reach_a_registry_with_a_routed_decision(site: Site, bad_tokens: dict[str, str]) -> None:
     """Refusals come from the auth service (NGINX answers 401 itself), never from a proxied upstream."""
     since = site.client.access_log_offset()
-    token = attack_tokens(site)["key outside the bundle"]
+    token = bad_tokens["key outside the bundle"]
     assert send(site, site.client.info.secondary_url, "GET", f"/v2/{REPO_A}/manifests/v1", token).status == 401
     entries = [e for e in site.client.access_log(since) if e.uri == f"/v2/{REPO_A}/manifests/v1"]
     assert [(e.status, e.route, e.reason) for e in entries] == [(401, "", "invalid-token")]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -12,29 +10,15 @@ from pathlib import Path
 import pytest
 
 from geo_route.config import load_settings
-from geo_route.devstack.client import StackClient
+from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import build_oci_image
 from geo_route.devstack.processes import wait_until
-from geo_route.devstack.stack import bring_up
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[StackClient]:
-    running = bring_up(tmp_path / "stack", decision_cache=True)
-    client = StackClient(running.info, running)
-    try:
+    with started_stack(tmp_path / "stack", decision_cache=True) as client:
         yield client
-    finally:
-        client.close()
-        running.stop()
-
-
-def token_for(client: StackClient, scope: str) -> str:
-    credentials = client.credentials()
-    basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    url = f"{client.info.token_realm}?service=container_registry&scope={scope}"
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Basic {basic}"})) as answer:
-        return str(json.loads(answer.read())["token"])
 
 
 def decisions_made(client: StackClient) -> float:
@@ -59,7 +43,7 @@ def test_a_reusable_decision_is_served_from_nginx_and_still_routed_locally(stack
     image = build_oci_image(tmp_path / "image", "v1")
     stack.push(image, "group/app", "v1")
     stack.replicate("group/app")
-    token = token_for(stack, "repository:group/app:pull")
+    token = stack.token("repository:group/app:pull")
     blob = f"/v2/group/app/blobs/{image.layers[0].digest}"
     assert get(stack, blob, token) == 200
     before = decisions_made(stack)
@@ -75,7 +59,7 @@ def test_denials_and_tags_are_not_reused(stack: StackClient, tmp_path: Path) -> 
     image = build_oci_image(tmp_path / "image", "v1")
     stack.push(image, "group/app", "v1")
     stack.replicate("group/app")
-    token = token_for(stack, "repository:group/app:pull")
+    token = stack.token("repository:group/app:pull")
     before = decisions_made(stack)
     for _ in range(3):
         assert get(stack, "/v2/group/app/blobs/" + image.layers[0].digest, None) == 401
@@ -88,8 +72,8 @@ def test_another_token_gets_its_own_decision(stack: StackClient, tmp_path: Path)
     stack.push(image, "group/app", "v1")
     stack.replicate("group/app")
     blob = "/v2/group/app/blobs/" + image.layers[0].digest
-    first = token_for(stack, "repository:group/app:pull")
+    first = stack.token("repository:group/app:pull")
     assert get(stack, blob, first) == 200
     before = decisions_made(stack)
-    assert get(stack, blob, token_for(stack, "repository:group/app:pull")) == 200
+    assert get(stack, blob, stack.token("repository:group/app:pull")) == 200
     assert decisions_made(stack) == before + 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -13,22 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from geo_route.devstack.client import AccessLogEntry, StackClient
+from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.processes import wait_until
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
-from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo, bring_up
+from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo
 from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
 
 
 def started(directory: Path) -> Iterator[StackClient]:
-    stack = bring_up(directory)
-    client = StackClient(stack.info, stack)
-    try:
+    with started_stack(directory) as client:
         yield client
-    finally:
-        client.close()
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +199,7 @@ def test_stack_json_names_every_process(shared: StackClient) -> None:
 def test_client_geo_headers_do_not_influence_routing(shared: StackClient, tmp_path: Path) -> None:
     built = image(tmp_path)
     shared.push(built, "e2e/spoof", "v1")  # on the primary only: the honest answer is "primary"
-    credentials = shared.credentials()
-    basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    token_url = f"{shared.info.token_realm}?service=container_registry&scope=repository:e2e/spoof:pull"
-    with urllib.request.urlopen(
-        urllib.request.Request(token_url, headers={"Authorization": f"Basic {basic}"})
-    ) as answer:
-        token = json.loads(answer.read())["token"]
+    token = shared.token("repository:e2e/spoof:pull")
     spoofed = {
         "Authorization": f"Bearer {token}",
         "X-Geo-Route": "local",

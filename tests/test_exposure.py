@@ -135,20 +135,13 @@ def token_url(client: StackClient, repository: str, actions: str) -> str:
     return f"{client.info.token_realm}?service={SERVICE}&scope=repository:{repository}:{actions}"
 
 
-def fetch_token(client: StackClient, user: str | None, repository: str, actions: str) -> str:
-    headers = {"Authorization": f"Basic {basic(user, client.info.users[user])}"} if user else {}
-    answer = fetch(token_url(client, repository, actions), headers)
-    assert answer.status == 200
-    return str(json.loads(answer.body)["token"])
-
-
 def send_bearer_tokens(client: StackClient, result: Run) -> None:
     """Tokens from the token service, sent to NGINX directly: allowed, denied, anonymous and forged."""
     tokens = {
-        "pull token": fetch_token(client, client.info.username, REPOSITORY, "pull"),
-        "push token": fetch_token(client, client.info.username, REPOSITORY, "pull,push"),
-        "reader token": fetch_token(client, READER, READER_REPOSITORY, "pull"),
-        "anonymous token": fetch_token(client, None, REPOSITORY, "pull"),
+        "pull token": client.token(f"repository:{REPOSITORY}:pull"),
+        "push token": client.token(f"repository:{REPOSITORY}:pull,push"),
+        "reader token": client.token(f"repository:{READER_REPOSITORY}:pull", READER),
+        "anonymous token": client.token(f"repository:{REPOSITORY}:pull", anonymous=True),
     }
     header, claims, signature = tokens["pull token"].split(".")
     tokens["forged token"] = f"{header}.{claims}.{signature[::-1]}"

@@ -241,11 +241,44 @@ def test_updater_killed_while_notifications_arrive(matrix: Matrix) -> None:
 # -- the registries
 
 
-def cut_mid_blob(window: list[float]) -> Callable[[Pull], bool]:
+class FaultWindow:
+    """From just before a fault was applied to just after it was lifted: the pulls that overlap it
+    are the only ones a fault may legitimately fail."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0.0
+
+    def applying(self, action: Callable[[], None]) -> Callable[[], None]:
+        def apply() -> None:
+            self.start = time.monotonic()
+            action()
+
+        return apply
+
+    def lifting(self, action: Callable[[], None]) -> Callable[[], None]:
+        def lift() -> None:
+            action()
+            self.end = time.monotonic()
+
+        return lift
+
+    def overlaps(self, pull: Pull) -> bool:
+        return pull.started < self.end and pull.ended > self.start
+
+    def contains(self, pull: Pull) -> bool:
+        return pull.started > self.start and pull.ended < self.end
+
+
+def cut_mid_blob(window: FaultWindow) -> Callable[[Pull], bool]:
     """A blob that was streaming from the local registry when it died or stopped is cut (EOF): NGINX
     cannot resume a response it has begun, clients retry it (docker does; the matrix's skopeo does
     not). Allowed, counted and noted, only for pulls that overlapped the fault."""
-    return lambda pull: "EOF" in pull.error and pull.started < window[1] and pull.ended > window[0]
+    return lambda pull: "EOF" in pull.error and window.overlaps(pull)
+
+
+def primary_only_while_faulty(window: FaultWindow) -> Callable[[Pull], bool]:
+    """Only what exists nowhere else, and only while the primary was faulty, may fail."""
+    return lambda pull: pull.target == PRIMARY_ONLY and window.overlaps(pull)
 
 
 def note_cuts(outcome: Outcome) -> None:
@@ -256,25 +289,16 @@ def note_cuts(outcome: Outcome) -> None:
         )
 
 
-def timed(action: Callable[[], None], window: list[float]) -> Callable[[], None]:
-    def run() -> None:
-        window.append(time.monotonic())
-        action()
-        window.append(time.monotonic())
-
-    return run
-
-
 def test_local_registry_killed(matrix: Matrix) -> None:
     outcome = Outcome("local-killed", "the local registry SIGKILLed for 3 s, then restarted")
-    window: list[float] = []
+    window = FaultWindow()
     under_fault(
         matrix,
         outcome,
         [REPLICATED, PRIMARY_ONLY],
-        timed(lambda: matrix.stack.kill_part("secondary"), window),
-        timed(lambda: matrix.stack.restart_part("secondary"), window),
-        lambda pull: cut_mid_blob([window[0], window[-1]])(pull),
+        window.applying(lambda: matrix.stack.kill_part("secondary")),
+        window.lifting(lambda: matrix.stack.restart_part("secondary")),
+        cut_mid_blob(window),
     )
     note_cuts(outcome)
     assert_ok(recovered(matrix, outcome, "restart, nothing else"))
@@ -284,14 +308,14 @@ def test_local_registry_killed(matrix: Matrix) -> None:
 def test_local_registry_hung(matrix: Matrix) -> None:
     outcome = Outcome("local-hung", f"the local registry SIGSTOPped for 3 s (nginx.local_timeout {LOCAL_TIMEOUT} s)")
     secondary = matrix.stack.processes["secondary"]
-    window: list[float] = []
+    window = FaultWindow()
     under_fault(
         matrix,
         outcome,
         [REPLICATED, PRIMARY_ONLY],
-        timed(secondary.pause, window),
-        timed(secondary.resume, window),
-        lambda pull: cut_mid_blob([window[0], window[-1]])(pull),
+        window.applying(secondary.pause),
+        window.lifting(secondary.resume),
+        cut_mid_blob(window),
     )
     note_cuts(outcome)
     assert_ok(recovered(matrix, outcome, "SIGCONT, nothing else"))
@@ -301,20 +325,15 @@ def test_local_registry_hung(matrix: Matrix) -> None:
 def test_primary_hung(matrix: Matrix) -> None:
     outcome = Outcome("primary-hung", f"the primary SIGSTOPped for 3 s (nginx.proxy_timeout {PROXY_TIMEOUT} s)")
     primary = matrix.stack.processes["primary"]
-    window: list[float] = []
-
-    def pause() -> None:
-        window.append(time.monotonic())
-        primary.pause()
-
-    def resume() -> None:
-        primary.resume()
-        window.append(time.monotonic())
-
-    def allowed(pull: Pull) -> bool:
-        return pull.target == PRIMARY_ONLY and pull.started < window[1] and pull.ended > window[0]
-
-    pulls = under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], pause, resume, allowed)
+    window = FaultWindow()
+    pulls = under_fault(
+        matrix,
+        outcome,
+        [REPLICATED, PRIMARY_ONLY],
+        window.applying(primary.pause),
+        window.lifting(primary.resume),
+        primary_only_while_faulty(window),
+    )
     failed = [p for p in pulls if p.error]
     for pull in failed:  # the site's 503 before any byte was sent, else the transfer is cut (EOF)
         assert "503" in pull.error or "EOF" in pull.error, pull.error
@@ -332,22 +351,17 @@ def test_primary_hung(matrix: Matrix) -> None:
 
 def test_primary_unreachable(matrix: Matrix) -> None:
     outcome = Outcome("primary-down", "the primary registry SIGKILLed for 3 s, then restarted")
-    window: list[float] = []
-
-    def kill() -> None:
-        window.append(time.monotonic())
-        matrix.stack.kill_part("primary")
-
-    def restart() -> None:
-        matrix.stack.restart_part("primary")
-        window.append(time.monotonic())
-
-    def allowed(pull: Pull) -> bool:  # only what exists nowhere else, and only while the primary was down
-        return pull.target == PRIMARY_ONLY and pull.started < window[1] and pull.ended > window[0]
-
-    pulls = under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], kill, restart, allowed)
+    window = FaultWindow()
+    pulls = under_fault(
+        matrix,
+        outcome,
+        [REPLICATED, PRIMARY_ONLY],
+        window.applying(lambda: matrix.stack.kill_part("primary")),
+        window.lifting(lambda: matrix.stack.restart_part("primary")),
+        primary_only_while_faulty(window),
+    )
     failed = [p for p in pulls if p.error]
-    replicated_during = [p for p in pulls if p.target == REPLICATED and p.started > window[0] and p.ended < window[1]]
+    replicated_during = [p for p in pulls if p.target == REPLICATED and window.contains(p)]
     assert replicated_during and all(not p.error for p in replicated_during), "replicated content is served locally"
     assert failed, "pulls of content only the primary holds fail while it is down"
     for pull in failed:  # the site's 503, or EOF for a blob that was under way when the primary died

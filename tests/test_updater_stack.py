@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from geo_route.devstack.client import StackClient
+from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import build_oci_image
 from geo_route.devstack.processes import wait_until
 from geo_route.devstack.redis_server import RedisProcess
-from geo_route.devstack.stack import bring_up
 from geo_route.index.model import IndexQuery, QueryKind
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[StackClient]:
-    running = bring_up(tmp_path / "stack")
-    client = StackClient(running.info, running)
-    try:
+    with started_stack(tmp_path / "stack") as client:
         yield client
-    finally:
-        client.close()
-        running.stop()
-
-
-def token_for(client: StackClient, scope: str) -> str:
-    credentials = client.credentials()
-    basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-    url = f"{client.info.token_realm}?service=container_registry&scope={scope}"
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Basic {basic}"})) as answer:
-        return str(json.loads(answer.read())["token"])
 
 
 def manifest_present(client: StackClient, repository: str, digest: str) -> bool:
@@ -53,7 +37,7 @@ def test_deletes_in_the_local_registry_remove_entries(stack: StackClient, tmp_pa
     stack.replicate("group/app")
     assert manifest_present(stack, "group/app", image.digest)
     assert stack.index.local_tags("group/app") == {"v1": image.digest}
-    token = token_for(stack, "repository:group/app:delete")
+    token = stack.token("repository:group/app:delete")
     url = f"{stack.info.local_registry_url}/v2/group/app/manifests/{image.digest}"
     request = urllib.request.Request(url, method="DELETE", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as answer:

@@ -27,6 +27,7 @@ CAP_NET_ADMIN + CAP_SYS_ADMIN), ``ip`` and ``tc`` with the ``tbf`` qdisc; withou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -254,3 +255,27 @@ class SimulatedWan:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         if problems:
             raise WanError("simulated WAN cleanup incomplete: " + "; ".join(problems))
+
+
+class WanFront:
+    """``bring_up(..., primary_front=WanFront(owned))``: the primary behind a ``SimulatedWan``.
+
+    Called once by the devstack with the primary's ``host:port``; opens the link in the ``owned``
+    ``ExitStack`` (so it closes after the stack it was entered before) and returns the address
+    clients use instead. ``direct`` is the primary's own address, ``wan`` the link.
+    """
+
+    def __init__(self, owned: contextlib.ExitStack, *, rate_mbit: float, rtt_ms: float) -> None:
+        self.owned = owned
+        self.rate_mbit = rate_mbit
+        self.rtt_ms = rtt_ms
+        self.direct = ""
+        self.wan: SimulatedWan | None = None
+
+    def __call__(self, address: str) -> str:
+        host, port = address.rsplit(":", 1)
+        self.direct = address
+        link = SimulatedWan((host, int(port)), rate_mbit=self.rate_mbit, rtt_ms=self.rtt_ms)
+        self.wan = self.owned.enter_context(link)
+        listen_host, listen_port = self.wan.listen_address
+        return f"{listen_host}:{listen_port}"

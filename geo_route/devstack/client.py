@@ -9,17 +9,23 @@ in the index (tests use it to make the index claim things).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
 
 from geo_route.config import load_settings
 from geo_route.devstack.images import OciImage
-from geo_route.devstack.processes import wait_until
+from geo_route.devstack.processes import fetch, wait_until
 from geo_route.devstack.replicate import ReplicatedTag, replicate_image
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
-from geo_route.devstack.stack import RunningStack, StackInfo
+from geo_route.devstack.stack import SERVICE, RunningStack, StackInfo, bring_up
+from geo_route.errors import DevstackError
 from geo_route.index.model import IndexQuery, PrimaryTag, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 
@@ -62,6 +68,20 @@ class StackClient:
     def credentials(self, user: str | None = None) -> Credentials:
         user = user or self.info.username
         return Credentials(user, self.info.users.get(user, self.info.password))
+
+    def token(self, scope: str, user: str | None = None, *, anonymous: bool = False) -> str:
+        """A token for ``scope`` (``repository:NAME:ACTIONS``) from the stack's token service, fetched
+        as clients do after a challenge: Basic credentials of ``user`` (the developer by default),
+        or none at all with ``anonymous``."""
+        headers = {}
+        if not anonymous:
+            credentials = self.credentials(user)
+            basic = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+            headers["Authorization"] = f"Basic {basic}"
+        answer = fetch(f"{self.info.token_realm}?{urlencode({'service': SERVICE, 'scope': scope})}", headers)
+        if answer.status != 200:
+            raise DevstackError(f"the token service answered {answer.status}: {answer.body[:200]!r}")
+        return str(json.loads(answer.body)["token"])
 
     def push(self, image: OciImage, repository: str, tag: str, user: str | None = None) -> str:
         """Push through the secondary URL (NGINX routes it to the primary); returns the manifest digest."""
@@ -134,6 +154,19 @@ class StackClient:
 
     def close(self) -> None:
         self.index.close()
+
+
+@contextlib.contextmanager
+def started_stack(directory: Path, **options: Any) -> Iterator[StackClient]:
+    """``bring_up(directory, **options)`` and a client of it; on exit the client is closed and every
+    process of the stack stopped, also when the body failed."""
+    stack = bring_up(directory, **options)
+    client = StackClient(stack.info, stack)
+    try:
+        yield client
+    finally:
+        client.close()
+        stack.stop()
 
 
 def parse_access_log_line(line: str) -> AccessLogEntry:
