@@ -31,7 +31,7 @@ primary-only image), so no request silently fell back or went around an overload
 
 Phase 2, many distinct tokens: ``--tokens`` (default 40,000: 20,000 would only just fill the caches
 of 2 workers) distinct valid pull tokens are minted with the stack's signing key
-(``updater.signing_key``; ``geo_route.pull_tokens``, each with its own ``jti``) and each is used
+(``updater.signing_key``; ``geo_route.updater.pull_tokens``, each with its own ``jti``) and each is used
 once, ``--token-round`` at a time, by 32 keep-alive connections (``GET`` of a small blob through
 NGINX). The auth service caches verified tokens in a bounded LRU per
 worker (``token.cache_size``, default 10,000; ``geo_route.tokens.TokenCache``); /metrics exposes only

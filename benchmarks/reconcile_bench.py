@@ -51,8 +51,8 @@ from benchlib.processes import sample_cpu_seconds
 
 from geo_route.config import Settings, load_settings
 from geo_route.devstack.stack import RunningStack, StackInfo, bring_up
-from geo_route.reconcile import open_store, reconcile
-from geo_route.reconcile_report import ReconcileReport
+from geo_route.updater.reconcile import open_store, reconcile
+from geo_route.updater.reconcile_report import ReconcileReport
 
 TARGET_SECONDS_PER_1000 = 30.0
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

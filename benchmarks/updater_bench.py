@@ -30,7 +30,7 @@ from geo_route.config import load_settings
 from geo_route.devstack.processes import free_port, http_get, require_binary, start_until_ready
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.notifications import Source, interpret_events, parse_envelope
+from geo_route.updater.notifications import Source, interpret_events, parse_envelope
 
 TARGET = 5_000
 SECRET = "Bearer benchmark-secret-0123456789"

@@ -186,7 +186,7 @@ def run_updater(args: argparse.Namespace) -> int:
 
 
 def run_reconcile(args: argparse.Namespace) -> int:
-    from geo_route.reconcile import run_reconcile_command
+    from geo_route.updater.reconcile import run_reconcile_command
 
     try:
         settings = load_settings(args.config)

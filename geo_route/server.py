@@ -93,6 +93,6 @@ def start_reconcile_loop(settings: Settings, worker: Any) -> None:
     """Every worker may run the loop; the index's lease lets one reconciliation run at a time."""
     if settings.updater.reconcile_interval <= 0:
         return
-    from geo_route.reconcile import ReconcileLoop
+    from geo_route.updater.reconcile import ReconcileLoop
 
     ReconcileLoop(settings).start()

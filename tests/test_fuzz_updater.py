@@ -30,7 +30,7 @@ from support import RedisServer
 from geo_route.config import Settings, load_settings
 from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.notifications import EnvelopeError, Source, interpret_events, parse_envelope
+from geo_route.updater.notifications import EnvelopeError, Source, interpret_events, parse_envelope
 from geo_route.web.updater import create_updater_app
 
 EXAMPLES = 2_000

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence, PrimaryTag
-from geo_route.notifications import (
+from geo_route.updater.notifications import (
     EnvelopeError,
     Source,
     interpret_event,

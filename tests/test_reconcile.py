@@ -26,9 +26,9 @@ from geo_route.devstack.skopeo import docker_reference
 from geo_route.devstack.stack import bring_up
 from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.reconcile import LOCK_NAME, ReconcileLoop, open_store, reconcile, run_reconcile_command
-from geo_route.reconcile_report import Progress
-from geo_route.registry_client import OCI_INDEX
+from geo_route.updater.reconcile import LOCK_NAME, ReconcileLoop, open_store, reconcile, run_reconcile_command
+from geo_route.updater.reconcile_report import Progress
+from geo_route.updater.registry_client import OCI_INDEX
 
 PHANTOM = "sha256:" + "0" * 64
 PHANTOM_BLOB = "sha256:" + "1" * 64
@@ -101,7 +101,7 @@ def local_pull_routes(site: Site, repository: str, tag: str, out: Path) -> set[t
 def test_an_empty_index_is_filled_and_pulls_become_local(
     site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("geo_route.registry_client.PAGE_SIZE", 1)  # the catalog comes in pages (Link header)
+    monkeypatch.setattr("geo_route.updater.registry_client.PAGE_SIZE", 1)  # the catalog comes in pages (Link header)
     v1, v2 = site.build("v1"), site.build("v2", variant="two")
     site.publish(v1, "team/app", "v1")
     site.publish(v2, "team/app", "v2")

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from geo_route.access import Access
 from geo_route.config import Settings
 from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence
-from geo_route.pull_tokens import PullTokens, SigningKeyError
-from geo_route.reconcile_report import Progress, ReconcileReport
-from geo_route.reconcile_walk import Found, Snapshot, plan_updates
-from geo_route.registry_client import DOCKER_MANIFEST_LIST, OCI_MANIFEST, parse_manifest, parse_next_link
 from geo_route.tokens import TokenVerifier
+from geo_route.updater.pull_tokens import PullTokens, SigningKeyError
+from geo_route.updater.reconcile_report import Progress, ReconcileReport
+from geo_route.updater.reconcile_walk import Found, Snapshot, plan_updates
+from geo_route.updater.registry_client import DOCKER_MANIFEST_LIST, OCI_MANIFEST, parse_manifest, parse_next_link
 
 A, B, C, D = ("sha256:" + c * 64 for c in "abcd")
 

@@ -1,6 +1,6 @@
 """Phase 2 of ``benchmarks/load.py``: many distinct valid tokens, and the auth service's memory meanwhile.
 
-Tokens are minted with the stack's signing key (``updater.signing_key``) as ``geo_route.pull_tokens``
+Tokens are minted with the stack's signing key (``updater.signing_key``) as ``geo_route.updater.pull_tokens``
 mints them, each with its own ``jti``, and each is sent once through NGINX. The auth service caches
 verified tokens in a bounded LRU per worker (``token.cache_size``); /metrics shows only its hits and
 misses, so the bound is shown by memory that stops growing and by early tokens that miss again.
@@ -23,7 +23,7 @@ from benchlib.memory import tree_memory
 from geo_route.config import Settings, load_settings
 from geo_route.devstack.client import StackClient
 from geo_route.devstack.processes import fetch
-from geo_route.pull_tokens import PullTokens, load_signing_key
+from geo_route.updater.pull_tokens import PullTokens, load_signing_key
 
 TOKEN_CONNECTIONS = 32
 TOKEN_LIFETIME = 1800

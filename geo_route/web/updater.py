@@ -21,7 +21,7 @@ from flask import Flask, Response, jsonify, request
 from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexStore, IndexUpdate
-from geo_route.notifications import EnvelopeError, Outcome, Source, interpret_events, parse_envelope
+from geo_route.updater.notifications import EnvelopeError, Outcome, Source, interpret_events, parse_envelope
 from geo_route.web.app import readiness
 from geo_route.web.metrics import UpdaterMetrics
 

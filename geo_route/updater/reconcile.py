@@ -35,10 +35,10 @@ from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import IndexUpdate, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.pull_tokens import PullTokens
-from geo_route.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
-from geo_route.reconcile_walk import RepositoryWalker, Snapshot, gather, plan_updates
-from geo_route.registry_client import RegistryClient, RegistryError
+from geo_route.updater.pull_tokens import PullTokens
+from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
+from geo_route.updater.reconcile_walk import RepositoryWalker, Snapshot, gather, plan_updates
+from geo_route.updater.registry_client import RegistryClient, RegistryError
 
 LOCK_NAME = "reconcile"
 LOCK_SECONDS = 3600  # longest run we expect; a crashed run blocks the next ones at most this long
@@ -46,7 +46,7 @@ PROGRESS_EVERY = 100
 APPLY_CHUNK = 1000
 REDIS_TIMEOUT = 10.0  # a reconciliation reads whole sets: the decision path's 50 ms would be too short
 HTTP_TIMEOUT = 30.0
-log = logging.getLogger("geo_route.reconcile")
+log = logging.getLogger("geo_route.updater.reconcile")
 
 ProgressCallback = Callable[[Progress], None]
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence
-from geo_route.reconcile_report import RepositoryTally
-from geo_route.registry_client import Manifest, RegistryClient, RegistryError
+from geo_route.updater.reconcile_report import RepositoryTally
+from geo_route.updater.registry_client import Manifest, RegistryClient, RegistryError
 
 T = TypeVar("T")
 R = TypeVar("R")
