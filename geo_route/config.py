@@ -56,6 +56,10 @@ def check_not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def check_fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1 (exclusive)"
+
+
 def check_nginx_size(value: str) -> str | None:
     """An NGINX size: digits with an optional k or m suffix (``128k``)."""
     return None if re.fullmatch(r"[1-9][0-9]*[kKmM]?", value) else f"must be an NGINX size such as 128k, got {value!r}"
@@ -131,9 +135,15 @@ class RoutingSettings:
     """How tag requests are routed; see README "Tag policy"."""
 
     tag_policy: TagPolicy = "pinned"
-    max_tag_age: int = _checked(check_not_negative, default=0)
+    max_tag_age: int = _checked(check_not_negative, default=300)
+    refresh_fraction: float = _checked(check_fraction, default=0.5)
+    write_fence: int = _checked(check_not_negative, default=30)
     cache_digest_seconds: int = _checked(check_not_negative, default=30)
-    cache_tag_seconds: int = _checked(check_not_negative, default=0)
+
+    @property
+    def refresh_after(self) -> float:
+        """A read of a pin older than this queues its re-resolution (docs/consistency.md)."""
+        return self.max_tag_age * self.refresh_fraction
 
 
 @dataclass(frozen=True)
@@ -161,8 +171,11 @@ class UpdaterSettings:
     primary_secret: str = field(default="", repr=False)
     max_body_bytes: int = _checked(check_positive, default=8_388_608)
     dedupe_size: int = _checked(check_not_negative, default=10_000)
-    reconcile_interval: int = _checked(check_not_negative, default=0)
+    reconcile_interval: int = _checked(check_not_negative, default=3600)
     reconcile_concurrency: int = _checked(check_positive, default=4)
+    reconcile_lease: int = _checked(check_positive, default=60)
+    resolve_concurrency: int = _checked(check_positive, default=8)
+    resolve_batch: int = _checked(check_positive, default=64)
     signing_key: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

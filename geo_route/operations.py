@@ -46,6 +46,7 @@ class Kind(Enum):
     UPLOAD_STATUS = "upload-status"
     UPLOAD_CANCEL = "upload-cancel"
     REFERRERS = "referrers"
+    REPOSITORY_RENAME = "repository-rename"  # GitLab: PATCH /gitlab/v1/repositories/<name>/
     UNRECOGNIZED = "unrecognized"
 
 
@@ -76,6 +77,7 @@ ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("upload", re.compile(rf"/v2/(?P<name>{NAME})/blobs/uploads/?")),
     ("chunk", re.compile(rf"/v2/(?P<name>{NAME})/blobs/uploads/(?P<ref>{UPLOAD_ID})")),
     ("referrers", re.compile(rf"/v2/(?P<name>{NAME})/referrers/(?P<ref>{DIGEST})")),
+    ("gitlab-repository", re.compile(rf"/gitlab/v1/repositories/(?P<name>{NAME})/")),
 )
 
 
@@ -112,6 +114,10 @@ def classify_request(method: str, raw_uri: str) -> Operation:
 def _classify_route(route: str, method: str, name: str, ref: str, query: str) -> Operation:
     if route == "base":
         return Operation(Kind.BASE, method) if method in READ_METHODS else Operation(Kind.UNRECOGNIZED, method)
+    if route == "gitlab-repository":  # GitLab's API belongs to the primary; a PATCH renames (unless a dry run)
+        dry_run = parse_qs(query).get("dry_run", ["false"])[-1].lower() == "true"
+        renames = method == "PATCH" and not dry_run
+        return Operation(Kind.REPOSITORY_RENAME if renames else Kind.UNRECOGNIZED, method, name)
     if route == "catalog":
         catalog = Operation(Kind.CATALOG, method, required=(Access("registry", "catalog", "*"),))
         return _when(method in READ_METHODS, catalog)

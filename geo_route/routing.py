@@ -12,7 +12,16 @@ from enum import Enum
 
 from geo_route.access import Grants, format_scope
 from geo_route.config import Settings, TagPolicy
-from geo_route.index.model import IndexQuery, IndexView, PrimaryTag, QueryKind
+from geo_route.index.model import (
+    DigestDeleted,
+    IndexQuery,
+    IndexUpdate,
+    IndexView,
+    QueryKind,
+    RepositoryInvalidated,
+    TagInvalidated,
+)
+from geo_route.negotiation import serves_pinned_manifest
 from geo_route.operations import Kind, Operation, is_valid_digest
 from geo_route.tokens import Credential, TokenProblem
 
@@ -34,6 +43,8 @@ class Reason:
     TAG_NOT_PINNED = "tag-not-pinned"
     TAG_NOT_LOCAL = "tag-not-local"
     TAG_STALE = "tag-stale"
+    TAG_UNCONFIRMED = "tag-unconfirmed"
+    TAG_NEGOTIATED = "tag-negotiated"
     TAG_POLICY_PRIMARY = "tag-policy-primary"
     LISTING = "listing"
     WRITE = "write"
@@ -61,6 +72,7 @@ PRIMARY_BY_KIND = {
     Kind.CATALOG: Reason.LISTING,
     Kind.TAGS_LIST: Reason.LISTING,
     Kind.REFERRERS: Reason.LISTING,
+    Kind.REPOSITORY_RENAME: Reason.WRITE,
     Kind.MANIFEST_PUT: Reason.WRITE,
     Kind.MANIFEST_DELETE: Reason.DELETE,
     Kind.BLOB_DELETE: Reason.DELETE,
@@ -77,8 +89,9 @@ class Policy:
     service: str
     tag_policy: TagPolicy = "pinned"
     max_tag_age: float = 0.0  # seconds; 0 = a pinned tag never goes stale
-    cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about content by digest
-    cache_tag_seconds: float = 0.0  # the same for tags (only with max_tag_age > 0)
+    refresh_after: float = 0.0  # a read of a pin older than this queues its re-resolution (0: never)
+    write_fence: float = 0.0  # a write through the site keeps its tags off the index this long
+    cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about a blob
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -87,8 +100,9 @@ class Policy:
             service=settings.token.service,
             tag_policy=settings.routing.tag_policy,
             max_tag_age=settings.routing.max_tag_age,
+            refresh_after=settings.routing.refresh_after,
+            write_fence=settings.routing.write_fence,
             cache_digest_seconds=settings.routing.cache_digest_seconds,
-            cache_tag_seconds=settings.routing.cache_tag_seconds,
         )
 
 
@@ -111,17 +125,20 @@ def local(reason: str, upstream_path: str = "") -> Decision:
     return Decision(200, reason, Route.LOCAL, upstream_path)
 
 
-def decide(operation: Operation, credential: Credential, view: IndexView, policy: Policy, now: float) -> Decision:
+def decide(
+    operation: Operation, credential: Credential, view: IndexView, policy: Policy, now: float, accept: str = ""
+) -> Decision:
     """Authorize, then route with the index view."""
-    return authorize(operation, credential, policy) or route(operation, view, policy, now)
+    return authorize(operation, credential, policy) or route(operation, view, policy, now, accept)
 
 
 def authorize(operation: Operation, credential: Credential, policy: Policy) -> Decision | None:
     """A 401 decision when the credential does not cover the operation, else ``None``.
 
-    Unrecognized requests are not judged here: they go to the primary, which answers them itself.
+    Unrecognized requests and GitLab's own API are not judged here: they go to the primary, which
+    answers them itself.
     """
-    if operation.kind is Kind.UNRECOGNIZED:
+    if operation.kind in (Kind.UNRECOGNIZED, Kind.REPOSITORY_RENAME):
         return None
     scope = format_scope(operation.required)
     if isinstance(credential, TokenProblem):
@@ -142,12 +159,15 @@ def index_query(operation: Operation, policy: Policy) -> IndexQuery | None:
     if operation.kind is Kind.MANIFEST_BY_DIGEST:
         return IndexQuery(QueryKind.MANIFEST, operation.repository, operation.digest)
     if operation.kind is Kind.MANIFEST_BY_TAG and policy.tag_policy == "pinned":
-        return IndexQuery(QueryKind.TAG, operation.repository, operation.tag)
+        return IndexQuery(QueryKind.TAG, operation.repository, operation.tag, policy.refresh_after)
     return None
 
 
-def route(operation: Operation, view: IndexView, policy: Policy, now: float) -> Decision:
-    """Where an authorized operation is served. Anything unsure goes to the primary."""
+def route(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str = "") -> Decision:
+    """Where an authorized operation is served. Anything unsure goes to the primary.
+
+    ``accept`` is the client's ``Accept`` header (a tag is local only when it negotiates to the pin).
+    """
     kind = operation.kind
     if kind is Kind.BASE:
         return local(Reason.BASE)
@@ -162,57 +182,64 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float) -> 
     if kind is Kind.MANIFEST_BY_DIGEST:
         return local(Reason.MANIFEST_LOCAL) if view.present else primary(Reason.MANIFEST_NOT_LOCAL)
     if kind is Kind.MANIFEST_BY_TAG:
-        return _route_pinned_tag(operation, view, policy, now)
+        return _route_pinned_tag(operation, view, policy, now, accept)
     return primary(Reason.UNRECOGNIZED)  # pragma: no cover - every kind is handled above
 
 
-def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float) -> Decision:
+def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:
+    """Local only for a pin of the index's current epoch, within ``max_tag_age`` (on the index's
+    clock when it gave one), whose manifest is here and is what this ``Accept`` negotiates to."""
     if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
         return primary(Reason.TAG_NOT_PINNED)
-    if policy.max_tag_age > 0 and now - view.confirmed_at > policy.max_tag_age:
+    if not view.current:
+        return primary(Reason.TAG_UNCONFIRMED)
+    age = (view.now or now) - view.confirmed_at
+    if policy.max_tag_age > 0 and age > policy.max_tag_age:
         return primary(Reason.TAG_STALE)
     if not view.present:
         return primary(Reason.TAG_NOT_LOCAL)
+    if not serves_pinned_manifest(view.media_type, accept):
+        return primary(Reason.TAG_NEGOTIATED)
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
 
 
-def pins_to_drop(operation: Operation, policy: Policy, now: float) -> tuple[PrimaryTag, ...]:
-    """A tag pushed through this site is about to move: unpin it now (read-your-writes).
-
-    Until the primary's notification pins the new digest (its timestamp is later, so it wins),
-    reads of the tag go to the primary instead of the old local manifest.
+def invalidations_for_write(operation: Operation, credential: Credential, policy: Policy) -> tuple[IndexUpdate, ...]:
+    """What a write through this site changes at the primary, to take off the index before the
+    write is proxied (read-your-writes): the tag a manifest ``PUT`` or ``DELETE`` names; every tag
+    pinned to a manifest (or blob) deleted by digest, and the digest itself; every tag of a
+    repository GitLab renames (and of the repositories under it). Each is fenced for
+    ``write_fence`` seconds, so no answer the primary gives before the write lands can pin the old
+    digest again. Only for a credential that passed ``authorize`` (a rename needs a valid token).
     """
-    if operation.kind is Kind.MANIFEST_PUT and operation.tag and policy.tag_policy == "pinned":
-        return (PrimaryTag(operation.repository, operation.tag, "", now),)
+    if policy.tag_policy != "pinned" or not isinstance(credential, Grants):
+        return ()
+    kind, repository, fence = operation.kind, operation.repository, policy.write_fence
+    if kind in (Kind.MANIFEST_PUT, Kind.MANIFEST_DELETE) and operation.tag:
+        return (TagInvalidated(repository, operation.tag, fence=fence),)
+    if kind in (Kind.MANIFEST_DELETE, Kind.BLOB_DELETE) and operation.digest:
+        return (DigestDeleted(repository, operation.digest, fence=fence),)
+    if kind is Kind.REPOSITORY_RENAME:
+        return (RepositoryInvalidated(repository, subtree=True, fence=fence),)
     return ()
 
 
-DIGEST_CACHEABLE = frozenset({Kind.BASE, Kind.BLOB, Kind.MANIFEST_BY_DIGEST})
+BLOB_CACHEABLE = frozenset({Kind.BASE, Kind.BLOB})
 UNCACHEABLE_REASONS = frozenset({Reason.INDEX_UNAVAILABLE, Reason.INTERNAL_ERROR})
 
 
-def cache_seconds(
-    operation: Operation, decision: Decision, credential: Credential, view: IndexView, policy: Policy, now: float
-) -> int:
+def cache_seconds(operation: Operation, decision: Decision, credential: Credential, policy: Policy, now: float) -> int:
     """How long NGINX may reuse this decision for the same token, method and URI (0: not at all).
 
-    Never past the token's ``exp``; a denial or an outage answer is not reused; content addressed
-    by digest may be reused for ``cache_digest_seconds``; a tag decision only when tags have a
-    staleness bound, and never past it (nor for a tag being pushed: that decision unpins it).
+    Only blobs and ``/v2/`` are reused, for ``cache_digest_seconds`` and never past the token's
+    ``exp``: a manifest decision (by tag or by digest) is never reused, because a tag moves and a
+    manifest can be deleted at the primary, and the next answer must reflect the index at once
+    (read-your-writes included). A denial or an outage answer is never reused.
     """
     if decision.status != 200 or decision.reason in UNCACHEABLE_REASONS or not isinstance(credential, Grants):
         return 0
-    token_left = credential.expires_at - now
-    if operation.kind in DIGEST_CACHEABLE:
-        seconds = min(policy.cache_digest_seconds, token_left)
-    elif operation.kind is Kind.MANIFEST_BY_TAG and policy.max_tag_age > 0:
-        pin_left = (
-            policy.max_tag_age - (now - view.confirmed_at) if decision.route is Route.LOCAL else policy.max_tag_age
-        )
-        seconds = min(policy.cache_tag_seconds, pin_left, token_left)
-    else:
-        seconds = 0
-    return max(0, int(seconds))
+    if operation.kind not in BLOB_CACHEABLE:
+        return 0
+    return max(0, int(min(policy.cache_digest_seconds, credential.expires_at - now)))
 
 
 def format_challenge(policy: Policy, scope: str, error: str = "") -> str:

@@ -84,15 +84,22 @@ def serve_updater(settings: Settings) -> None:
         "timeout": 60,
         "loglevel": updater.log_level,
         "proc_name": "geo-route-updater",
-        "post_worker_init": lambda worker: start_reconcile_loop(settings, worker),
+        "post_worker_init": lambda worker: start_background_loops(settings, worker),
+        "worker_exit": lambda server, worker: stop_background_loops(worker),
     }
     GunicornServer(options, lambda: create_updater_app(settings)).run()
 
 
-def start_reconcile_loop(settings: Settings, worker: Any) -> None:
-    """Every worker may run the loop; the index's lease lets one reconciliation run at a time."""
-    if settings.updater.reconcile_interval <= 0:
-        return
-    from geo_route.updater.reconcile import ReconcileLoop
+def start_background_loops(settings: Settings, worker: Any) -> None:
+    """Every worker resolves tags (claims are atomic) and may reconcile (a lease in the index lets
+    one reconciliation run at a time). ``stop_background_loops`` ends them when the worker exits,
+    so a stopped updater releases its reconcile lease instead of leaving it to expire."""
+    from geo_route.updater.background import BackgroundLoops
 
-    ReconcileLoop(settings).start()
+    worker.geo_route_loops = BackgroundLoops.start(settings)
+
+
+def stop_background_loops(worker: Any) -> None:
+    loops = getattr(worker, "geo_route_loops", None)
+    if loops is not None:
+        loops.stop()

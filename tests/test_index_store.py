@@ -13,7 +13,20 @@ from support import RedisServer
 
 from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
-from geo_route.index.model import BlobPresence, IndexQuery, IndexView, LocalTag, ManifestPresence, PrimaryTag, QueryKind
+from geo_route.index.model import (
+    BlobPresence,
+    DigestDeleted,
+    DigestRestored,
+    IndexQuery,
+    IndexView,
+    LocalTag,
+    ManifestPresence,
+    PrimaryTag,
+    QueryKind,
+    RepositoryInvalidated,
+    TagInvalidated,
+    TagResolution,
+)
 from geo_route.index.redis_store import RedisIndexStore
 
 D1 = "sha256:" + "1" * 64
@@ -35,14 +48,20 @@ def manifest(repository: str, digest: str) -> IndexQuery:
     return IndexQuery(QueryKind.MANIFEST, repository, digest)
 
 
-def tag(repository: str, name: str) -> IndexQuery:
-    return IndexQuery(QueryKind.TAG, repository, name)
+def tag(repository: str, name: str, refresh_after: float = 0.0) -> IndexQuery:
+    return IndexQuery(QueryKind.TAG, repository, name, refresh_after)
+
+
+def without_clock(view: IndexView) -> IndexView:
+    return dataclasses.replace(view, now=0.0)
 
 
 def test_empty_index_knows_nothing(store: RedisIndexStore) -> None:
     assert store.lookup(blob("a/b", D1)) == IndexView(present=False)
     assert store.lookup(manifest("a/b", D1)) == IndexView(present=False)
-    assert store.lookup(tag("a/b", "v1")) == IndexView()
+    view = store.lookup(tag("a/b", "v1"))
+    assert without_clock(view) == IndexView()
+    assert view.now == pytest.approx(time.time(), abs=5), "the index's clock (Redis TIME) comes with a tag view"
 
 
 def test_blob_presence_is_per_repository(store: RedisIndexStore) -> None:
@@ -79,16 +98,19 @@ def test_moving_a_tag_on_the_primary_changes_the_pin(store: RedisIndexStore) -> 
     assert (view.pinned_digest, view.present, view.confirmed_at) == (D2, False, 2.0)
 
 
-def test_deleting_a_primary_tag_unpins_it(store: RedisIndexStore) -> None:
+def test_deleting_a_primary_tag_leaves_a_tombstone(store: RedisIndexStore) -> None:
     store.apply([PrimaryTag("a/b", "v1", D1, 1.0)])
     store.apply([PrimaryTag("a/b", "v1", "", 2.0)])
-    assert store.lookup(tag("a/b", "v1")) == IndexView()
+    view = store.lookup(tag("a/b", "v1"))
+    assert (view.pinned_digest, view.confirmed_at) == ("", 2.0)
+    store.apply([PrimaryTag("a/b", "v1", D1, 1.5)])  # an older answer written after the delete
+    assert store.primary_tag("a/b", "v1") is None, "an unpin leaves a trace: older facts lose to it"
 
 
 def test_local_tags_are_kept_apart_from_primary_tags(store: RedisIndexStore) -> None:
     store.apply([LocalTag("a/b", "v1", D1), LocalTag("a/b", "v2", D2)])
     assert store.local_tags("a/b") == {"v1": D1, "v2": D2}
-    assert store.lookup(tag("a/b", "v1")) == IndexView(), "a local tag never pins a request"
+    assert without_clock(store.lookup(tag("a/b", "v1"))) == IndexView(), "a local tag never pins a request"
     store.apply([LocalTag("a/b", "v1", "")])
     assert store.local_tags("a/b") == {"v2": D2}
 
@@ -115,7 +137,7 @@ def test_applying_the_same_updates_twice_changes_nothing(store: RedisIndexStore,
     first = snapshot()
     store.apply(updates)
     assert snapshot() == first
-    assert len(first) == 5
+    assert len(first) == 7  # the five written, and the epoch and its server
     client.close()
 
 
@@ -185,12 +207,135 @@ def test_a_hung_redis_times_out_within_the_socket_timeout(
 
 def test_an_older_primary_pin_never_overwrites_a_newer_one(store: RedisIndexStore) -> None:
     store.apply([PrimaryTag("a/b", "v1", D2, 20.0)])
-    store.apply([PrimaryTag("a/b", "v1", D1, 10.0)])  # a late, older notification
+    store.apply([PrimaryTag("a/b", "v1", D1, 10.0)])  # a late, older answer
     assert store.primary_tag("a/b", "v1") == (D2, 20.0)
     store.apply([PrimaryTag("a/b", "v1", "", 15.0)])  # an older delete
     assert store.primary_tag("a/b", "v1") == (D2, 20.0)
-    store.apply([PrimaryTag("a/b", "v1", "", 25.0)])
+    store.apply([PrimaryTag("a/b", "v1", D1, 20.0)])  # a pin as old as what is held does not land
+    assert store.primary_tag("a/b", "v1") == (D2, 20.0)
+    store.apply([PrimaryTag("a/b", "v1", "", 20.0)])  # a tombstone as old as it does
     assert store.primary_tag("a/b", "v1") is None
+
+
+@pytest.fixture
+def clocked(redis_settings: Settings) -> Iterator[tuple[RedisIndexStore, list[float]]]:
+    now = [1000.0]
+    store = RedisIndexStore(redis_settings.redis, index_clock=lambda: now[0])
+    yield store, now
+    store.close()
+
+
+def test_an_invalidation_tombstones_the_tag_on_the_index_clock_and_queues_it(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.apply([ManifestPresence("a/b", D1, True), PrimaryTag("a/b", "v1", D1, 990.0)])
+    store.apply([TagInvalidated("a/b", "v1", hint=D2)])
+    view = store.lookup(tag("a/b", "v1"))
+    assert (view.pinned_digest, view.confirmed_at) == ("", 1000.0)
+    store.apply([PrimaryTag("a/b", "v1", D1, 999.0)])  # asked before the invalidation: loses
+    assert store.primary_tag("a/b", "v1") is None
+    now[0] = 1001.0
+    assert store.claim_resolutions(10) == [TagResolution("a/b", "v1", 1001.0, D2, 0)]
+    assert store.claim_resolutions(10) == [], "a claim takes it off the queue"
+    store.apply([PrimaryTag("a/b", "v1", D2, 1001.0, "application/x-type", hint=f"{D2} 0")])
+    view = store.lookup(tag("a/b", "v1"))
+    assert (view.pinned_digest, view.confirmed_at, view.media_type, view.current) == (
+        D2,
+        1001.0,
+        "application/x-type",
+        True,
+    )
+
+
+def test_a_fenced_invalidation_rejects_answers_until_the_fence_and_queues_after_it(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", "v1", fence=30.0)])
+    now[0] = 1010.0
+    assert store.claim_resolutions(10) == []
+    store.apply([PrimaryTag("a/b", "v1", D1, 1010.0)])
+    assert store.primary_tag("a/b", "v1") is None, "an answer asked while the write may be in flight"
+    store.apply([TagInvalidated("a/b", "v1")])  # an event during the fence keeps the fence
+    assert store.lookup(tag("a/b", "v1")).confirmed_at == 1030.0
+    now[0] = 1031.0
+    assert [r.tag for r in store.claim_resolutions(10)] == ["v1"]
+
+
+def test_reads_queue_resolutions_for_missing_unconfirmed_and_ageing_pins(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.lookup(tag("a/b", "missing", refresh_after=150))
+    store.apply([PrimaryTag("a/b", "young", D1, 990.0), PrimaryTag("a/b", "old", D1, 800.0)])
+    store.lookup(tag("a/b", "young", refresh_after=150))
+    store.lookup(tag("a/b", "old", refresh_after=150))
+    assert sorted(r.tag for r in store.claim_resolutions(10)) == ["missing", "old"]
+
+
+def test_a_digest_deleted_at_the_primary_is_not_served_and_its_tags_are_invalidated(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, _ = clocked
+    store.apply([ManifestPresence("a/b", D1, True), ManifestPresence("a/b", D2, True)])
+    store.apply(
+        [PrimaryTag("a/b", "v1", D1, 990.0), PrimaryTag("a/b", "v2", D1, 990.0), PrimaryTag("a/b", "v3", D2, 990.0)]
+    )
+    store.apply([DigestDeleted("a/b", D1)])
+    assert not store.lookup(manifest("a/b", D1)).present
+    assert store.lookup(manifest("a/b", D2)).present
+    assert store.primary_tags("a/b") == {"v3": (D2, 990.0)}
+    assert sorted(r.tag for r in store.claim_resolutions(10)) == ["v1", "v2"]
+    store.apply([DigestRestored("a/b", D1)])
+    assert store.lookup(manifest("a/b", D1)).present
+
+
+def test_a_rename_invalidates_every_tag_under_the_path(clocked: tuple[RedisIndexStore, list[float]]) -> None:
+    store, _ = clocked
+    pins = [PrimaryTag(repo, "v1", D1, 990.0) for repo in ("g/app", "g/app/sub", "g/apple", "g/other")]
+    store.apply(pins)
+    store.apply([RepositoryInvalidated("g/app", subtree=True)])
+    assert {repo for repo in ("g/app", "g/app/sub", "g/apple", "g/other") if store.primary_tags(repo)} == {
+        "g/apple",
+        "g/other",
+    }
+
+
+def test_a_restart_from_an_older_snapshot_makes_every_pin_unconfirmed(
+    tmp_path_factory: pytest.TempPathFactory, redis_settings: Settings
+) -> None:
+    server = RedisServer(tmp_path_factory.mktemp("redis-snapshot")).start()
+    try:
+        store = RedisIndexStore(dataclasses.replace(redis_settings.redis, url=server.url, unavailable_cooldown=0))
+        now = store.now()
+        store.apply([ManifestPresence("a/b", D1, True), PrimaryTag("a/b", "v1", D1, now)])
+        assert store.lookup(tag("a/b", "v1")).current
+        server.save()
+        store.apply([PrimaryTag("a/b", "v1", "", store.now())])  # deleted after the snapshot
+        server.restart()  # Redis 7 comes back with the snapshot: the old pin is back
+        with pytest.raises(IndexUnavailable):
+            store.lookup(tag("a/b", "v1"))  # the connection the restart broke
+        view = store.lookup(tag("a/b", "v1"))
+        assert (view.pinned_digest, view.current) == (D1, False), "the pin is back, but unconfirmed"
+        assert store.epochs_started == 2
+        assert [r.tag for r in store.claim_resolutions(10)] == ["v1"], "and queued for resolution"
+        store.apply([PrimaryTag("a/b", "v1", D1, store.now())])
+        assert store.lookup(tag("a/b", "v1")).current
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_a_lease_is_renewed_only_by_its_owner(store: RedisIndexStore, redis_settings: Settings) -> None:
+    other = RedisIndexStore(redis_settings.redis)
+    assert store.try_lock("job", 2)
+    assert store.renew_lock("job", 30)
+    assert not other.renew_lock("job", 30)
+    time.sleep(2.2)
+    assert not other.try_lock("job", 30), "renewed past its first expiry"
+    store.unlock("job")
+    other.close()
 
 
 def test_snapshots_and_locks(store: RedisIndexStore) -> None:

@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence, PrimaryTag
+from geo_route.index.model import (
+    BlobPresence,
+    DigestDeleted,
+    DigestRestored,
+    LocalTag,
+    ManifestPresence,
+    RepositoryInvalidated,
+    TagInvalidated,
+)
 from geo_route.updater.notifications import (
     EnvelopeError,
     Source,
@@ -50,38 +58,58 @@ CASES = [
     (
         Source.LOCAL,
         event("delete", digest=D),
-        [BlobPresence("group/app", D, False), ManifestPresence("group/app", D, False)],
+        [BlobPresence("group/app", D, False), ManifestPresence("group/app", D, False), DigestRestored("group/app", D)],
     ),
     (Source.LOCAL, event("delete", tag="v1"), [LocalTag("group/app", "v1", "")]),
     (Source.LOCAL, event("pull", mediaType=OCI, digest=D, tag="v1"), []),
-    (Source.PRIMARY, event("push", mediaType=OCI, digest=D, tag="v1"), [PrimaryTag("group/app", "v1", D, 0.0)]),
+    # From the primary an event is a hint: the tag is invalidated and re-resolved, never pinned from it.
+    (Source.PRIMARY, event("push", mediaType=OCI, digest=D, tag="v1"), [TagInvalidated("group/app", "v1", hint=D)]),
     (Source.PRIMARY, event("push", mediaType=OCI, digest=D), []),
     (Source.PRIMARY, event("push", mediaType="application/octet-stream", digest=D), []),
-    (Source.PRIMARY, event("delete", tag="v1"), [PrimaryTag("group/app", "v1", "", 0.0)]),
-    (Source.PRIMARY, event("delete", digest=D), []),
+    (Source.PRIMARY, event("delete", tag="v1"), [TagInvalidated("group/app", "v1")]),
+    # GitLab's database mode deletes by digest with no tag events: the digest's tags are found in the index.
+    (Source.PRIMARY, event("delete", digest=D), [DigestDeleted("group/app", D)]),
+    (
+        Source.PRIMARY,
+        event("rename", rename={"type": "name", "from": "app", "to": "web"}),
+        [RepositoryInvalidated("group/app", subtree=True), RepositoryInvalidated("group/web", subtree=True)],
+    ),
+    (
+        Source.PRIMARY,
+        event("rename", rename={"type": "namespace", "from": "group", "to": "team"}),
+        [RepositoryInvalidated("group/app", subtree=True), RepositoryInvalidated("team/app", subtree=True)],
+    ),
+    (Source.LOCAL, event("rename", rename={"type": "name", "from": "app", "to": "web"}), []),
 ]
 
 
 @pytest.mark.parametrize(("source", "raw", "expected"), CASES)
 def test_event_semantics(source: Source, raw: dict[str, Any], expected: list[Any]) -> None:
     outcome = interpret_event(raw, source, NOW)
-    confirmed = read_timestamp(raw["timestamp"])
-    assert confirmed is not None
-    fixed = [PrimaryTag(u.repository, u.tag, u.digest, confirmed) if isinstance(u, PrimaryTag) else u for u in expected]
-    assert list(outcome.updates) == fixed
+    assert list(outcome.updates) == expected
     assert outcome.status == ("applied" if expected else "ignored")
+
+
+@pytest.mark.parametrize("skew", [-3600.0, 0.0, 3600.0])
+def test_no_update_depends_on_the_events_clock(skew: float) -> None:
+    raw = event("push", mediaType=OCI, digest=D, tag="v1")
+    raw["timestamp"] = (
+        "2099-01-01T00:00:00Z" if skew > 0 else ("1999-01-01T00:00:00Z" if skew < 0 else raw["timestamp"])
+    )
+    assert interpret_event(raw, Source.PRIMARY, NOW + skew).updates == (TagInvalidated("group/app", "v1", hint=D),)
+
+
+def test_an_unreadable_primary_event_for_a_valid_repository_re_resolves_its_tags() -> None:
+    raw = {"action": "push", "target": {"repository": "group/app", "digest": "sha256:short", "tag": "v1"}}
+    outcome = interpret_event(raw, Source.PRIMARY, NOW)
+    assert outcome.status == "malformed" and outcome.updates == (RepositoryInvalidated("group/app"),)
+    assert interpret_event({"action": "push", "target": {"repository": "Bad"}}, Source.PRIMARY, NOW).updates == ()
 
 
 def test_nanosecond_timestamps_are_read() -> None:
     assert read_timestamp("2026-11-23T19:19:22.300123456Z") == pytest.approx(1795461562.300123, abs=1e-6)
     assert read_timestamp("2026-11-23T19:19:22Z") == pytest.approx(1795461562.0)
     assert read_timestamp("yesterday") is None
-
-
-def test_missing_timestamp_uses_the_receipt_time() -> None:
-    raw = event("push", mediaType=OCI, digest=D, tag="v1")
-    del raw["timestamp"]
-    assert interpret_event(raw, Source.PRIMARY, NOW).updates == (PrimaryTag("group/app", "v1", D, NOW),)
 
 
 @pytest.mark.parametrize(

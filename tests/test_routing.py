@@ -5,9 +5,29 @@ from __future__ import annotations
 import pytest
 
 from geo_route.access import Grants
-from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexQuery, IndexView, QueryKind
+from geo_route.index.model import (
+    NOT_ASKED,
+    UNAVAILABLE,
+    DigestDeleted,
+    IndexQuery,
+    IndexView,
+    QueryKind,
+    RepositoryInvalidated,
+    TagInvalidated,
+)
+from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from geo_route.operations import classify_request
-from geo_route.routing import Decision, Policy, Reason, Route, decide, format_challenge, index_query
+from geo_route.routing import (
+    Decision,
+    Policy,
+    Reason,
+    Route,
+    cache_seconds,
+    decide,
+    format_challenge,
+    index_query,
+    invalidations_for_write,
+)
 from geo_route.tokens import TokenProblem
 
 D1 = "sha256:" + "1" * 64
@@ -16,6 +36,7 @@ NOW = 1_800_000_000.0
 PINNED = Policy(realm="https://gitlab.test/jwt/auth", service="container_registry", tag_policy="pinned")
 PRIMARY_TAGS = Policy(realm=PINNED.realm, service=PINNED.service, tag_policy="primary")
 AGED = Policy(realm=PINNED.realm, service=PINNED.service, tag_policy="pinned", max_tag_age=300)
+REFRESHING = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, refresh_after=150)
 
 
 def grants(*entries: tuple[str, str, str]) -> Grants:
@@ -33,8 +54,25 @@ HERE = IndexView(present=True)
 ABSENT = IndexView(present=False)
 
 
-def pin(digest: str = D1, present: bool = True, confirmed_at: float = NOW - 10) -> IndexView:
-    return IndexView(present=present, pinned_digest=digest, confirmed_at=confirmed_at)
+ACCEPT_ALL = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+
+
+def pin(
+    digest: str = D1,
+    present: bool = True,
+    confirmed_at: float = NOW - 10,
+    media_type: str = OCI_MANIFEST,
+    current: bool = True,
+    now: float = 0.0,
+) -> IndexView:
+    return IndexView(
+        present=present,
+        pinned_digest=digest,
+        confirmed_at=confirmed_at,
+        media_type=media_type,
+        current=current,
+        now=now,
+    )
 
 
 ROUTED = [
@@ -64,6 +102,20 @@ ROUTED = [
         f"/v2/app/manifests/{D1}",
     ),
     ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 301), AGED, Route.PRIMARY, Reason.TAG_STALE, ""),
+    # The index's clock decides the age when it gives one (several nodes, one clock).
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        PULL,
+        pin(confirmed_at=NOW - 10, now=NOW + 400),
+        AGED,
+        Route.PRIMARY,
+        Reason.TAG_STALE,
+        "",
+    ),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(current=False), PINNED, Route.PRIMARY, Reason.TAG_UNCONFIRMED, ""),
+    ("GET", "/v2/app/manifests/v1", PULL, pin(media_type=""), PINNED, Route.PRIMARY, Reason.TAG_NEGOTIATED, ""),
+    ("PATCH", "/gitlab/v1/repositories/app/", TokenProblem.MISSING, HERE, PINNED, Route.PRIMARY, Reason.WRITE, ""),
     ("GET", "/v2/app/tags/list", PULL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
     ("GET", f"/v2/app/referrers/{D1}", PULL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
     ("GET", "/v2/_catalog", ALL, NOT_ASKED, PINNED, Route.PRIMARY, Reason.LISTING, ""),
@@ -93,8 +145,64 @@ def test_routing_matrix(
     reason: str,
     path: str,
 ) -> None:
-    decision = decide(classify_request(method, uri), credential, view, policy, NOW)
+    decision = decide(classify_request(method, uri), credential, view, policy, NOW, ACCEPT_ALL)
     assert decision == Decision(200, reason, route, path)
+
+
+# What registries 2.8 and 3.0 answer to a request BY TAG for each stored type and Accept (registry
+# dialects §4): "itself" (the stored manifest: the same as by digest), or something else (404, the
+# list's child, a schema 1 conversion). Local only when the registry would answer "itself".
+NEGOTIATION = [
+    (OCI_MANIFEST, "", False),
+    (OCI_MANIFEST, "*/*", False),
+    (OCI_MANIFEST, OCI_MANIFEST, True),
+    (OCI_MANIFEST, f"{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.5", True),
+    (OCI_MANIFEST, DOCKER_MANIFEST, False),
+    (OCI_INDEX, OCI_MANIFEST, False),
+    (OCI_INDEX, f"{OCI_MANIFEST},{OCI_INDEX}", True),
+    (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, False),  # the registry answers the linux/amd64 child
+    (DOCKER_MANIFEST_LIST, f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}", True),
+    (DOCKER_MANIFEST, "", False),  # 2.8: a schema 1 conversion
+    (DOCKER_MANIFEST, "application/json", False),
+    (DOCKER_MANIFEST, DOCKER_MANIFEST.upper(), True),
+    (DOCKER_MANIFEST, ACCEPT_ALL, True),
+    ("application/vnd.docker.distribution.manifest.v1+prettyjws", ACCEPT_ALL, False),
+]
+
+
+@pytest.mark.parametrize(("media_type", "accept", "local"), NEGOTIATION)
+def test_a_pinned_tag_is_local_only_when_accept_negotiates_to_the_pin(
+    media_type: str, accept: str, local: bool
+) -> None:
+    decision = decide(
+        classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(media_type=media_type), PINNED, NOW, accept
+    )
+    assert decision.route is (Route.LOCAL if local else Route.PRIMARY)
+    assert decision.reason == (Reason.TAG_PINNED if local else Reason.TAG_NEGOTIATED)
+
+
+FENCED = Policy(PINNED.realm, PINNED.service, "pinned", write_fence=30)
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "credential", "expected"),
+    [
+        ("PUT", "/v2/app/manifests/v1", PUSH, (TagInvalidated("app", "v1", fence=30),)),
+        ("DELETE", "/v2/app/manifests/v1", ALL, (TagInvalidated("app", "v1", fence=30),)),
+        ("DELETE", f"/v2/app/manifests/{D1}", ALL, (DigestDeleted("app", D1, fence=30),)),
+        ("DELETE", f"/v2/app/blobs/{D1}", ALL, (DigestDeleted("app", D1, fence=30),)),
+        ("PATCH", "/gitlab/v1/repositories/app/", PULL, (RepositoryInvalidated("app", subtree=True, fence=30),)),
+        ("PATCH", "/gitlab/v1/repositories/app/?dry_run=true", PULL, ()),
+        ("PATCH", "/gitlab/v1/repositories/app/", TokenProblem.INVALID, ()),  # a rename needs a valid token
+        ("PUT", f"/v2/app/manifests/{D1}", PUSH, ()),  # by digest: no tag moves
+        ("GET", "/v2/app/manifests/v1", PULL, ()),
+    ],
+)
+def test_writes_through_the_site_invalidate_what_they_change(
+    method: str, uri: str, credential: Grants | TokenProblem, expected: tuple[object, ...]
+) -> None:
+    assert invalidations_for_write(classify_request(method, uri), credential, FENCED) == expected
+    assert invalidations_for_write(classify_request(method, uri), credential, PRIMARY_TAGS) == ()
 
 
 DENIED = [
@@ -164,6 +272,7 @@ def test_challenge_format_is_the_registry_format() -> None:
         ("GET", f"/v2/app/blobs/{D1}", PINNED, IndexQuery(QueryKind.BLOB, "app", D1)),
         ("GET", f"/v2/app/manifests/{D1}", PINNED, IndexQuery(QueryKind.MANIFEST, "app", D1)),
         ("GET", "/v2/app/manifests/v1", PINNED, IndexQuery(QueryKind.TAG, "app", "v1")),
+        ("GET", "/v2/app/manifests/v1", REFRESHING, IndexQuery(QueryKind.TAG, "app", "v1", 150)),
         ("GET", "/v2/app/manifests/v1", PRIMARY_TAGS, None),
         ("PUT", "/v2/app/manifests/v1", PINNED, None),
         ("GET", "/v2/", PINNED, None),
@@ -179,21 +288,21 @@ def test_index_query_asks_only_what_routing_needs(
 def test_a_stale_local_tag_is_never_served() -> None:
     # The primary moved v1 to D2; D2 is not replicated yet. Even though D1 (the old target) is here,
     # the view for the tag is about D2, so the request goes to the primary.
-    decision = decide(classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(D2, present=False), PINNED, NOW)
+    decision = decide(
+        classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(D2, present=False), PINNED, NOW, ACCEPT_ALL
+    )
     assert (decision.route, decision.reason) == (Route.PRIMARY, Reason.TAG_NOT_LOCAL)
 
 
 # ---- how long NGINX may reuse a decision -------------------------------------------------------
 
-CACHING = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, cache_digest_seconds=30, cache_tag_seconds=10)
+CACHING = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, cache_digest_seconds=30)
 
 
 def reuse(method: str, uri: str, credential: Grants | TokenProblem, view: IndexView, policy: Policy = CACHING) -> int:
-    from geo_route.routing import cache_seconds
-
     operation = classify_request(method, uri)
-    decision = decide(operation, credential, view, policy, NOW)
-    return cache_seconds(operation, decision, credential, view, policy, NOW)
+    decision = decide(operation, credential, view, policy, NOW, ACCEPT_ALL)
+    return cache_seconds(operation, decision, credential, policy, NOW)
 
 
 def expiring_in(seconds: float) -> Grants:
@@ -204,17 +313,18 @@ def expiring_in(seconds: float) -> Grants:
     ("method", "uri", "credential", "view", "policy", "expected"),
     [
         ("GET", f"/v2/app/blobs/{D1}", PULL, HERE, CACHING, 30),
-        ("GET", f"/v2/app/blobs/{D1}", PULL, ABSENT, CACHING, 30),  # "primary" for a digest is safe to reuse
-        ("GET", f"/v2/app/manifests/{D1}", PULL, HERE, CACHING, 30),
+        ("GET", f"/v2/app/blobs/{D1}", PULL, ABSENT, CACHING, 30),  # "primary" for a blob is safe to reuse
+        ("GET", "/v2/", PULL, NOT_ASKED, CACHING, 30),
         ("GET", f"/v2/app/blobs/{D1}", expiring_in(7.9), HERE, CACHING, 7),  # never past the token's exp
         ("GET", f"/v2/app/blobs/{D1}", expiring_in(-1), HERE, CACHING, 0),
         ("GET", f"/v2/app/blobs/{D1}", PULL, UNAVAILABLE, CACHING, 0),  # an outage answer is not reused
         ("GET", f"/v2/app/blobs/{D1}", TokenProblem.MISSING, HERE, CACHING, 0),  # denials are not reused
         ("GET", f"/v2/app/blobs/{D1}", TokenProblem.INVALID, HERE, CACHING, 0),
         ("GET", f"/v2/other/blobs/{D1}", PULL, HERE, CACHING, 0),  # insufficient scope
-        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), CACHING, 10),
-        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 295), CACHING, 5),  # within the staleness bound
-        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), PINNED, 0),  # no bound: tags not reused
+        # A manifest can be deleted at the primary and a tag can move: the index must answer each time.
+        ("GET", f"/v2/app/manifests/{D1}", PULL, HERE, CACHING, 0),
+        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), CACHING, 0),
+        ("GET", "/v2/app/manifests/v1", PULL, pin(confirmed_at=NOW - 10), PINNED, 0),
         ("PUT", "/v2/app/manifests/v1", PUSH, HERE, CACHING, 0),
         ("PATCH", "/v2/app/blobs/uploads/u1", PUSH, HERE, CACHING, 0),
         ("GET", "/v2/app/tags/list", PULL, NOT_ASKED, CACHING, 0),

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 from support import RedisServer
 
 from geo_route.config import Settings, load_settings
-from geo_route.index.model import IndexQuery, QueryKind
+from geo_route.index.model import IndexQuery, PrimaryTag, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.web.updater import RecentEventIds, create_updater_app
 
@@ -88,10 +88,16 @@ def test_local_push_events_mark_presence(client: FlaskClient, updater_settings: 
     assert store.local_tags("group/app") == {"v1": digest(2)}
 
 
-def test_primary_push_pins_the_tag(client: FlaskClient, updater_settings: Settings) -> None:
+def test_a_primary_push_invalidates_the_tag_and_queues_its_resolution(
+    client: FlaskClient, updater_settings: Settings
+) -> None:
+    store = RedisIndexStore(updater_settings.redis)
+    store.apply([PrimaryTag("group/app", "v1", digest(6), store.now())])
     assert send(client, "primary", {"events": [push("group/app", 7, tag="v1")]})[0] == 200
-    view = RedisIndexStore(updater_settings.redis).lookup(IndexQuery(QueryKind.TAG, "group/app", "v1"))
-    assert view.pinned_digest == digest(7)
+    assert store.primary_tag("group/app", "v1") is None, "an event is a hint: the old pin is gone, nothing pinned"
+    (resolution,) = store.claim_resolutions(10)
+    assert (resolution.repository, resolution.tag, resolution.hint) == ("group/app", "v1", digest(7))
+    store.close()
 
 
 @pytest.mark.parametrize("secret", ["", "Bearer wrong", PRIMARY_SECRET, LOCAL_SECRET + " "])

@@ -24,6 +24,7 @@ from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.web import create_app
 
+OCI = "application/vnd.oci.image.manifest.v1+json"
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
 
@@ -69,12 +70,14 @@ def test_pinned_tag_is_rewritten_to_its_digest(
     client: FlaskClient, index: RedisIndexStore, make_token: MakeToken
 ) -> None:
     token = make_token([access("group/app", "pull")])
-    index.apply([PrimaryTag("group/app", "v1", D1, time.time()), ManifestPresence("group/app", D1, True)])
-    status, headers = ask(client, "HEAD", "/v2/group/app/manifests/v1", token)
+    index.apply([PrimaryTag("group/app", "v1", D1, index.now(), OCI), ManifestPresence("group/app", D1, True)])
+    status, headers = ask(client, "HEAD", "/v2/group/app/manifests/v1", token, Accept=OCI)
     assert (status, headers[contract.ROUTE], headers[contract.REASON]) == (200, "local", "tag-pinned")
     assert headers[contract.UPSTREAM_PATH] == f"/v2/group/app/manifests/{D1}"
-    index.apply([PrimaryTag("group/app", "v1", D2, time.time())])  # moved on the primary, not replicated yet
-    status, headers = ask(client, "GET", "/v2/group/app/manifests/v1", token)
+    status, headers = ask(client, "HEAD", "/v2/group/app/manifests/v1", token)  # no Accept: the registry 404s
+    assert (status, headers[contract.ROUTE], headers[contract.REASON]) == (200, "primary", "tag-negotiated")
+    index.apply([PrimaryTag("group/app", "v1", D2, index.now(), OCI)])  # moved on the primary, not replicated yet
+    status, headers = ask(client, "GET", "/v2/group/app/manifests/v1", token, Accept=OCI)
     assert (headers[contract.ROUTE], headers[contract.REASON]) == ("primary", "tag-not-local")
     assert contract.UPSTREAM_PATH not in headers
 

@@ -49,3 +49,16 @@ class RedisProcess:
     def stop(self) -> None:
         if self.logged is not None:
             self.logged.stop()
+
+    def save(self) -> None:
+        """Write a snapshot now (``dump.rdb`` in its directory); a restart loads it."""
+        with socket.create_connection((LOOPBACK, self.port), timeout=10) as sock:
+            sock.sendall(b"SAVE\r\n")
+            if not sock.recv(16).startswith(b"+OK"):
+                raise RuntimeError("redis-server refused SAVE")
+
+    def restart(self) -> RedisProcess:
+        """Stop and start again on the same port and directory: from the last ``save()`` if there
+        was one (as Redis 7 restarts from its RDB snapshot), else empty. A new run_id either way."""
+        self.stop()
+        return self.start()

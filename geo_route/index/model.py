@@ -21,6 +21,9 @@ class IndexQuery:
     kind: QueryKind
     repository: str
     reference: str  # a digest for BLOB/MANIFEST, a tag for TAG
+    # TAG: a pin older than this (or none, or one of an older index epoch) is queued for
+    # resolution at the primary by the same round trip; 0: only missing or unconfirmed entries.
+    refresh_after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +31,13 @@ class IndexView:
     """What the index said. ``available`` False means it could not answer (route to the primary)."""
 
     available: bool = True
-    present: bool = False  # BLOB/MANIFEST: present locally; TAG: the pinned manifest is present locally
-    pinned_digest: str = ""  # TAG: the digest the primary last published for the tag
-    confirmed_at: float = 0.0  # TAG: when that digest was last confirmed (unix seconds)
+    present: bool = False  # BLOB/MANIFEST: present locally (and not deleted at the primary);
+    #                        TAG: the pinned manifest is present locally
+    pinned_digest: str = ""  # TAG: the digest the primary answered for the tag ("" none, or a tombstone)
+    confirmed_at: float = 0.0  # TAG: when the primary was asked for it (the index's clock, unix seconds)
+    media_type: str = ""  # TAG: the media type the primary answered with that digest
+    current: bool = True  # TAG: the pin was written in the index's current epoch (see docs/consistency.md)
+    now: float = 0.0  # TAG: the index's clock when it answered (0: not given)
 
 
 UNAVAILABLE = IndexView(available=False)
@@ -53,12 +60,60 @@ class ManifestPresence:
 
 @dataclass(frozen=True, slots=True)
 class PrimaryTag:
-    """The primary's tag → digest, confirmed at a time; ``digest`` empty removes the tag."""
+    """The primary's answer for a tag, asked at ``confirmed_at`` on the index's clock.
+
+    ``digest`` empty: the primary answered 404 (a tombstone). It lands only if it is newer than
+    what the index holds (a pin strictly newer; a tombstone at least as new), deletes included.
+    ``hint`` is the claimed resolution's hint, cleared when the pin lands (see ``TagResolution``).
+    """
 
     repository: str
     tag: str
     digest: str
     confirmed_at: float = 0.0
+    media_type: str = ""
+    hint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TagInvalidated:
+    """Something changed a tag (an event, or a write through this site): tombstone it now and queue
+    a resolution. ``fence`` seconds push the tombstone's stamp (and the resolution) into the future,
+    so no answer asked before then lands (a write still in flight). ``hint``: the digest an event
+    says the tag now has (a resolution that answers otherwise is retried before it pins)."""
+
+    repository: str
+    tag: str
+    hint: str = ""
+    fence: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DigestDeleted:
+    """A manifest (or blob) deleted at the primary: not served by digest here any more, and every
+    tag the index pins to it is invalidated."""
+
+    repository: str
+    digest: str
+    fence: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class DigestRestored:
+    """The primary has ``digest`` again (or the local registry deleted it): clear its deletion mark."""
+
+    repository: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryInvalidated:
+    """Every tag the index pins in ``repository`` (and, with ``subtree``, in every repository under
+    ``repository/``) is invalidated: a rename, or an event that could not be read."""
+
+    repository: str
+    subtree: bool = False
+    fence: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +125,30 @@ class LocalTag:
     digest: str
 
 
-IndexUpdate = BlobPresence | ManifestPresence | PrimaryTag | LocalTag
+@dataclass(frozen=True, slots=True)
+class TagResolution:
+    """A queued question for the primary: what does ``repository:tag`` point at now?
+
+    ``asked_at`` is the index's clock when it was claimed (before the question is sent); ``hint``
+    the digest an event announced (``""`` none) and ``attempts`` how often it was already retried."""
+
+    repository: str
+    tag: str
+    asked_at: float
+    hint: str = ""
+    attempts: int = 0
+
+
+IndexUpdate = (
+    BlobPresence
+    | ManifestPresence
+    | PrimaryTag
+    | LocalTag
+    | TagInvalidated
+    | DigestDeleted
+    | DigestRestored
+    | RepositoryInvalidated
+)
 
 
 class IndexStore(Protocol):

@@ -1,26 +1,42 @@
 """The digest index in Redis: the only module of geo-route that imports redis.
 
 Key schema (``P`` is ``redis.key_prefix``, default ``geo-route:``; ``R`` a repository name, which by
-the OCI grammar never contains spaces or colons):
+the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"``):
 
     P repos                  SET   every repository the index has seen
     P local:blobs:R          SET   blob digests present in the local registry
     P local:manifests:R      SET   manifest digests present in the local registry
     P local:tags:R           HASH  tag -> digest in the local registry
-    P primary:tags:R         HASH  tag -> "<digest> <confirmed_at unix seconds>" as last published
-                                   by the primary (by a notification or reconciliation)
+    P primary:tags:R         HASH  tag -> "<digest|-> <stamp> <media type|-> <epoch|->": the primary's
+                                   answer for the tag, asked at <stamp> (the index's clock); "-" as
+                                   the digest is a tombstone (deleted, invalidated, or 404)
+    P primary:deleted:R      SET   digests deleted at the primary: not served by digest here
+    P resolve                ZSET  M -> due time: tags to ask the primary about
+    P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
+    P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
+    P server                 STRING the Redis run_id the epoch belongs to
     P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
 
-A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob or a
-manifest, one Lua script (``HGET`` the pinned digest, then ``SISMEMBER`` it in the local manifests)
-for a tag. Writes go in
-one ``MULTI``/``EXEC`` per call, sent as one write. After a failure the store answers "unavailable" at once for
-``unavailable_cooldown`` seconds instead of waiting on a dead Redis for every request.
+Clock: every stamp is the Redis server's ``TIME`` (one clock for every worker and node of a site),
+read inside the script that uses it; ``clock=`` replaces it (tests with a controlled clock).
+
+Epoch: every new connection compares the server's ``run_id`` with ``P server``. A restart (from a
+snapshot or not), a failover to a replica or a restore gives another run_id: the first connection
+that sees it starts a new epoch, so every pin written before is unconfirmed (routed to the primary
+and re-resolved), never served stale (docs/consistency.md).
+
+A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob, one
+Lua script for a manifest by digest (present and not deleted at the primary) and for a tag (the
+pin, its epoch, the pinned manifest's presence, the clock, and queueing a resolution when the pin
+is missing, unconfirmed or due for refresh). Writes go in one ``MULTI``/``EXEC`` per call, sent as
+one write. After a failure the store answers "unavailable" at once for ``unavailable_cooldown``
+seconds instead of waiting on a dead Redis for every request.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -35,6 +51,8 @@ from geo_route.config import RedisSettings
 from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
+    DigestDeleted,
+    DigestRestored,
     IndexQuery,
     IndexUpdate,
     IndexView,
@@ -42,31 +60,162 @@ from geo_route.index.model import (
     ManifestPresence,
     PrimaryTag,
     QueryKind,
+    RepositoryInvalidated,
+    TagInvalidated,
+    TagResolution,
 )
 
 T = TypeVar("T")
-# A primary tag pin changes only for news at least as recent as what it holds: notifications arrive
-# unordered, so an old push (or delete) replayed after a newer one must not win.
-SET_PIN_IF_NEWER_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if current then
-  local confirmed = tonumber(string.match(current, ' (%S+)$') or '0') or 0
-  if tonumber(ARGV[3]) < confirmed then return 0 end
+log = logging.getLogger("geo_route.index")
+RESOLVE_QUEUE_MAX = 100_000  # reads stop queueing resolutions beyond this (events still do)
+TOMBSTONE = "-"
+
+# Shared Lua: the clock (ARGV "" = the server's TIME), a pin's fields, and invalidating one tag.
+LUA_COMMON = """
+local function clock(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ' ' .. ARGV[3]) end
+local function fields(value)
+  local digest, stamp, media, epoch = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
+  if not digest then return '-', 0, '-', '-' end
+  return digest, tonumber(stamp) or 0, media, epoch
+end
+local function stamp_of(value)
+  if not value then return nil end
+  local _, stamp = fields(value)
+  return stamp
+end
+local function epoch_now(key)
+  return redis.call('GET', key) or '-'
+end
+local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, stamp, hint)
+  local held = stamp_of(redis.call('HGET', tags_key, tag))
+  if held and held > stamp then stamp = held end
+  redis.call('HSET', tags_key, tag, '- ' .. string.format('%.6f', stamp) .. ' - ' .. epoch)
+  redis.call('ZADD', queue_key, stamp, member)
+  if hint ~= '' then redis.call('HSET', hints_key, member, hint .. ' 0') end
+  return stamp
+end
+"""
+# KEYS: tags, epoch, deleted, hints   ARGV: tag, digest ('' = 404), stamp, media type, member, hint
+SET_PIN_IF_NEWER_SCRIPT = (
+    LUA_COMMON
+    + """
+local stamp = tonumber(ARGV[3])
+local held = stamp_of(redis.call('HGET', KEYS[1], ARGV[1]))
+if held and (stamp < held or (ARGV[2] ~= '' and stamp == held)) then return 0 end
+local media = ARGV[4] ~= '' and ARGV[4] or '-'
+local digest = ARGV[2] ~= '' and ARGV[2] or '-'
+local pin = digest .. ' ' .. string.format('%.6f', stamp) .. ' ' .. media .. ' ' .. epoch_now(KEYS[2])
+redis.call('HSET', KEYS[1], ARGV[1], pin)
+if ARGV[2] ~= '' then redis.call('SREM', KEYS[3], ARGV[2]) end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[4], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[4], ARGV[5]) end
 return 1
 """
-PINNED_TAG_SCRIPT = """
-local pinned = redis.call('HGET', KEYS[1], ARGV[1])
-if not pinned then return false end
-local digest = string.match(pinned, '^(%S+)')
-return {pinned, redis.call('SISMEMBER', KEYS[2], digest)}
+)
+# KEYS: tags, queue, hints, epoch   ARGV: tag, member, now, fence, hint
+INVALIDATE_TAG_SCRIPT = (
+    LUA_COMMON
+    + """
+invalidate(KEYS[1], KEYS[2], KEYS[3], epoch_now(KEYS[4]), ARGV[1], ARGV[2], clock(ARGV[3]) + tonumber(ARGV[4]), ARGV[5])
+return 1
 """
-
-
+)
+# Every tag of each repository (one, or a subtree) that is pinned, or pinned to one digest.
+# KEYS: queue, hints, epoch, deleted-or-''   ARGV: prefix, repository, subtree 0/1, digest-or-'', now, fence
+INVALIDATE_TAGS_SCRIPT = (
+    LUA_COMMON
+    + """
+local prefix, repository, digest = ARGV[1], ARGV[2], ARGV[4]
+local stamp = clock(ARGV[5]) + tonumber(ARGV[6])
+local epoch = epoch_now(KEYS[3])
+if digest ~= '' then redis.call('SADD', KEYS[4], digest) end
+local names = {repository}
+if ARGV[3] == '1' then
+  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
+    if string.sub(name, 1, #repository + 1) == repository .. '/' then table.insert(names, name) end
+  end
+end
+local count = 0
+for _, name in ipairs(names) do
+  local tags_key = prefix .. 'primary:tags:' .. name
+  local entries = redis.call('HGETALL', tags_key)
+  for i = 1, #entries, 2 do
+    local pinned = fields(entries[i + 1])
+    if pinned ~= '-' and (digest == '' or pinned == digest) then
+      invalidate(tags_key, KEYS[1], KEYS[2], epoch, entries[i], name .. ' ' .. entries[i], stamp, '')
+      count = count + 1
+    end
+  end
+end
+return count
+"""
+)
+# KEYS: tags, manifests, epoch, queue   ARGV: tag, member, now, refresh_after, queue max
+PINNED_TAG_SCRIPT = (
+    LUA_COMMON
+    + """
+local now = clock(ARGV[3])
+local pinned = redis.call('HGET', KEYS[1], ARGV[1])
+local epoch = epoch_now(KEYS[3])
+local present = 0
+local due = now
+local fresh = false
+if pinned then
+  local digest, stamp, _, pin_epoch = fields(pinned)
+  if stamp > now then due = stamp end
+  fresh = pin_epoch == epoch and now - stamp <= tonumber(ARGV[4])
+  if digest ~= '-' then present = redis.call('SISMEMBER', KEYS[2], digest) end
+end
+if not fresh and redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
+  redis.call('ZADD', KEYS[4], 'NX', due, ARGV[2])
+end
+return {pinned or '', present, epoch, string.format('%.6f', now)}
+"""
+)
+# KEYS: manifests, deleted   ARGV: digest
+MANIFEST_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+return redis.call('SISMEMBER', KEYS[1], ARGV[1])
+"""
+# KEYS: queue, hints   ARGV: now, limit  ->  {now, member, hint, member, hint, ...}
+CLAIM_SCRIPT = (
+    LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {string.format('%.6f', now)}
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  table.insert(out, member)
+  table.insert(out, redis.call('HGET', KEYS[2], member) or '')
+end
+return out
+"""
+)
+# KEYS: queue, hints   ARGV: member, due, hint as claimed, hint to store ('' = leave it)
+REQUEUE_SCRIPT = """
+redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+end
+return 1
+"""
+# KEYS: epoch, server   ARGV: run_id, new epoch  -> 1 when a new epoch began
+ENSURE_EPOCH_SCRIPT = """
+if redis.call('GET', KEYS[2]) == ARGV[1] and redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
 RELEASE_OWN_LEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+RENEW_OWN_LEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -77,6 +226,10 @@ class KeySchema:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.repos = f"{prefix}repos"
+        self.resolve = f"{prefix}resolve"
+        self.hints = f"{prefix}resolve:hints"
+        self.epoch = f"{prefix}epoch"
+        self.server = f"{prefix}server"
 
     def local_blobs(self, repository: str) -> str:
         return f"{self.prefix}local:blobs:{repository}"
@@ -90,20 +243,42 @@ class KeySchema:
     def primary_tags(self, repository: str) -> str:
         return f"{self.prefix}primary:tags:{repository}"
 
+    def primary_deleted(self, repository: str) -> str:
+        return f"{self.prefix}primary:deleted:{repository}"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"
 
 
-def encode_pin(digest: str, confirmed_at: float) -> str:
-    return f"{digest} {confirmed_at:.3f}"
+def queue_member(repository: str, tag: str) -> str:
+    return f"{repository} {tag}"
 
 
-def decode_pin(value: str) -> tuple[str, float]:
-    digest, _, confirmed = value.partition(" ")
+def parse_member(member: str) -> tuple[str, str]:
+    repository, _, tag = member.rpartition(" ")
+    return repository, tag
+
+
+def decode_pin(value: str) -> tuple[str, float, str, str]:
+    """(digest, stamp, media type, epoch) of a stored pin; digest ``""`` for a tombstone."""
+    parts = value.split(" ")
+    if len(parts) != 4:
+        return "", 0.0, "", ""
+    digest, stamp, media_type, epoch = parts
     try:
-        return digest, float(confirmed)
+        confirmed = float(stamp)
     except ValueError:
-        return digest, 0.0
+        confirmed = 0.0
+    return ("" if digest == TOMBSTONE else digest), confirmed, ("" if media_type == "-" else media_type), epoch
+
+
+def eval_command(script: str, keys: tuple[str, ...], *args: tuple[str, ...]) -> tuple[str, ...]:
+    """``EVAL`` of ``script`` as one command of a transaction."""
+    return ("EVAL", script, str(len(keys)), *keys, *(arg for group in args for arg in group))
+
+
+def format_stamp(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
 
 
 class LookupConnections:
@@ -190,7 +365,9 @@ class RedisIndexStore:
         *,
         client: redis.Redis | None = None,
         clock: Callable[[], float] = time.monotonic,
+        index_clock: Callable[[], float] | None = None,
     ) -> None:
+        self.keys = KeySchema(settings.key_prefix)
         self._client = client or redis.Redis.from_url(
             settings.url,
             socket_timeout=settings.socket_timeout,
@@ -198,13 +375,39 @@ class RedisIndexStore:
             max_connections=settings.max_connections,
             retry=Retry(NoBackoff(), 0),
             decode_responses=True,
+            redis_connect_func=self._on_connect,
         )
-        self.keys = KeySchema(settings.key_prefix)
         self._lookups = LookupConnections(self._client.connection_pool)
         self._clock = clock
+        self._index_clock = index_clock  # None: the Redis server's TIME
         self._cooldown = settings.unavailable_cooldown
         self._down_until = 0.0
         self._leases: dict[str, str] = {}
+        self.epochs_started = 0
+
+    def _now_arg(self) -> str:
+        return format_stamp(self._index_clock()) if self._index_clock is not None else ""
+
+    def _on_connect(self, connection: Any) -> None:
+        """Every new connection: the usual handshake, then the epoch check (module docstring)."""
+        connection.on_connect()
+        connection.send_command("INFO", "server", check_health=False)
+        info = connection.read_response()
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        run_id = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("run_id:")), "")
+        connection.send_command(
+            "EVAL",
+            ENSURE_EPOCH_SCRIPT,
+            "2",
+            self.keys.epoch,
+            self.keys.server,
+            run_id,
+            secrets.token_hex(8),
+            check_health=False,
+        )
+        if connection.read_response() == 1:
+            self.epochs_started += 1
+            log.warning("index epoch started (Redis run_id %s): pins written before are unconfirmed", run_id[:12])
 
     def lookup(self, query: IndexQuery) -> IndexView:
         if self._clock() < self._down_until:
@@ -220,14 +423,29 @@ class RedisIndexStore:
         if query.kind is QueryKind.BLOB:
             return IndexView(present=bool(self._lookups.run("SISMEMBER", self.keys.local_blobs(repository), reference)))
         if query.kind is QueryKind.MANIFEST:
-            present = self._lookups.run("SISMEMBER", self.keys.local_manifests(repository), reference)
-            return IndexView(present=bool(present))
-        keys = (self.keys.primary_tags(repository), self.keys.local_manifests(repository))
-        found = self._lookups.run_script(PINNED_TAG_SCRIPT, keys, (reference,))
-        if not found:
-            return IndexView()
-        digest, confirmed_at = decode_pin(found[0])
-        return IndexView(present=bool(found[1]), pinned_digest=digest, confirmed_at=confirmed_at)
+            manifest_keys = (self.keys.local_manifests(repository), self.keys.primary_deleted(repository))
+            return IndexView(present=bool(self._lookups.run_script(MANIFEST_SCRIPT, manifest_keys, (reference,))))
+        keys = (
+            self.keys.primary_tags(repository),
+            self.keys.local_manifests(repository),
+            self.keys.epoch,
+            self.keys.resolve,
+        )
+        member = queue_member(repository, reference)
+        refresh = f"{query.refresh_after:.6f}" if query.refresh_after > 0 else "1e18"
+        args = (reference, member, self._now_arg(), refresh, str(RESOLVE_QUEUE_MAX))
+        pinned, present, epoch, now = self._lookups.run_script(PINNED_TAG_SCRIPT, keys, args)
+        if not pinned:
+            return IndexView(now=float(now))
+        digest, confirmed_at, media_type, pin_epoch = decode_pin(str(pinned))
+        return IndexView(
+            present=bool(present),
+            pinned_digest=digest,
+            confirmed_at=confirmed_at,
+            media_type=media_type,
+            current=pin_epoch == str(epoch),
+            now=float(now),
+        )
 
     def apply(self, updates: Iterable[IndexUpdate]) -> None:
         commands = [command for update in updates for command in self.commands_for(update)]
@@ -241,30 +459,68 @@ class RedisIndexStore:
             raise IndexUnavailable(f"redis write failed: {type(exc).__name__}") from None
 
     def commands_for(self, update: IndexUpdate) -> list[tuple[str, ...]]:
-        repository = update.repository
+        keys, repository = self.keys, update.repository
         if isinstance(update, BlobPresence | ManifestPresence):
-            key = (self.keys.local_blobs if isinstance(update, BlobPresence) else self.keys.local_manifests)(repository)
+            key = (keys.local_blobs if isinstance(update, BlobPresence) else keys.local_manifests)(repository)
             if update.present:
-                return [("SADD", self.keys.repos, repository), ("SADD", key, update.digest)]
+                return [("SADD", keys.repos, repository), ("SADD", key, update.digest)]
             return [("SREM", key, update.digest)]
         if isinstance(update, PrimaryTag):
-            confirmed = f"{update.confirmed_at:.3f}"
-            pin = (
-                "EVAL",
+            pin = eval_command(
                 SET_PIN_IF_NEWER_SCRIPT,
-                "1",
-                self.keys.primary_tags(repository),
-                update.tag,
-                update.digest,
-                confirmed,
+                (keys.primary_tags(repository), keys.epoch, keys.primary_deleted(repository), keys.hints),
+                (update.tag, update.digest, format_stamp(update.confirmed_at), update.media_type.split(";")[0].strip()),
+                (queue_member(repository, update.tag), update.hint),
             )
-            return [("SADD", self.keys.repos, repository), pin] if update.digest else [pin]
+            return [("SADD", keys.repos, repository), pin]
+        if isinstance(update, TagInvalidated):
+            invalidate = eval_command(
+                INVALIDATE_TAG_SCRIPT,
+                (keys.primary_tags(repository), keys.resolve, keys.hints, keys.epoch),
+                (update.tag, queue_member(repository, update.tag), self._now_arg(), f"{update.fence:.6f}", update.hint),
+            )
+            return [("SADD", keys.repos, repository), invalidate]
+        if isinstance(update, DigestDeleted | RepositoryInvalidated):
+            digest = update.digest if isinstance(update, DigestDeleted) else ""
+            subtree = "1" if isinstance(update, RepositoryInvalidated) and update.subtree else "0"
+            keys_used = (keys.resolve, keys.hints, keys.epoch, keys.primary_deleted(repository))
+            args = (keys.prefix, repository, subtree, digest, self._now_arg(), f"{update.fence:.6f}")
+            return [eval_command(INVALIDATE_TAGS_SCRIPT, keys_used, args)]
+        if isinstance(update, DigestRestored):
+            return [("SREM", keys.primary_deleted(repository), update.digest)]
         if isinstance(update, LocalTag):
-            key = self.keys.local_tags(repository)
+            key = keys.local_tags(repository)
             if not update.digest:
                 return [("HDEL", key, update.tag)]
-            return [("SADD", self.keys.repos, repository), ("HSET", key, update.tag, update.digest)]
+            return [("SADD", keys.repos, repository), ("HSET", key, update.tag, update.digest)]
         raise TypeError(f"not an index update: {update!r}")
+
+    def claim_resolutions(self, limit: int) -> list[TagResolution]:
+        """Take up to ``limit`` due resolutions off the queue (atomically: several updaters never
+        take the same one), stamped with the index's clock at the claim."""
+        keys = (self.keys.resolve, self.keys.hints)
+        found = self._write(lambda: self._client.eval(CLAIM_SCRIPT, 2, *keys, self._now_arg(), str(limit)))
+        asked_at = float(found[0])
+        claimed = []
+        for member, hint in zip(found[1::2], found[2::2], strict=True):
+            repository, tag = parse_member(str(member))
+            digest, _, attempts = str(hint).partition(" ")
+            claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0)))
+        return claimed
+
+    def requeue(self, resolution: TagResolution, delay: float, attempts: int | None = None) -> None:
+        """Ask again in ``delay`` seconds (unless it is queued sooner); ``attempts`` updates its hint."""
+        member = queue_member(resolution.repository, resolution.tag)
+        hint = f"{resolution.hint} {attempts}" if resolution.hint and attempts is not None else ""
+        due = resolution.asked_at + delay
+        self._write(
+            lambda: self._client.eval(
+                REQUEUE_SCRIPT, 2, self.keys.resolve, self.keys.hints, member, format_stamp(due), hint
+            )
+        )
+
+    def queued_resolutions(self) -> int:
+        return int(self._read(lambda: self._client.zcard(self.keys.resolve)))
 
     def ping(self) -> bool:
         try:
@@ -278,8 +534,12 @@ class RedisIndexStore:
         return {str(tag): str(digest) for tag, digest in found.items()}
 
     def primary_tag(self, repository: str, tag: str) -> tuple[str, float] | None:
+        """The pinned (digest, stamp) of a tag; ``None`` when there is no pin (none, or a tombstone)."""
         value = self._read(lambda: self._client.hget(self.keys.primary_tags(repository), tag))
-        return decode_pin(str(value)) if value else None
+        if not value:
+            return None
+        digest, stamp, _, _ = decode_pin(str(value))
+        return (digest, stamp) if digest else None
 
     def local_snapshot(self, repository: str) -> tuple[set[str], set[str]]:
         """(blob digests, manifest digests) the index holds as present locally for ``repository``."""
@@ -290,8 +550,20 @@ class RedisIndexStore:
         return {str(d) for d in blobs}, {str(d) for d in manifests}
 
     def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]:
+        """Every pinned tag of a repository: tag → (digest, stamp); tombstones are left out."""
         found = self._read(lambda: self._client.hgetall(self.keys.primary_tags(repository)))
-        return {str(tag): decode_pin(str(value)) for tag, value in found.items()}
+        pins = {str(tag): decode_pin(str(value))[:2] for tag, value in found.items()}
+        return {tag: (digest, stamp) for tag, (digest, stamp) in pins.items() if digest}
+
+    def deleted_digests(self, repository: str) -> set[str]:
+        return {str(d) for d in self._read(lambda: self._client.smembers(self.keys.primary_deleted(repository)))}
+
+    def now(self) -> float:
+        """The index's clock."""
+        if self._index_clock is not None:
+            return self._index_clock()
+        seconds, micros = self._read(self._client.time)
+        return float(seconds) + float(micros) / 1_000_000
 
     def try_lock(self, name: str, seconds: int) -> bool:
         """A lease held by whoever set it first, for ``seconds`` (one reconciliation at a time).
@@ -303,6 +575,15 @@ class RedisIndexStore:
         if taken:
             self._leases[name] = owner
         return taken
+
+    def renew_lock(self, name: str, seconds: int) -> bool:
+        """Extend our own lease to ``seconds`` from now; False when it is no longer ours."""
+        owner = self._leases.get(name)
+        if owner is None:
+            return False
+        return bool(
+            self._read(lambda: self._client.eval(RENEW_OWN_LEASE_SCRIPT, 1, self.keys.lock(name), owner, seconds))
+        )
 
     def unlock(self, name: str) -> None:
         owner = self._leases.pop(name, None)
@@ -317,6 +598,8 @@ class RedisIndexStore:
             return command()
         except redis.RedisError as exc:
             raise IndexUnavailable(f"redis read failed: {type(exc).__name__}") from None
+
+    _write = _read
 
     def close(self) -> None:
         self._lookups.close()

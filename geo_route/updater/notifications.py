@@ -8,8 +8,16 @@ Semantics as registry 2.8 really emits them (protocol notes §1.3):
 * ``delete`` with a tag (no digest) → the tag is removed;
 * ``pull`` and unknown actions are ignored; a malformed event is reported, never raised.
 
-From the primary's registry only tags matter: a manifest push with a tag pins tag → digest with the
-event's time; a tag delete removes the pin.
+From the primary's registry an event is a hint, never a fact to pin (docs/consistency.md): events
+arrive late, twice, out of order or never, and their timestamps come from another machine's clock.
+An event that concerns a tag invalidates it (a tombstone stamped by the index's own clock) and
+queues its resolution at the primary, which pins what the primary then answers:
+
+* ``push`` of a manifest with a tag → that tag (with the pushed digest as a hint);
+* ``delete`` with a tag → that tag; ``delete`` with a digest → the digest is deleted at the primary
+  (not served by digest here) and every tag pinned to it (GitLab's database mode sends no tag events);
+* ``rename`` (GitLab) → every tag of the repository and everything under it, at both paths;
+* an event that cannot be read but names a valid repository → every tag of that repository.
 """
 
 from __future__ import annotations
@@ -21,11 +29,20 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence, PrimaryTag
+from geo_route.index.model import (
+    BlobPresence,
+    DigestDeleted,
+    DigestRestored,
+    IndexUpdate,
+    LocalTag,
+    ManifestPresence,
+    RepositoryInvalidated,
+    TagInvalidated,
+)
 from geo_route.operations import is_valid_digest, is_valid_name, is_valid_tag
 
 BLOB_MEDIA_TYPE = "application/octet-stream"
-HANDLED_ACTIONS = frozenset({"push", "mount", "delete"})
+HANDLED_ACTIONS = frozenset({"push", "mount", "delete", "rename"})
 
 
 class Source(Enum):
@@ -46,6 +63,7 @@ class Event:
     digest: str
     tag: str
     media_type: str
+    renamed: tuple[str, ...] = ()  # rename: the other paths the repository's tags now live under
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +95,28 @@ def interpret_events(raw_events: Iterable[Any], source: Source, received_at: flo
 
 
 def interpret_event(raw: Any, source: Source, received_at: float) -> Outcome:
+    """``received_at`` is kept for the signature's callers; no update depends on any clock."""
     try:
         event = read_event(raw)
     except ValueError as exc:
         action = raw.get("action") if isinstance(raw, dict) else None
-        return Outcome(action[:32] if isinstance(action, str) and action else "unknown", "malformed", problem=str(exc))
+        label = action[:32] if isinstance(action, str) and action else "unknown"
+        updates = unreadable_primary_event(raw) if source is Source.PRIMARY else ()
+        return Outcome(label, "malformed", updates, problem=str(exc))
     if event.action not in HANDLED_ACTIONS:
         return Outcome(event.action[:32] if event.action else "unknown", "ignored", event=event)
-    confirmed_at = event.timestamp if event.timestamp is not None else received_at
-    updates = updates_for_local(event) if source is Source.LOCAL else updates_for_primary(event, confirmed_at)
-    return Outcome(event.action, "applied" if updates else "ignored", tuple(updates), event)
+    found = updates_for_local(event) if source is Source.LOCAL else updates_for_primary(event)
+    return Outcome(event.action, "applied" if found else "ignored", tuple(found), event)
+
+
+def unreadable_primary_event(raw: Any) -> tuple[IndexUpdate, ...]:
+    """An event from the primary that cannot be read may still have changed a repository's tags:
+    when it names a valid repository, every tag of it is re-resolved."""
+    target = raw.get("target") if isinstance(raw, dict) else None
+    repository = target.get("repository") if isinstance(target, dict) else None
+    if isinstance(repository, str) and is_valid_name(repository):
+        return (RepositoryInvalidated(repository),)
+    return ()
 
 
 def read_event(raw: Any) -> Event:
@@ -106,7 +136,7 @@ def read_event(raw: Any) -> Event:
             raise ValueError(f"invalid digest {digest[:80]!r}")
         if tag and not is_valid_tag(tag):
             raise ValueError(f"invalid tag {tag[:80]!r}")
-        if not digest and not (action == "delete" and tag):
+        if not digest and not (action == "delete" and tag) and action != "rename":
             raise ValueError(f"{action} event without a digest")
     return Event(
         id=text_field(raw, "id"),
@@ -116,7 +146,27 @@ def read_event(raw: Any) -> Event:
         digest=digest,
         tag=tag,
         media_type=text_field(target, "mediaType"),
+        renamed=read_rename(target, repository) if action == "rename" else (),
     )
+
+
+def read_rename(target: dict[str, Any], repository: str) -> tuple[str, ...]:
+    """The paths a GitLab ``rename`` names besides ``repository``: ``target.rename = {type, from,
+    to}`` with ``type`` ``name`` (the last path component changes) or ``namespace`` (the repository
+    moves under another namespace). Every reading of ``from``/``to`` that makes a valid path is
+    returned: invalidating a path too many costs a resolution, one too few serves a stale tag."""
+    rename = target.get("rename")
+    if not isinstance(rename, dict):
+        raise ValueError("rename event without a rename object")
+    kind, old, new = (text_field(rename, key) for key in ("type", "from", "to"))
+    parent, _, last = repository.rpartition("/")
+    if kind == "name":  # a bare new name replaces the last component; a full path stands as it is
+        candidates = {name if "/" in name else (f"{parent}/{name}" if parent else name) for name in (old, new) if name}
+    elif kind == "namespace":
+        candidates = {f"{namespace}/{last}" for namespace in (old, new) if namespace}
+    else:
+        raise ValueError(f"unknown rename type {kind[:40]!r}")
+    return tuple(sorted(path for path in candidates if path and path != repository and is_valid_name(path)))
 
 
 def text_field(mapping: dict[str, Any], key: str) -> str:
@@ -146,9 +196,15 @@ def read_timestamp(value: Any) -> float | None:
 
 def updates_for_local(event: Event) -> list[IndexUpdate]:
     repository, digest = event.repository, event.digest
+    if event.action == "rename":
+        return []  # the local registry's own paths are rebuilt by its push events and reconciliation
     if event.action == "delete":
-        if digest:
-            return [BlobPresence(repository, digest, False), ManifestPresence(repository, digest, False)]
+        if digest:  # gone here too: a later copy of it (the primary has it again) may be served
+            return [
+                BlobPresence(repository, digest, False),
+                ManifestPresence(repository, digest, False),
+                DigestRestored(repository, digest),
+            ]
         return [LocalTag(repository, event.tag, "")]
     if event.media_type == BLOB_MEDIA_TYPE:
         return [BlobPresence(repository, digest, True)]
@@ -158,9 +214,14 @@ def updates_for_local(event: Event) -> list[IndexUpdate]:
     return updates
 
 
-def updates_for_primary(event: Event, confirmed_at: float) -> list[IndexUpdate]:
-    if event.action == "delete" and event.tag and not event.digest:
-        return [PrimaryTag(event.repository, event.tag, "", confirmed_at)]
+def updates_for_primary(event: Event) -> list[IndexUpdate]:
+    repository = event.repository
+    if event.action == "rename":
+        return [RepositoryInvalidated(path, subtree=True) for path in (repository, *event.renamed)]
+    if event.action == "delete" and event.digest:
+        return [DigestDeleted(repository, event.digest)]
+    if event.action == "delete" and event.tag:
+        return [TagInvalidated(repository, event.tag)]
     if event.action == "push" and event.tag and event.media_type != BLOB_MEDIA_TYPE:
-        return [PrimaryTag(event.repository, event.tag, event.digest, confirmed_at)]
+        return [TagInvalidated(repository, event.tag, hint=event.digest)]
     return []

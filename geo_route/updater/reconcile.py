@@ -33,15 +33,14 @@ from typing import Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import IndexUpdate, PrimaryTag
+from geo_route.index.model import DigestRestored, IndexUpdate, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
 from geo_route.updater.reconcile_walk import RepositoryWalker, Snapshot, gather, plan_updates
-from geo_route.updater.registry_client import RegistryClient, RegistryError
+from geo_route.updater.registry_client import ManifestHead, RegistryClient, RegistryError
 
 LOCK_NAME = "reconcile"
-LOCK_SECONDS = 3600  # longest run we expect; a crashed run blocks the next ones at most this long
 PROGRESS_EVERY = 100
 APPLY_CHUNK = 1000
 REDIS_TIMEOUT = 10.0  # a reconciliation reads whole sets: the decision path's 50 ms would be too short
@@ -59,7 +58,10 @@ class ReconcileStore(Protocol):
     def local_tags(self, repository: str) -> dict[str, str]: ...
     def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]: ...
     def repositories(self) -> set[str]: ...
+    def deleted_digests(self, repository: str) -> set[str]: ...
+    def now(self) -> float: ...
     def try_lock(self, name: str, seconds: int) -> bool: ...
+    def renew_lock(self, name: str, seconds: int) -> bool: ...
     def unlock(self, name: str) -> None: ...
 
 
@@ -131,13 +133,14 @@ def reconcile(
     progress_every: int = PROGRESS_EVERY,
     registries: Registries | None = None,
     stop: threading.Event | None = None,
-    lock_seconds: int = LOCK_SECONDS,
+    lock_seconds: int | None = None,
 ) -> ReconcileReport:
     """One reconciliation run. Registry and index trouble is counted in the report, never raised;
     an unusable ``updater.signing_key`` raises ``SigningKeyError`` before anything is locked."""
     options = RunOptions(
         concurrency or settings.updater.reconcile_concurrency, progress, progress_every, stop or threading.Event()
     )
+    lock_seconds = lock_seconds or settings.updater.reconcile_lease
     if registries is not None:
         return run_locked(store, registries, options, lock_seconds)
     registries = Registries.from_settings(settings)
@@ -168,7 +171,7 @@ def run_locked(
     if report.locked:
         return report
     try:
-        with ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
+        with LeaseKeeper(store, lock_seconds), ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
             run = ReconcileRun(store, registries, requests, report, options.stop)
             run.walk_local(options.concurrency, options.progress, options.progress_every)
             run.refresh_primary_pins()
@@ -178,6 +181,35 @@ def run_locked(
         release_lock(store, report)
         report.seconds = time.monotonic() - started
     return report
+
+
+class LeaseKeeper:
+    """Renews the reconcile lease every third of its length while a run lives, so a run is never
+    overtaken by the next one however long it takes, and a killed run blocks repair for at most one
+    lease (``updater.reconcile_lease``), not for the longest run imaginable."""
+
+    def __init__(self, store: ReconcileStore, seconds: int) -> None:
+        self._store = store
+        self._seconds = seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="geo-route-reconcile-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._seconds / 3):
+            try:
+                if not self._store.renew_lock(LOCK_NAME, self._seconds):
+                    log.warning("reconcile: the lease is no longer ours; another run may start")
+                    return
+            except IndexUnavailable as exc:
+                log.warning("reconcile: cannot renew the lease: %s", exc)
 
 
 def release_lock(store: ReconcileStore, report: ReconcileReport) -> None:
@@ -254,6 +286,7 @@ class ReconcileRun:
             self.report.cancelled = True
             return
         known = self.known_tags()
+        asked_at = self.store.now()  # before any question: an invalidation after it still wins
         asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
         updates: list[IndexUpdate] = []
         tally = self.report.primary_tags
@@ -261,11 +294,11 @@ class ReconcileRun:
             if isinstance(answer, RegistryError):
                 self.report.add_errors([f"primary {repository}:{tag}: {answer}"])
                 continue
-            asked_at, digest = answer
             pinned = known[repository][tag]
-            update = pin_update(repository, tag, digest, pinned, asked_at, tally)
+            update = pin_update(repository, tag, answer, pinned, asked_at, tally)
             if update is not None:
                 updates.append(update)
+        updates.extend(self.restored_digests())
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
 
@@ -279,18 +312,30 @@ class ReconcileRun:
                 known[repository] = tags
         return known
 
-    def ask_primary(self, key: tuple[str, str]) -> tuple[float, str | None]:
-        asked_at = time.time()  # before the question: a notification newer than the answer still wins
-        return asked_at, self.registries.primary.head_manifest(*key)
+    def ask_primary(self, key: tuple[str, str]) -> ManifestHead | None:
+        return self.registries.primary.head_manifest(*key)
+
+    def restored_digests(self) -> list[IndexUpdate]:
+        """Digests marked deleted at the primary that the primary serves again (pushed anew)."""
+        marked = [
+            (repo, digest) for repo in sorted(self.store.repositories()) for digest in self.store.deleted_digests(repo)
+        ]
+        updates: list[IndexUpdate] = []
+        for (repository, digest), answer in gather(self.requests, lambda key: self.ask_primary(key), marked):
+            if isinstance(answer, RegistryError):
+                self.report.add_errors([f"primary {repository}@{digest}: {answer}"])
+            elif answer is not None:
+                updates.append(DigestRestored(repository, digest))
+        return updates
 
 
 def pin_update(
-    repository: str, tag: str, digest: str | None, pinned: str | None, asked_at: float, tally: PrimaryTally
+    repository: str, tag: str, answer: ManifestHead | None, pinned: str | None, asked_at: float, tally: PrimaryTally
 ) -> PrimaryTag | None:
-    if digest is not None:
+    if answer is not None:
         tally.refreshed += 1
-        tally.changed += int(pinned is not None and pinned != digest)
-        return PrimaryTag(repository, tag, digest, asked_at)
+        tally.changed += int(pinned is not None and pinned != answer.digest)
+        return PrimaryTag(repository, tag, answer.digest, asked_at, answer.media_type)
     if pinned is None:
         return None  # tagged locally only, unknown to the primary: nothing to unpin
     tally.removed += 1

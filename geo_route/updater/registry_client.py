@@ -22,11 +22,8 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 from geo_route.errors import GeoRouteError
+from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 PAGE_SIZE = 100  # the registry's own default page; 2.8.2 refuses an n above catalog.maxentries
@@ -67,6 +64,14 @@ class Manifest:
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_MEDIA_TYPES or bool(self.children)
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestHead:
+    """What a registry answered to ``HEAD`` of a manifest."""
+
+    digest: str
+    media_type: str
 
 
 def parse_next_link(value: str | None) -> str | None:
@@ -154,17 +159,20 @@ class RegistryClient:
         digest = digest or answer.headers.get("docker-content-digest") or sha256_digest(answer.body)
         return parse_manifest(answer.body, digest, answer.headers.get("content-type", ""))
 
-    def head_manifest(self, repository: str, reference: str) -> str | None:
-        """The digest a tag (or digest) names; ``None`` on 404. Falls back to a GET without the header."""
+    def head_manifest(self, repository: str, reference: str) -> ManifestHead | None:
+        """The digest and media type a tag (or digest) names, asked with every manifest type in
+        ``Accept`` (so a list is answered as itself); ``None`` on 404. Falls back to a GET when
+        the registry sends no ``Docker-Content-Digest``."""
         answer = self.request("HEAD", self._manifest_path(repository, reference), repository, MANIFEST_ACCEPT)
         if answer.status == 404:
             return None
         self._expect(answer, f"HEAD manifest {repository}:{reference}")
         digest = answer.headers.get("docker-content-digest")
+        media_type = answer.headers.get("content-type", "").split(";", 1)[0].strip()
         if digest:
-            return digest
+            return ManifestHead(digest, media_type)
         manifest = self.get_manifest(repository, reference)
-        return manifest.digest if manifest else None
+        return ManifestHead(manifest.digest, manifest.media_type) if manifest else None
 
     def has_blob(self, repository: str, digest: str) -> bool:
         """``HEAD`` the blob: 200 (or a redirect to storage) → present, 404 → absent."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from geo_route import contract
 from geo_route.errors import IndexUnavailable
-from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexStore, IndexView, PrimaryTag
+from geo_route.index.model import NOT_ASKED, UNAVAILABLE, IndexStore, IndexUpdate, IndexView
 from geo_route.operations import Kind, Operation, classify_request
 from geo_route.routing import (
     Decision,
@@ -24,7 +24,7 @@ from geo_route.routing import (
     authorize,
     cache_seconds,
     index_query,
-    pins_to_drop,
+    invalidations_for_write,
     primary,
     route,
 )
@@ -38,6 +38,7 @@ STATUS_LINES = {200: "200 OK", 401: "401 Unauthorized", 403: "403 Forbidden"}
 ENV_METHOD = contract.wsgi_environ_key(contract.ORIGINAL_METHOD)
 ENV_URI = contract.wsgi_environ_key(contract.ORIGINAL_URI)
 ENV_AUTHORIZATION = contract.wsgi_environ_key(contract.AUTHORIZATION)
+ENV_ACCEPT = "HTTP_ACCEPT"  # the client's own Accept: the auth subrequest carries the request's headers
 EMPTY_BODY = (b"",)
 
 
@@ -65,7 +66,7 @@ class AuthEndpoint:
         reuse = 0
         try:
             operation = classify_request(environ.get(ENV_METHOD, ""), environ.get(ENV_URI, ""))
-            decision, reuse = self.decide(operation, environ.get(ENV_AUTHORIZATION))
+            decision, reuse = self.decide(operation, environ.get(ENV_AUTHORIZATION), environ.get(ENV_ACCEPT, ""))
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
@@ -73,26 +74,27 @@ class AuthEndpoint:
         self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
         return EMPTY_BODY
 
-    def decide(self, operation: Operation, authorization: str | None) -> tuple[Decision, int]:
+    def decide(self, operation: Operation, authorization: str | None, accept: str = "") -> tuple[Decision, int]:
         """The decision and how many seconds NGINX may reuse it (see ``routing.cache_seconds``)."""
         credential = self._verifier.authenticate(authorization)
         denial = authorize(operation, credential, self._policy)
         if denial is not None:
             return denial, 0
         now = self._clock()
-        self.drop_pins(pins_to_drop(operation, self._policy, now))
+        self.invalidate(invalidations_for_write(operation, credential, self._policy))
         view = self.look_up(operation)
-        decision = route(operation, view, self._policy, now)
-        return decision, cache_seconds(operation, decision, credential, view, self._policy, now)
+        decision = route(operation, view, self._policy, now, accept)
+        return decision, cache_seconds(operation, decision, credential, self._policy, now)
 
-    def drop_pins(self, pins: tuple[PrimaryTag, ...]) -> None:
-        if not pins:
+    def invalidate(self, updates: tuple[IndexUpdate, ...]) -> None:
+        """Take what a write through the site changes off the index before it is proxied."""
+        if not updates:
             return
         try:
-            self._index.apply(pins)
+            self._index.apply(updates)
         except IndexUnavailable as exc:  # the write still goes to the primary; max_tag_age bounds the rest
             self._metrics.index_errors.inc()
-            self._index_warning.emit("could not unpin a tag being pushed: %s", exc)
+            self._index_warning.emit("could not invalidate what a write through the site changes: %s", exc)
 
     def look_up(self, operation: Operation) -> IndexView:
         query = index_query(operation, self._policy)
