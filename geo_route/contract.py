@@ -6,6 +6,9 @@ the service can emit has its ``auth_request_set``, so code and config cannot dri
 
 from __future__ import annotations
 
+import json
+import re
+
 # Request headers NGINX sets on the subrequest (the subrequest itself is always GET).
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
@@ -16,14 +19,17 @@ ROUTE = "X-Geo-Route"  # "local" | "primary"
 REASON = "X-Geo-Reason"  # see routing.Reason
 UPSTREAM_PATH = "X-Geo-Upstream-Path"  # the digest path for a pinned tag served locally
 WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
+# On 401 only: the "detail" of the registry's UNAUTHORIZED error as JSON, written by NGINX into its body.
+UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 
 # How long NGINX may reuse the decision (its proxy_cache honours X-Accel-Expires; 0 = never).
 # NGINX consumes it; it never reaches a client.
 REUSE_SECONDS = "X-Accel-Expires"
 
-RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE, REUSE_SECONDS)
-# NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set.
-ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH)
+RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, WWW_AUTHENTICATE, UNAUTHORIZED_DETAIL, REUSE_SECONDS)
+# NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set
+# (and a client's own copies of them are cleared towards the service and the registries).
+ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, UNAUTHORIZED_DETAIL)
 
 # The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
 ALLOWED_STATUSES = (200, 401, 403)
@@ -37,3 +43,27 @@ def nginx_variable(header: str) -> str:
 def wsgi_environ_key(header: str) -> str:
     """The WSGI environ key of a request header (``X-Original-URI`` → ``HTTP_X_ORIGINAL_URI``)."""
     return "HTTP_" + header.upper().replace("-", "_")
+
+
+CHALLENGE_SCOPE = re.compile(r',scope="((?:[^"\\]|\\.)*)"')
+ESCAPED = re.compile(r"\\(.)")
+
+
+def unauthorized_detail(challenge: str) -> str:
+    """The ``detail`` registry 2.8 writes into a 401's UNAUTHORIZED error, as compact JSON: one
+    ``{"Type","Class","Name","Action"}`` record per action of the challenge's ``scope``, in order
+    (``null`` when the challenge names no scope, as for ``/v2/``).
+
+    The registry lists the access records the request needed; a challenge names exactly those,
+    grouped by resource, so the records come back in the same order (a mount from the same
+    repository, which the registry lists as pull, push, pull, comes back as pull, push).
+    """
+    match = CHALLENGE_SCOPE.search(challenge)
+    if match is None:
+        return "null"
+    records = []
+    for scope in ESCAPED.sub(r"\1", match.group(1)).split(" "):
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")  # a name may hold one ":" (registry host:port)
+        records += [{"Type": kind, "Class": "", "Name": name, "Action": action} for action in actions.split(",")]
+    return json.dumps(records, separators=(",", ":"))

@@ -44,6 +44,7 @@ class AccessLogEntry:
     bytes_sent: int
     route: str
     reason: str
+    fallback_status: str = ""  # what the local registry answered when a request fell back, e.g. "401"
 
 
 class StackClient:
@@ -178,6 +179,7 @@ def parse_access_log_line(line: str) -> AccessLogEntry:
         bytes_sent=int(entry["bytes_sent"]),
         route=entry["route"],
         reason=entry["reason"],
+        fallback_status=entry.get("fallback_status", ""),
     )
 
 
