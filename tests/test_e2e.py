@@ -17,7 +17,7 @@ from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.processes import wait_until
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo
-from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
+from geo_route.index.model import BlobPresence, IndexUpdate, ManifestPresence
 
 
 def started(directory: Path) -> Iterator[StackClient]:
@@ -170,10 +170,8 @@ def test_local_registry_stopped_pulls_still_succeed(own: StackClient, tmp_path: 
 def test_index_claiming_content_the_local_registry_lacks(shared: StackClient, tmp_path: Path) -> None:
     built = image(tmp_path)
     shared.push(built, "e2e/phantom", "v1")  # on the primary only
-    claims = [
-        ManifestPresence("e2e/phantom", built.digest, True),
-        PrimaryTag("e2e/phantom", "v1", built.digest, time.time()),
-    ]
+    shared.wait_for_pin("e2e/phantom", "v1", built.digest)  # resolved at the primary
+    claims: list[IndexUpdate] = [ManifestPresence("e2e/phantom", built.digest, True)]
     claims += [BlobPresence("e2e/phantom", digest, True) for digest in built.blob_digests]
     shared.index.apply(claims)
     entries = assert_pull_succeeds(shared, tmp_path, "e2e/phantom", built)

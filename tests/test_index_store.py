@@ -266,7 +266,7 @@ def test_a_fenced_invalidation_rejects_answers_until_the_fence_and_queues_after_
 def test_reads_queue_resolutions_for_missing_unconfirmed_and_ageing_pins(
     clocked: tuple[RedisIndexStore, list[float]],
 ) -> None:
-    store, now = clocked
+    store, _ = clocked
     store.lookup(tag("a/b", "missing", refresh_after=150))
     store.apply([PrimaryTag("a/b", "young", D1, 990.0), PrimaryTag("a/b", "old", D1, 800.0)])
     store.lookup(tag("a/b", "young", refresh_after=150))

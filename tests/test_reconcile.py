@@ -287,7 +287,8 @@ def test_the_command_and_the_loop(site: Site) -> None:
     assert "signing_key" in lines[-1]
 
     site.flush_index()
-    loop = ReconcileLoop(site.settings)
+    every_second = dataclasses.replace(site.settings.updater, reconcile_interval=1)
+    loop = ReconcileLoop(dataclasses.replace(site.settings, updater=every_second))
     loop.start()
     try:
         deadline = time.monotonic() + 30

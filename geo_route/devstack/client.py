@@ -1,10 +1,10 @@
 """Drive a running development stack the way users and GitLab Geo do: skopeo through the secondary
 URL, replication from the primary to the secondary, and the index facts replication produces.
 
-The index is filled by the stack's updater from both registries' notifications; ``replicate`` and
-``wait_for_pin`` wait until it has caught up. ``confirm_primary_tag`` asks the primary for a tag's
-digest the way reconciliation does; ``presence_updates`` lists what a replicated image should put
-in the index (tests use it to make the index claim things).
+The index is filled by the stack's updater from both registries' notifications and the tag
+resolutions they trigger; ``replicate`` and ``wait_for_pin`` wait until it has caught up.
+``presence_updates`` lists what a replicated image should put in the index (tests use it to make
+the index claim things).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from geo_route.devstack.replicate import ReplicatedTag, replicate_image
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
 from geo_route.devstack.stack import SERVICE, RunningStack, StackInfo, bring_up
 from geo_route.errors import DevstackError
-from geo_route.index.model import IndexQuery, PrimaryTag, QueryKind
+from geo_route.index.model import IndexQuery, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 
 NOTIFICATION_WAIT = 15.0  # seconds for a registry notification to reach the index
@@ -123,12 +123,6 @@ class StackClient:
             return view.pinned_digest == digest and (present is None or view.present == present)
 
         wait_until(pinned, NOTIFICATION_WAIT, f"the index to pin {repository}:{tag} to {digest[:19]}")
-
-    def confirm_primary_tag(self, repository: str, tag: str) -> str:
-        """Ask the primary which digest ``tag`` names now and pin it in the index."""
-        digest = self.digest_at(self.primary, repository, tag)
-        self.index.apply([PrimaryTag(repository, tag, digest, time.time())])
-        return digest
 
     def access_log_offset(self) -> int:
         path = Path(self.info.nginx_access_log)

@@ -46,6 +46,7 @@ SERVICE = "container_registry"
 USERNAME = "developer"
 READER = "reader"  # may pull only READER_REPOSITORY: for tests of cross-repository access
 READER_REPOSITORY = "team-a/app"
+DEVSTACK_WRITE_FENCE = 2
 STOP_ORDER = ("nginx", "auth", "secondary", "primary", "updater", "token-service", "redis")
 
 
@@ -243,7 +244,8 @@ def write_site_file(
         "primary": {"url": primary_url},
         "token": {"realm": realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": str(keys.certificate)},
         "redis": {"url": redis_url},
-        "routing": {"tag_policy": tag_policy},
+        # A short write fence: the devstack's writes take milliseconds, and tests wait for pins.
+        "routing": {"tag_policy": tag_policy, "write_fence": DEVSTACK_WRITE_FENCE},
         "server": {"bind": [f"{LOOPBACK}:{free_port()}"], "workers": 2, "log_level": "warning"},
         "nginx": {
             "listen": [f"{LOOPBACK}:{nginx_port}"],

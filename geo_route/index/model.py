@@ -100,10 +100,12 @@ class DigestDeleted:
 
 @dataclass(frozen=True, slots=True)
 class DigestRestored:
-    """The primary has ``digest`` again (or the local registry deleted it): clear its deletion mark."""
+    """The primary had ``digest`` again when asked at ``asked_at`` (index clock): clear a deletion
+    mark older than that. ``asked_at`` None: unconditionally (the local registry deleted it too)."""
 
     repository: str
     digest: str
+    asked_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

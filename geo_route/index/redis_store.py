@@ -10,7 +10,7 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P primary:tags:R         HASH  tag -> "<digest|-> <stamp> <media type|-> <epoch|->": the primary's
                                    answer for the tag, asked at <stamp> (the index's clock); "-" as
                                    the digest is a tombstone (deleted, invalidated, or 404)
-    P primary:deleted:R      SET   digests deleted at the primary: not served by digest here
+    P primary:deleted:R      HASH  digest -> stamp: deleted at the primary, not served by digest here
     P resolve                ZSET  M -> due time: tags to ask the primary about
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
@@ -99,18 +99,27 @@ local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, st
   return stamp
 end
 """
-# KEYS: tags, epoch, deleted, hints   ARGV: tag, digest ('' = 404), stamp, media type, member, hint
+# KEYS: tags, epoch, deleted, hints, queue   ARGV: tag, digest ('' = 404), stamp, media type, member, hint
+# An answer that loses to a newer tombstone queues the tag again for when that tombstone's time has
+# come (a fence), so it is re-resolved rather than left unpinned until a read notices it.
 SET_PIN_IF_NEWER_SCRIPT = (
     LUA_COMMON
     + """
 local stamp = tonumber(ARGV[3])
-local held = stamp_of(redis.call('HGET', KEYS[1], ARGV[1]))
-if held and (stamp < held or (ARGV[2] ~= '' and stamp == held)) then return 0 end
+local held_value = redis.call('HGET', KEYS[1], ARGV[1])
+local held = stamp_of(held_value)
+if held and (stamp < held or (ARGV[2] ~= '' and stamp == held)) then
+  if fields(held_value) == '-' then redis.call('ZADD', KEYS[5], 'NX', held, ARGV[5]) end
+  return 0
+end
 local media = ARGV[4] ~= '' and ARGV[4] or '-'
 local digest = ARGV[2] ~= '' and ARGV[2] or '-'
 local pin = digest .. ' ' .. string.format('%.6f', stamp) .. ' ' .. media .. ' ' .. epoch_now(KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], pin)
-if ARGV[2] ~= '' then redis.call('SREM', KEYS[3], ARGV[2]) end
+if ARGV[2] ~= '' then
+  local marked = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '')
+  if marked and marked < stamp then redis.call('HDEL', KEYS[3], ARGV[2]) end
+end
 if ARGV[6] ~= '' and redis.call('HGET', KEYS[4], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[4], ARGV[5]) end
 return 1
 """
@@ -131,7 +140,10 @@ INVALIDATE_TAGS_SCRIPT = (
 local prefix, repository, digest = ARGV[1], ARGV[2], ARGV[4]
 local stamp = clock(ARGV[5]) + tonumber(ARGV[6])
 local epoch = epoch_now(KEYS[3])
-if digest ~= '' then redis.call('SADD', KEYS[4], digest) end
+if digest ~= '' then
+  local marked = tonumber(redis.call('HGET', KEYS[4], digest) or '')
+  if not marked or marked < stamp then redis.call('HSET', KEYS[4], digest, string.format('%.6f', stamp)) end
+end
 local names = {repository}
 if ARGV[3] == '1' then
   for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
@@ -177,7 +189,7 @@ return {pinned or '', present, epoch, string.format('%.6f', now)}
 )
 # KEYS: manifests, deleted   ARGV: digest
 MANIFEST_SCRIPT = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 return redis.call('SISMEMBER', KEYS[1], ARGV[1])
 """
 # KEYS: queue, hints   ARGV: now, limit  ->  {now, member, hint, member, hint, ...}
@@ -202,6 +214,12 @@ if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 end
 return 1
+"""
+# KEYS: deleted   ARGV: digest, stamp ('' = unconditionally): clear a deletion mark older than stamp
+RESTORE_DIGEST_SCRIPT = """
+local marked = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
+if marked and (ARGV[2] == '' or marked < tonumber(ARGV[2])) then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 """
 # KEYS: epoch, server   ARGV: run_id, new epoch  -> 1 when a new epoch began
 ENSURE_EPOCH_SCRIPT = """
@@ -468,7 +486,7 @@ class RedisIndexStore:
         if isinstance(update, PrimaryTag):
             pin = eval_command(
                 SET_PIN_IF_NEWER_SCRIPT,
-                (keys.primary_tags(repository), keys.epoch, keys.primary_deleted(repository), keys.hints),
+                (keys.primary_tags(repository), keys.epoch, keys.primary_deleted(repository), keys.hints, keys.resolve),
                 (update.tag, update.digest, format_stamp(update.confirmed_at), update.media_type.split(";")[0].strip()),
                 (queue_member(repository, update.tag), update.hint),
             )
@@ -487,7 +505,8 @@ class RedisIndexStore:
             args = (keys.prefix, repository, subtree, digest, self._now_arg(), f"{update.fence:.6f}")
             return [eval_command(INVALIDATE_TAGS_SCRIPT, keys_used, args)]
         if isinstance(update, DigestRestored):
-            return [("SREM", keys.primary_deleted(repository), update.digest)]
+            restore = (update.digest, format_stamp(update.asked_at))
+            return [eval_command(RESTORE_DIGEST_SCRIPT, (keys.primary_deleted(repository),), restore)]
         if isinstance(update, LocalTag):
             key = keys.local_tags(repository)
             if not update.digest:
@@ -556,7 +575,7 @@ class RedisIndexStore:
         return {tag: (digest, stamp) for tag, (digest, stamp) in pins.items() if digest}
 
     def deleted_digests(self, repository: str) -> set[str]:
-        return {str(d) for d in self._read(lambda: self._client.smembers(self.keys.primary_deleted(repository)))}
+        return {str(d) for d in self._read(lambda: self._client.hkeys(self.keys.primary_deleted(repository)))}
 
     def now(self) -> float:
         """The index's clock."""

@@ -298,7 +298,7 @@ class ReconcileRun:
             update = pin_update(repository, tag, answer, pinned, asked_at, tally)
             if update is not None:
                 updates.append(update)
-        updates.extend(self.restored_digests())
+        updates.extend(self.restored_digests(asked_at))
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
 
@@ -315,8 +315,9 @@ class ReconcileRun:
     def ask_primary(self, key: tuple[str, str]) -> ManifestHead | None:
         return self.registries.primary.head_manifest(*key)
 
-    def restored_digests(self) -> list[IndexUpdate]:
-        """Digests marked deleted at the primary that the primary serves again (pushed anew)."""
+    def restored_digests(self, asked_at: float) -> list[IndexUpdate]:
+        """Digests marked deleted at the primary that the primary serves again (pushed anew); a
+        mark newer than ``asked_at`` stays (the digest was deleted again while we asked)."""
         marked = [
             (repo, digest) for repo in sorted(self.store.repositories()) for digest in self.store.deleted_digests(repo)
         ]
@@ -325,7 +326,7 @@ class ReconcileRun:
             if isinstance(answer, RegistryError):
                 self.report.add_errors([f"primary {repository}@{digest}: {answer}"])
             elif answer is not None:
-                updates.append(DigestRestored(repository, digest))
+                updates.append(DigestRestored(repository, digest, asked_at))
         return updates
 
 

@@ -1,0 +1,378 @@
+"""The consistency model (docs/consistency.md), checked against generated histories.
+
+Hypothesis generates histories of a primary registry and a site: pushes, tag moves, tag deletes and
+digest deletes (with or without the tag events GitLab's database mode leaves out) and renames at
+the primary; manifest PUTs and DELETEs through the site; notifications delivered late, twice, out
+of order, never, or stamped by a clock an hour off; resolutions and reconciliations started at one
+step and finished at any later one; Redis restarted empty or from an older snapshot; time moving
+on. The index is the real ``RedisIndexStore`` on a real ``redis-server``; events go through the
+real ``interpret_event``; resolutions use the real ``judge`` and reconciliation's real
+``pin_update``; every answer is computed with the real ``index_query``/``route``. The primary is an
+in-memory model (a double of the ``TagSource`` protocol only).
+
+After every step, for every tag and every ``Accept`` a client may send, the site's answer is a
+route to the primary, or a local manifest that is the digest the primary published for that tag at
+some moment within ``max_tag_age`` of now (on the index's clock) and that this ``Accept`` gets from
+the primary as itself; after a write through the site completed within the fence, nothing older than
+that write; a manifest by digest is never local once the primary's delete of it has been applied
+(unless the primary has it again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from support import RedisServer
+
+from geo_route.access import Grants
+from geo_route.config import Settings
+from geo_route.errors import IndexUnavailable
+from geo_route.index.model import UNAVAILABLE, IndexUpdate, ManifestPresence, QueryKind, TagResolution
+from geo_route.index.redis_store import RedisIndexStore
+from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, serves_pinned_manifest
+from geo_route.operations import classify_request
+from geo_route.routing import Policy, Route, index_query, invalidations_for_write, route
+from geo_route.updater.notifications import Source, interpret_event
+from geo_route.updater.reconcile import pin_update
+from geo_route.updater.reconcile_report import PrimaryTally
+from geo_route.updater.registry_client import ManifestHead
+from geo_route.updater.resolver import judge
+
+HISTORIES = int(os.environ.get("MODEL_HISTORIES", "500"))
+MAX_TAG_AGE = 300.0
+FENCE = 30.0
+REPOS = ("g/app", "g/web")
+TAGS = ("v1", "v2")
+DIGESTS = tuple(f"sha256:{n:064x}" for n in range(1, 5))
+MEDIA_TYPES = {
+    d: t for d, t in zip(DIGESTS, (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST), strict=True)
+}
+ACCEPTS = ("", OCI_MANIFEST, DOCKER_MANIFEST, ", ".join(MEDIA_TYPES.values()), f"{DOCKER_MANIFEST}, {OCI_INDEX}")
+POLICY = Policy(
+    realm="https://gitlab.test/jwt/auth",
+    service="container_registry",
+    max_tag_age=MAX_TAG_AGE,
+    refresh_after=MAX_TAG_AGE / 2,
+    write_fence=FENCE,
+)
+
+
+PUSHER = Grants("alice", 4_000_000_000.0, {("repository", r): frozenset({"pull", "push", "delete"}) for r in REPOS})
+
+
+@dataclasses.dataclass
+class ModelPrimary:
+    """The primary registry: tags per repository, digests it holds, and every tag's history."""
+
+    now: float = 0.0
+    tags: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    digests: dict[str, set[str]] = dataclasses.field(default_factory=lambda: {r: set() for r in REPOS})
+    history: dict[tuple[str, str], list[tuple[float, str]]] = dataclasses.field(default_factory=dict)
+
+    def set_tag(self, repository: str, tag: str, digest: str) -> None:
+        if digest:
+            self.tags[(repository, tag)] = digest
+            self.digests[repository].add(digest)
+        else:
+            self.tags.pop((repository, tag), None)
+        self.history.setdefault((repository, tag), [(0.0, "")]).append((self.now, digest))
+
+    def published_since(self, repository: str, tag: str, since: float) -> set[str]:
+        """Every digest the tag named at some moment at or after ``since``."""
+        entries = self.history.get((repository, tag), [(0.0, "")])
+        found = {digest for at, digest in entries if at >= since}
+        before = [digest for at, digest in entries if at < since]
+        if before:
+            found.add(before[-1])  # what it named at ``since`` itself
+        return found
+
+    def head(self, repository: str, reference: str) -> ManifestHead | None:
+        digest = self.tags.get((repository, reference))
+        return ManifestHead(digest, MEDIA_TYPES[digest]) if digest else None
+
+
+def envelope_event(action: str, repository: str, skew: float, **target: Any) -> dict[str, Any]:
+    stamp = "2030-01-01T00:00:00Z" if skew > 0 else ("2020-01-01T00:00:00Z" if skew < 0 else "2026-12-04T00:00:00Z")
+    return {
+        "id": f"e{id(target)}",
+        "timestamp": stamp,
+        "action": action,
+        "target": {"repository": repository, **target},
+    }
+
+
+class SiteHistory(RuleBasedStateMachine):
+    server: RedisServer
+    redis_settings: Settings
+
+    histories = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        SiteHistory.histories += 1
+        self.primary = ModelPrimary()
+        self.clock = [1_000_000.0]
+        (Path(self.server.directory) / "dump.rdb").unlink(missing_ok=True)
+        with redis.Redis.from_url(self.server.url) as client:
+            client.flushall()
+        self.store = RedisIndexStore(self.redis_settings.redis, index_clock=lambda: self.clock[0])
+        self.pending: list[dict[str, Any]] = []
+        self.in_flight: list[tuple[TagResolution, ManifestHead | None]] = []
+        self.reconciling: list[tuple[float, list[tuple[str, str, ManifestHead | None, str | None]]]] = []
+        self.writes: dict[tuple[str, str], tuple[float, str]] = {}  # started site writes: (started, digest)
+        self.read_your_writes: dict[tuple[str, str], float] = {}  # completed in the fence: completed at
+        self.deletes_applied: set[tuple[str, str]] = set()
+        self.snapshot_deletes: set[tuple[str, str]] | None = None
+        self.restarted = False
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    @initialize()
+    def replicate_everything(self) -> None:
+        # Presence is not under test here: every digest is replicated to the site.
+        self.apply([ManifestPresence(r, d, True) for r in REPOS for d in DIGESTS])
+
+    # ---- the index, as the site's processes use it ------------------------------------------------
+
+    def apply(self, updates: list[IndexUpdate]) -> bool:
+        """As the updater and the auth service apply: an unavailable index applies nothing."""
+        try:
+            self.store.apply(updates)
+            return True
+        except IndexUnavailable:
+            return False
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.pending.append(event)
+
+    # ---- the primary ------------------------------------------------------------------------------
+
+    @rule(
+        repository=st.sampled_from(REPOS),
+        tag=st.sampled_from(TAGS),
+        digest=st.sampled_from(DIGESTS),
+        skew=st.sampled_from((-3600.0, 0.0, 3600.0)),
+    )
+    def push_at_the_primary(self, repository: str, tag: str, digest: str, skew: float) -> None:
+        self.primary.set_tag(repository, tag, digest)
+        self.emit(envelope_event("push", repository, skew, mediaType=MEDIA_TYPES[digest], digest=digest, tag=tag))
+
+    @rule(repository=st.sampled_from(REPOS), tag=st.sampled_from(TAGS))
+    def delete_tag_at_the_primary(self, repository: str, tag: str) -> None:
+        self.primary.set_tag(repository, tag, "")
+        self.emit(envelope_event("delete", repository, 0.0, tag=tag))
+
+    @rule(repository=st.sampled_from(REPOS), digest=st.sampled_from(DIGESTS), tag_events=st.booleans())
+    def delete_digest_at_the_primary(self, repository: str, digest: str, tag_events: bool) -> None:
+        tagged = [tag for (repo, tag), d in self.primary.tags.items() if repo == repository and d == digest]
+        for tag in tagged:
+            self.primary.set_tag(repository, tag, "")
+        self.primary.digests[repository].discard(digest)
+        self.emit(envelope_event("delete", repository, 0.0, digest=digest))
+        if tag_events:  # 2.8 and 3.0 send them; GitLab's database mode does not
+            for tag in tagged:
+                self.emit(envelope_event("delete", repository, 0.0, tag=tag))
+
+    @rule()
+    def rename_at_the_primary(self) -> None:
+        moved = {tag: d for (repo, tag), d in self.primary.tags.items() if repo == "g/app"}
+        for tag in TAGS:
+            self.primary.set_tag("g/web", tag, moved.get(tag, ""))
+            self.primary.set_tag("g/app", tag, "")
+        self.primary.digests["g/web"] = set(self.primary.digests["g/app"])
+        self.primary.digests["g/app"] = set()
+        self.emit(envelope_event("rename", "g/app", 0.0, rename={"type": "name", "from": "app", "to": "web"}))
+
+    # ---- notifications: late, twice, out of order, never --------------------------------------------
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data(), keep=st.booleans())
+    def deliver_an_event(self, data: st.DataObject, keep: bool) -> None:
+        index = data.draw(st.integers(0, len(self.pending) - 1))
+        event = self.pending[index] if keep else self.pending.pop(index)  # keep: it comes again later
+        outcome = interpret_event(event, Source.PRIMARY, self.clock[0])
+        if self.apply(list(outcome.updates)):
+            for update in outcome.updates:
+                digest = getattr(update, "digest", "")
+                if event["action"] == "delete" and digest:
+                    self.deletes_applied.add((update.repository, digest))
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def lose_an_event(self, data: st.DataObject) -> None:
+        self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+
+    # ---- writes through the site --------------------------------------------------------------------
+
+    @rule(repository=st.sampled_from(REPOS), tag=st.sampled_from(TAGS), digest=st.sampled_from(DIGESTS))
+    def start_a_push_through_the_site(self, repository: str, tag: str, digest: str) -> None:
+        operation = classify_request("PUT", f"/v2/{repository}/manifests/{tag}")
+        if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
+            self.writes[(repository, tag)] = (self.clock[0], digest)
+        else:  # the index could not be told: the write still lands, read-your-writes is not promised
+            self.primary.set_tag(repository, tag, digest)
+
+    @precondition(lambda self: self.writes)
+    @rule(data=st.data())
+    def finish_a_push_through_the_site(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.writes)))
+        started, digest = self.writes.pop(key)
+        self.primary.set_tag(*key, digest)
+        self.emit(envelope_event("push", key[0], 0.0, mediaType=MEDIA_TYPES[digest], digest=digest, tag=key[1]))
+        if self.clock[0] - started <= FENCE:
+            self.read_your_writes[key] = self.clock[0]
+
+    @rule(repository=st.sampled_from(REPOS), digest=st.sampled_from(DIGESTS))
+    def delete_a_digest_through_the_site(self, repository: str, digest: str) -> None:
+        operation = classify_request("DELETE", f"/v2/{repository}/manifests/{digest}")
+        if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
+            self.deletes_applied.add((repository, digest))
+        self.delete_digest_at_the_primary(repository, digest, True)
+
+    # ---- resolution and reconciliation, interleaved anywhere ---------------------------------------
+
+    @rule()
+    def read_every_tag(self) -> None:
+        """Reads queue resolutions (the checks below read too, with the same code)."""
+        self.check_every_answer()
+
+    @rule()
+    def claim_a_resolution(self) -> None:
+        try:
+            claimed = self.store.claim_resolutions(1)
+        except IndexUnavailable:
+            return
+        for resolution in claimed:  # asked now; answered with the primary's state now
+            self.in_flight.append((resolution, self.primary.head(resolution.repository, resolution.tag)))
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def finish_a_resolution(self, data: st.DataObject) -> None:
+        resolution, answer = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
+        verdict = judge(resolution, answer)
+        if verdict.pin is not None:
+            self.apply([verdict.pin])
+        else:
+            with contextlib.suppress(IndexUnavailable):
+                self.store.requeue(resolution, verdict.delay, verdict.attempts)
+
+    @rule()
+    def start_a_reconciliation(self) -> None:
+        try:
+            asked_at = self.store.now()
+            known = [(r, t, d) for r in REPOS for t, (d, _) in self.store.primary_tags(r).items()]
+        except IndexUnavailable:
+            return
+        answers = [(r, t, self.primary.head(r, t), d) for r, t, d in known]
+        self.reconciling.append((asked_at, answers))
+
+    @precondition(lambda self: self.reconciling)
+    @rule()
+    def finish_a_reconciliation(self) -> None:
+        asked_at, answers = self.reconciling.pop(0)
+        updates = [pin_update(r, t, answer, pinned, asked_at, PrimaryTally()) for r, t, answer, pinned in answers]
+        self.apply([u for u in updates if u is not None])
+
+    # ---- time and Redis -----------------------------------------------------------------------------
+
+    @rule(seconds=st.sampled_from((0.5, 2.0, 20.0, 100.0, 200.0, 400.0)))
+    def time_passes(self, seconds: float) -> None:
+        self.clock[0] += seconds
+        self.primary.now = self.clock[0]
+
+    @rule()
+    def snapshot_redis(self) -> None:
+        self.server.save()
+        self.snapshot_deletes = set(self.deletes_applied)
+
+    @precondition(lambda self: not self.restarted)
+    @rule(from_snapshot=st.booleans())
+    def restart_redis(self, from_snapshot: bool) -> None:
+        self.restarted = True  # one restart per history keeps 500 histories quick
+        if not from_snapshot:
+            (Path(self.server.directory) / "dump.rdb").unlink(missing_ok=True)
+        self.server.restart()
+        self.writes = {key: (-FENCE * 10, digest) for key, (_, digest) in self.writes.items()}  # fences may be lost
+        had_snapshot = from_snapshot and self.snapshot_deletes is not None
+        self.deletes_applied = set(self.snapshot_deletes or ()) if had_snapshot else set()
+        presence: list[IndexUpdate] = [ManifestPresence(r, d, True) for r in REPOS for d in DIGESTS]
+        self.apply(presence) or self.apply(presence)  # the first use of a broken connection fails
+
+    # ---- the promise ----------------------------------------------------------------------------------
+
+    def decide(self, kind: QueryKind, repository: str, reference: str, accept: str) -> tuple[Route | None, str]:
+        method_uri = f"/v2/{repository}/manifests/{reference}"
+        operation = classify_request("GET", method_uri)
+        query = index_query(operation, POLICY)
+        assert query is not None and query.kind is kind
+        try:
+            view = self.store.lookup(query)
+        except IndexUnavailable:
+            view = UNAVAILABLE
+        decision = route(operation, view, POLICY, self.clock[0], accept)
+        return decision.route, decision.upstream_path.rsplit("/", 1)[-1]
+
+    @invariant()
+    def check_every_answer(self) -> None:
+        now = self.clock[0]
+        for repository in REPOS:
+            for tag in TAGS:
+                for accept in ACCEPTS:
+                    where, digest = self.decide(QueryKind.TAG, repository, tag, accept)
+                    if where is not Route.LOCAL:
+                        continue
+                    allowed = self.primary.published_since(repository, tag, now - MAX_TAG_AGE)
+                    assert digest in allowed, f"{repository}:{tag} served {digest[-4:]}, the primary had {allowed}"
+                    assert serves_pinned_manifest(MEDIA_TYPES[digest], accept), (
+                        "the primary answers this Accept otherwise"
+                    )
+                    completed = self.read_your_writes.get((repository, tag))
+                    if completed is not None:
+                        assert digest in self.primary.published_since(repository, tag, completed), "read-your-writes"
+            for digest in DIGESTS:
+                where, _ = self.decide(QueryKind.MANIFEST, repository, digest, "")
+                if where is Route.LOCAL and (repository, digest) in self.deletes_applied:
+                    assert digest in self.primary.digests[repository], f"{digest[-4:]} deleted at the primary, served"
+
+
+@pytest.fixture(scope="module")
+def model_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("model-redis")).start()
+    yield server
+    server.stop()
+
+
+def test_every_answer_the_site_gives_keeps_the_promise(model_redis: RedisServer, redis_settings: Settings) -> None:
+    SiteHistory.server = model_redis
+    SiteHistory.redis_settings = dataclasses.replace(
+        redis_settings, redis=dataclasses.replace(redis_settings.redis, url=model_redis.url, unavailable_cooldown=0.0)
+    )
+    run_state_machine_as_test(
+        SiteHistory,
+        settings=settings(
+            max_examples=HISTORIES,
+            stateful_step_count=30,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            derandomize=False,
+        ),
+    )
+    assert SiteHistory.histories >= HISTORIES
