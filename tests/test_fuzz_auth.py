@@ -38,7 +38,9 @@ from support import RedisServer
 from geo_route import contract
 from geo_route.access import Access
 from geo_route.config import load_settings
-from geo_route.index.model import BlobPresence, IndexStore, ManifestPresence, PrimaryTag
+from geo_route.index.model import BlobPresence, DigestRestored, ManifestPresence, PrimaryTag
+from geo_route.index.redis_store import RedisIndexStore
+from geo_route.negotiation import DOCKER_MANIFEST, OCI_MANIFEST
 from geo_route.operations import NAME, READ_METHODS, TAG, Kind, Operation, classify_request
 from geo_route.web import create_app
 
@@ -56,6 +58,10 @@ SEED_MANIFESTS = frozenset((repository, digest) for repository in SEEDED for dig
 SEED_PINS = {(repository, tag): digest for repository in SEEDED for tag, digest in (("v1", D1), ("v2", D3))}
 
 # The README's decision table for authorized operations that never need the index.
+ACCEPTS = ("", OCI_MANIFEST, f"{DOCKER_MANIFEST}, {OCI_MANIFEST}; q=0.9", DOCKER_MANIFEST, "*/*")
+WRITES = frozenset({Kind.MANIFEST_PUT, Kind.MANIFEST_DELETE, Kind.BLOB_DELETE, Kind.REPOSITORY_RENAME})
+# Writes through the site fence the tags they change; with no fence, seeding again pins them at once.
+NO_FENCE = "  socket_timeout: 5\nrouting:\n  write_fence: 0\n"
 PRIMARY_REASONS = {
     Kind.CATALOG: "listing",
     Kind.TAGS_LIST: "listing",
@@ -63,6 +69,7 @@ PRIMARY_REASONS = {
     Kind.MANIFEST_PUT: "write",
     Kind.MANIFEST_DELETE: "delete",
     Kind.BLOB_DELETE: "delete",
+    Kind.REPOSITORY_RENAME: "write",
     **dict.fromkeys(
         (
             Kind.UPLOAD_START,
@@ -399,6 +406,7 @@ class FuzzRequest:
     uri: str | None
     authorization: RawAuthorization | TokenRecipe
     spoof: dict[str, str] = field(default_factory=dict)
+    accept: str = ""
 
 
 TOKEN_RECIPES = {repository: token_recipes(repository) for repository in REPOSITORIES}
@@ -408,14 +416,15 @@ TOKEN_RECIPES = {repository: token_recipes(repository) for repository in REPOSIT
 def fuzz_requests(draw: st.DrawFn) -> FuzzRequest:
     """Two requests in three are what a registry client sends; in the others any piece may be hostile."""
     repository = draw(st.sampled_from(REPOSITORIES))
+    accept = draw(st.sampled_from(ACCEPTS))
     if draw(ONE_IN_3) != 1:
         plain_method, plain_uri = draw(PLAIN_REQUESTS[repository])
-        return FuzzRequest(plain_method, plain_uri, draw(TOKEN_RECIPES[repository]))
+        return FuzzRequest(plain_method, plain_uri, draw(TOKEN_RECIPES[repository]), accept=accept)
     method, uri = piece(draw, st.sampled_from(PLAIN_METHODS), odd_methods), draw(hostile_uris(repository))
     authorization: RawAuthorization | TokenRecipe = (
         draw(raw_authorizations) if draw(ONE_IN_3) == 1 else draw(TOKEN_RECIPES[repository])
     )
-    return FuzzRequest(method, uri, authorization, spoof=piece(draw, st.just({}), spoofs))
+    return FuzzRequest(method, uri, authorization, spoof=piece(draw, st.just({}), spoofs), accept=accept)
 
 
 # --- the model ------------------------------------------------------------------------------------------
@@ -463,8 +472,9 @@ def allows(grants: Grants, access: Access) -> bool:
     return access.action in granted or "*" in granted
 
 
-def expected_route(operation: Operation) -> tuple[str, str]:
-    """(route, reason) of an authorized, recognized operation, by the seeded index."""
+def expected_route(operation: Operation, accept: str) -> tuple[str, str]:
+    """(route, reason) of an authorized, recognized operation, by the seeded index (every pin is
+    an OCI manifest: local only for an ``Accept`` that names that type, as the registry answers)."""
     key = (operation.repository, operation.digest)
     if operation.kind is Kind.BASE:
         return "local", "base"
@@ -476,15 +486,15 @@ def expected_route(operation: Operation) -> tuple[str, str]:
         pinned = SEED_PINS.get((operation.repository, operation.tag))
         if pinned is None:
             return "primary", "tag-not-pinned"
-        return (
-            ("local", "tag-pinned")
-            if (operation.repository, pinned) in SEED_MANIFESTS
-            else ("primary", "tag-not-local")
-        )
+        if (operation.repository, pinned) not in SEED_MANIFESTS:
+            return "primary", "tag-not-local"
+        return ("local", "tag-pinned") if OCI_MANIFEST in accept else ("primary", "tag-negotiated")
     return "primary", PRIMARY_REASONS[operation.kind]
 
 
-def check_answer(operation: Operation, grants: Grants | None, status: int, headers: dict[str, str]) -> None:
+def check_answer(
+    operation: Operation, grants: Grants | None, status: int, headers: dict[str, str], accept: str = ""
+) -> None:
     assert status in contract.ALLOWED_STATUSES
     for name, value in headers.items():
         assert PRINTABLE_ASCII.fullmatch(value), f"unsafe response header {name}: {value!r}"
@@ -492,6 +502,8 @@ def check_answer(operation: Operation, grants: Grants | None, status: int, heade
     assert reason != "internal-error", "an exception inside the service"
     if operation.kind is Kind.UNRECOGNIZED:
         assert (status, headers.get(contract.ROUTE), reason) == (200, "primary", "unrecognized")
+    elif operation.kind is Kind.REPOSITORY_RENAME:  # GitLab's API: the primary authenticates it
+        assert (status, headers.get(contract.ROUTE), reason) == (200, "primary", "write")
     elif grants is None or not all(allows(grants, access) for access in operation.required):
         assert status == 401 and contract.ROUTE not in headers
         assert reason in (("insufficient-scope",) if grants is not None else ("no-token", "invalid-token"))
@@ -499,7 +511,7 @@ def check_answer(operation: Operation, grants: Grants | None, status: int, heade
         assert challenge.startswith(f'Bearer realm="{REALM}",service="{SERVICE}"')
         assert challenge.endswith(',error="invalid_token"') == (reason == "invalid-token")
     else:
-        assert (status, headers[contract.ROUTE], reason) == (200, *expected_route(operation))
+        assert (status, headers[contract.ROUTE], reason) == (200, *expected_route(operation, accept))
     if headers.get(contract.ROUTE) == "local":  # the point of it all, said once more without the model's help
         assert operation.method in READ_METHODS and grants is not None
         assert operation.kind is Kind.BASE or allows(grants, Access("repository", operation.repository, "pull"))
@@ -609,14 +621,16 @@ class TokenMint:
         return f"{signing_input}.{b64(mac)}"
 
 
-def seed(index: IndexStore, repositories: Collection[str] = SEEDED) -> None:
-    now = time.time()
+def seed(index: RedisIndexStore, repositories: Collection[str] = SEEDED) -> None:
+    """Presence, pins (OCI manifests, answered now on the index's clock), no deletion marks."""
+    now = index.now()
     index.apply(
         [
             *(BlobPresence(repository, digest, True) for repository, digest in SEED_BLOBS),
             *(ManifestPresence(repository, digest, True) for repository, digest in SEED_MANIFESTS),
+            *(DigestRestored(repository, digest) for repository, digest in SEED_MANIFESTS),
             *(
-                PrimaryTag(repository, tag, digest, now)
+                PrimaryTag(repository, tag, digest, now, OCI_MANIFEST)
                 for (repository, tag), digest in SEED_PINS.items()
                 if repository in repositories
             ),
@@ -627,7 +641,7 @@ def seed(index: IndexStore, repositories: Collection[str] = SEEDED) -> None:
 @pytest.fixture
 def fuzz_app(site_file: Callable[..., Path], redis_server: RedisServer) -> Flask:
     """The auth service on the session's redis-server, with a timeout no scheduler hiccup reaches."""
-    path = site_file(redis_url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:12]}:", extra="  socket_timeout: 5\n")
+    path = site_file(redis_url=redis_server.url, prefix=f"t{uuid.uuid4().hex[:12]}:", extra=NO_FENCE)
     app = create_app(load_settings(path, environ={}))
     seed(app.extensions["geo_route"]["index"])
     return app
@@ -637,7 +651,7 @@ def test_fuzzed_requests_get_only_the_answers_the_contract_allows(
     fuzz_app: Flask, make_token: MakeToken, rsa_key: SigningKey, ec_key: SigningKey, untrusted_key: SigningKey
 ) -> None:
     mint = TokenMint(make_token, {"rsa": rsa_key, "ec": ec_key, "untrusted": untrusted_key})
-    index: IndexStore = fuzz_app.extensions["geo_route"]["index"]
+    index: RedisIndexStore = fuzz_app.extensions["geo_route"]["index"]
     tally: Counter[str] = Counter()
 
     @hypothesis_settings(
@@ -653,15 +667,16 @@ def test_fuzzed_requests_get_only_the_answers_the_contract_allows(
                 (contract.ORIGINAL_METHOD, request.method),
                 (contract.ORIGINAL_URI, request.uri),
                 (contract.AUTHORIZATION, mint.header(request.authorization)),
+                ("Accept", request.accept),
             )
             if value is not None
         }
         status, answer = call_auth(fuzz_app, {**request.spoof, **headers})
         operation = classify_request(wsgi_text(request.method or ""), wsgi_text(request.uri or ""))
-        check_answer(operation, expected_grants(request.authorization), status, answer)
+        check_answer(operation, expected_grants(request.authorization), status, answer, request.accept)
         if request.spoof:
             assert call_auth(fuzz_app, headers) == (status, answer), "client-supplied headers changed the answer"
-        if operation.kind is Kind.MANIFEST_PUT and status == 200:  # the push unpinned the tag: pin it again
+        if operation.kind in WRITES and status == 200:  # the write invalidated tags or marked a digest: seed again
             seed(index, [operation.repository])
         tally[f"{status} {answer.get(contract.ROUTE, '-')} {answer[contract.REASON]}"] += 1
 
@@ -672,6 +687,7 @@ def test_fuzzed_requests_get_only_the_answers_the_contract_allows(
         "200 local blob-local",
         "200 local manifest-local",
         "200 local tag-pinned",
+        "200 primary tag-negotiated",
         "200 primary blob-not-local",
         "200 primary tag-not-local",
         "200 primary unrecognized",

@@ -28,7 +28,17 @@ from hypothesis import strategies as st
 from support import RedisServer
 
 from geo_route.config import Settings, load_settings
-from geo_route.index.model import BlobPresence, IndexUpdate, LocalTag, ManifestPresence, PrimaryTag
+from geo_route.index.model import (
+    BlobPresence,
+    DigestDeleted,
+    DigestRestored,
+    IndexUpdate,
+    LocalTag,
+    ManifestPresence,
+    PrimaryTag,
+    RepositoryInvalidated,
+    TagInvalidated,
+)
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.notifications import EnvelopeError, Source, interpret_events, parse_envelope
 from geo_route.web.updater import create_updater_app
@@ -61,38 +71,82 @@ SEED: tuple[IndexUpdate, ...] = (
 
 
 class IndexModel:
-    """The key schema of ``redis_store`` in memory: what Redis must hold."""
+    """The key schema of ``redis_store`` in memory: what Redis must hold (an independent oracle of
+    its scripts' rules: pins strictly newer, tombstones at least as new, invalidations queued)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, epoch: str) -> None:
         self.prefix = prefix
+        self.epoch = epoch
         self.sets: defaultdict[str, set[str]] = defaultdict(set)
         self.hashes: defaultdict[str, dict[str, str]] = defaultdict(dict)
+        self.queue: dict[str, float] = {}
+        self.strings: dict[str, str] = {}
+        self.now = 0.0
 
     def apply(self, updates: Iterable[IndexUpdate]) -> None:
         for update in updates:
             self.apply_one(update)
 
     def apply_one(self, update: IndexUpdate) -> None:
-        repository = update.repository
+        repository, prefix = update.repository, self.prefix
         if isinstance(update, BlobPresence | ManifestPresence):
             kind = "blobs" if isinstance(update, BlobPresence) else "manifests"
-            members = self.sets[f"{self.prefix}local:{kind}:{repository}"]
+            members = self.sets[f"{prefix}local:{kind}:{repository}"]
             if update.present:
-                self.sets[f"{self.prefix}repos"].add(repository)
+                self.sets[f"{prefix}repos"].add(repository)
                 members.add(update.digest)
             else:
                 members.discard(update.digest)
-            return
-        if update.digest:
-            self.sets[f"{self.prefix}repos"].add(repository)
-        if isinstance(update, LocalTag):
-            self.set_field(f"{self.prefix}local:tags:{repository}", update.tag, update.digest)
-            return
-        key, confirmed = f"{self.prefix}primary:tags:{repository}", f"{update.confirmed_at:.3f}"
-        held = self.hashes[key].get(update.tag)
-        if held is not None and float(confirmed) < float(held.rsplit(" ", 1)[1]):
-            return  # older news than the pin holds
-        self.set_field(key, update.tag, f"{update.digest} {confirmed}" if update.digest else "")
+        elif isinstance(update, LocalTag):
+            if update.digest:
+                self.sets[f"{prefix}repos"].add(repository)
+            self.set_field(f"{prefix}local:tags:{repository}", update.tag, update.digest)
+        elif isinstance(update, PrimaryTag):
+            self.sets[f"{prefix}repos"].add(repository)
+            self.pin(update)
+        elif isinstance(update, TagInvalidated):
+            self.sets[f"{prefix}repos"].add(repository)
+            self.invalidate(repository, update.tag, self.now + update.fence, update.hint)
+        elif isinstance(update, DigestDeleted):
+            marks = self.hashes[f"{prefix}primary:deleted:{repository}"]
+            stamp = self.now + update.fence
+            if update.digest not in marks or float(marks[update.digest]) < stamp:
+                marks[update.digest] = f"{stamp:.6f}"
+            self.invalidate_pinned([repository], stamp, update.digest)
+        elif isinstance(update, RepositoryInvalidated):
+            under = sorted(n for n in self.sets[f"{prefix}repos"] if update.subtree and n.startswith(repository + "/"))
+            names = [repository, *under]
+            self.invalidate_pinned(names, self.now + update.fence, "")
+        elif isinstance(update, DigestRestored):
+            self.hashes[f"{prefix}primary:deleted:{repository}"].pop(update.digest, None)
+
+    def pin(self, update: PrimaryTag) -> None:
+        tags = self.hashes[f"{self.prefix}primary:tags:{update.repository}"]
+        held = tags.get(update.tag)
+        if held is not None:
+            held_stamp = float(held.split(" ")[1])
+            if update.confirmed_at < held_stamp or (update.digest and update.confirmed_at == held_stamp):
+                return
+        media = update.media_type or "-"
+        tags[update.tag] = f"{update.digest or '-'} {update.confirmed_at:.6f} {media} {self.epoch}"
+
+    def invalidate(self, repository: str, tag: str, stamp: float, hint: str) -> None:
+        tags = self.hashes[f"{self.prefix}primary:tags:{repository}"]
+        held = tags.get(tag)
+        if held is not None:
+            stamp = max(stamp, float(held.split(" ")[1]))
+        tags[tag] = f"- {stamp:.6f} - {self.epoch}"
+        member = f"{repository} {tag}"
+        self.queue[member] = float(f"{stamp:.6f}")
+        if hint:
+            self.hashes[f"{self.prefix}resolve:hints"][member] = f"{hint} 0"
+
+    def invalidate_pinned(self, repositories: list[str], stamp: float, digest: str) -> None:
+        for name in repositories:
+            for tag, value in sorted(self.hashes[f"{self.prefix}primary:tags:{name}"].items()):
+                pinned = value.split(" ")[0]
+                if pinned != "-" and (not digest or pinned == digest):
+                    self.invalidate(name, tag, stamp, "")
 
     def set_field(self, key: str, name: str, value: str) -> None:
         if value:
@@ -103,6 +157,9 @@ class IndexModel:
     def dump(self) -> dict[str, tuple[str, Any]]:
         state: dict[str, tuple[str, Any]] = {key: ("set", frozenset(v)) for key, v in self.sets.items() if v}
         state.update((key, ("hash", dict(fields))) for key, fields in self.hashes.items() if fields)
+        state.update((key, ("string", value)) for key, value in self.strings.items())
+        if self.queue:
+            state[f"{self.prefix}resolve"] = ("zset", sorted(self.queue.items()))
         return state
 
 
@@ -115,10 +172,13 @@ def redis_dump(client: redis.Redis, prefix: str) -> dict[str, tuple[str, Any]]:
         kinds = pipe.execute()
         readers = {"set": pipe.smembers, "hash": pipe.hgetall, "string": pipe.get}
         for key, kind in zip(keys, kinds, strict=True):
-            readers.get(kind, pipe.type)(key)
+            if kind == "zset":
+                pipe.zrange(key, 0, -1, withscores=True)
+            else:
+                readers.get(kind, pipe.type)(key)
         values = pipe.execute()
     return {
-        key: (kind, frozenset(value) if kind == "set" else value)
+        key: (kind, frozenset(value) if kind == "set" else (sorted(value) if kind == "zset" else value))
         for key, kind, value in zip(keys, kinds, values, strict=True)
     }
 
@@ -134,8 +194,9 @@ class Delivery:
 class Updater:
     """The updater under test and the model it must match, one request at a time."""
 
-    def __init__(self, settings: Settings, store: RedisIndexStore, client: redis.Redis) -> None:
+    def __init__(self, settings: Settings, store: RedisIndexStore, client: redis.Redis, clock: list[float]) -> None:
         self.settings = settings
+        self.clock = clock
         self.prefix = settings.redis.key_prefix
         self.store = store
         self.redis = client
@@ -146,17 +207,22 @@ class Updater:
         stale = list(self.redis.scan_iter(match=f"{self.prefix}*", count=1000))
         if stale:
             self.redis.delete(*stale)
+        self.now = self.clock[0] = START
         self.store.apply(SEED)
-        self.model = IndexModel(self.prefix)
+        strings = {key: str(self.redis.get(key)) for key in (f"{self.prefix}epoch", f"{self.prefix}server")}
+        strings = {key: value for key, value in strings.items() if value != "None"}
+        self.model = IndexModel(self.prefix, strings.get(f"{self.prefix}epoch", "-"))
+        self.model.strings = strings
+        self.model.now = self.now
         self.model.apply(SEED)
         self.seen_ids: set[str] = set()
-        self.now = START
         app = create_updater_app(self.settings, index=self.store, clock=lambda: self.now)
         self.client: FlaskClient = app.test_client()
 
     def deliver(self, delivery: Delivery) -> tuple[int, dict[str, Any]]:
         """Send, check the answer and the whole index against the model, and return the answer."""
         self.now += 1.0
+        self.clock[0] = self.now
         headers = {"Content-Type": delivery.content_type}
         if delivery.authorization is not None:
             headers["Authorization"] = delivery.authorization
@@ -179,6 +245,7 @@ class Updater:
         except EnvelopeError:
             return 200, {"status": "ignored"}
         outcomes = interpret_events(raw_events, Source(delivery.source), self.now)
+        self.model.now = self.now
         fresh = [o for o in outcomes if o.event is None or not o.event.id or o.event.id not in self.seen_ids]
         self.model.apply(update for outcome in fresh for update in outcome.updates)
         self.seen_ids.update(o.event.id for o in fresh if o.event is not None and o.event.id)
@@ -201,10 +268,11 @@ updater:
 
 @pytest.fixture
 def updater(fuzz_settings: Settings) -> Iterator[Updater]:
-    store = RedisIndexStore(fuzz_settings.redis)
+    clock = [START]  # the index's clock, moved by the updater under test (stamps are then predictable)
+    store = RedisIndexStore(fuzz_settings.redis, index_clock=lambda: clock[0])
     client = redis.Redis.from_url(fuzz_settings.redis.url, decode_responses=True)
     try:
-        yield Updater(fuzz_settings, store, client)
+        yield Updater(fuzz_settings, store, client, clock)
     finally:
         client.close()
         store.close()
