@@ -81,7 +81,20 @@ def run_check_config(args: argparse.Namespace) -> int:
         f"{args.config}: ok (local {settings.local_registry.url}, primary {settings.primary.url}, "
         f"redis {settings.redis.display_url}, tag policy {settings.routing.tag_policy})"
     )
+    for warning in config_warnings(settings):
+        print(f"  warning: {warning}", file=sys.stderr)
     return 0
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Valid settings that still leave part of the promise to chance."""
+    warnings = []
+    routing = settings.routing
+    if routing.tag_policy == "pinned" and not settings.updater.signing_key:
+        warnings.append("updater.signing_key is empty: the updater cannot resolve tags, so no tag is served locally")
+    if routing.tag_policy == "pinned" and routing.max_tag_age == 0:
+        warnings.append("routing.max_tag_age is 0: a tag whose notifications are lost may be served stale forever")
+    return warnings
 
 
 def load_validated(path: str, environ: Mapping[str, str] | None = None) -> Settings:

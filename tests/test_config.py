@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,14 @@ class TestCheckConfigCommand:
     def test_unreadable_bundle_is_a_problem(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["check-config", "-c", str(EXAMPLES / "geo-route.minimal.yaml")]) == 1
         assert "token.rootcertbundle: cannot read" in capsys.readouterr().err
+
+
+def test_check_config_warns_when_the_staleness_bound_is_left_to_chance(site_file: Callable[..., Path]) -> None:
+    from geo_route.cli import config_warnings
+
+    settings = load_settings(site_file(), environ={"GEO_ROUTE_ROUTING__MAX_TAG_AGE": "0"})
+    warnings = config_warnings(settings)
+    assert any("signing_key" in w for w in warnings) and any("max_tag_age is 0" in w for w in warnings)
+    bounded = load_settings(site_file(), environ={"GEO_ROUTE_UPDATER__SIGNING_KEY": "/k.pem"})
+    assert config_warnings(bounded) == []
+    assert bounded.routing.max_tag_age > 0 and bounded.updater.reconcile_interval > 0, "bounded by default"
