@@ -710,6 +710,7 @@ def test_a_killed_reconciliation_blocks_the_next_for_at_most_its_lease(gitlab: S
 
 def test_a_terminated_reconciliation_releases_its_lease_at_once(gitlab: StackClient, tmp_path: Path) -> None:
     held = lease_held(gitlab)
+    assert not held(), "no earlier run holds the lease (else this run could not take it)"
     log = tmp_path / "terminated.log"
     terminated = start_reconcile(gitlab, log, None)  # the default lease: 60 s
     try:
