@@ -44,9 +44,18 @@ from support import RedisServer
 from geo_route.access import Grants
 from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
-from geo_route.index.model import UNAVAILABLE, IndexUpdate, ManifestPresence, QueryKind, TagResolution
+from geo_route.index.model import (
+    UNAVAILABLE,
+    DigestDeleted,
+    IndexUpdate,
+    ManifestPresence,
+    QueryKind,
+    RepositoryInvalidated,
+    TagInvalidated,
+    TagResolution,
+)
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, serves_pinned_manifest
+from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from geo_route.operations import classify_request
 from geo_route.routing import Policy, Route, index_query, invalidations_for_write, route
 from geo_route.updater.notifications import Source, interpret_event
@@ -94,6 +103,13 @@ class ModelPrimary:
             self.tags.pop((repository, tag), None)
         self.history.setdefault((repository, tag), [(0.0, "")]).append((self.now, digest))
 
+    def named_from(self, repository: str, tag: str, moment: float) -> set[str]:
+        """Every digest the tag named from ``moment`` on (a write that completed then, included)."""
+        entries = self.history.get((repository, tag), [(0.0, "")])
+        return {digest for at, digest in entries if at >= moment} | (
+            set() if any(at == moment for at, _ in entries) else self.published_since(repository, tag, moment)
+        )
+
     def published_since(self, repository: str, tag: str, since: float) -> set[str]:
         """Every digest the tag named at some moment at or after ``since``."""
         entries = self.history.get((repository, tag), [(0.0, "")])
@@ -106,6 +122,11 @@ class ModelPrimary:
     def head(self, repository: str, reference: str) -> ManifestHead | None:
         digest = self.tags.get((repository, reference))
         return ManifestHead(digest, MEDIA_TYPES[digest]) if digest else None
+
+
+def named_types(accept: str) -> set[str]:
+    """The media types an Accept header names, as the registry reads it (the test's own oracle)."""
+    return {part.split(";")[0].strip() for part in accept.split(",")}
 
 
 def envelope_event(action: str, repository: str, skew: float, **target: Any) -> dict[str, Any]:
@@ -127,7 +148,7 @@ class SiteHistory(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         SiteHistory.histories += 1
-        self.primary = ModelPrimary()
+        self.primary = ModelPrimary(now=1_000_000.0)
         self.clock = [1_000_000.0]
         (Path(self.server.directory) / "dump.rdb").unlink(missing_ok=True)
         with redis.Redis.from_url(self.server.url) as client:
@@ -135,10 +156,14 @@ class SiteHistory(RuleBasedStateMachine):
         self.store = RedisIndexStore(self.redis_settings.redis, index_clock=lambda: self.clock[0])
         self.pending: list[dict[str, Any]] = []
         self.in_flight: list[tuple[TagResolution, ManifestHead | None]] = []
-        self.reconciling: list[tuple[float, list[tuple[str, str, ManifestHead | None, str | None]]]] = []
+        self.reconciling: list[tuple[float, str, list[tuple[str, str, ManifestHead | None, str | None]]]] = []
         self.writes: dict[tuple[str, str], tuple[float, str]] = {}  # started site writes: (started, digest)
         self.read_your_writes: dict[tuple[str, str], float] = {}  # completed in the fence: completed at
         self.deletes_applied: set[tuple[str, str]] = set()
+        # The newest invalidation of each tag the index acknowledged (an event about the tag, a write
+        # through the site, a rename): no local answer may come from a pin asked before it, even
+        # after Redis came back from an older snapshot (the epoch's job).
+        self.acked: dict[tuple[str, str], float] = {}
         self.snapshot_deletes: set[tuple[str, str]] | None = None
         self.restarted = False
 
@@ -211,9 +236,17 @@ class SiteHistory(RuleBasedStateMachine):
         outcome = interpret_event(event, Source.PRIMARY, self.clock[0])
         if self.apply(list(outcome.updates)):
             for update in outcome.updates:
-                digest = getattr(update, "digest", "")
-                if event["action"] == "delete" and digest:
-                    self.deletes_applied.add((update.repository, digest))
+                if isinstance(update, DigestDeleted):
+                    self.deletes_applied.add((update.repository, update.digest))
+                elif isinstance(update, TagInvalidated):
+                    self.acknowledge(update.repository, update.tag, self.clock[0])
+                elif isinstance(update, RepositoryInvalidated):
+                    for tag in TAGS:
+                        self.acknowledge(update.repository, tag, self.clock[0])
+
+    def acknowledge(self, repository: str, tag: str, stamp: float) -> None:
+        if repository in REPOS:
+            self.acked[(repository, tag)] = max(stamp, self.acked.get((repository, tag), stamp))
 
     @precondition(lambda self: self.pending)
     @rule(data=st.data())
@@ -227,6 +260,7 @@ class SiteHistory(RuleBasedStateMachine):
         operation = classify_request("PUT", f"/v2/{repository}/manifests/{tag}")
         if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
             self.writes[(repository, tag)] = (self.clock[0], digest)
+            self.acknowledge(repository, tag, self.clock[0] + FENCE)
         else:  # the index could not be told: the write still lands, read-your-writes is not promised
             self.primary.set_tag(repository, tag, digest)
 
@@ -277,18 +311,19 @@ class SiteHistory(RuleBasedStateMachine):
     @rule()
     def start_a_reconciliation(self) -> None:
         try:
-            asked_at = self.store.now()
+            asked_at, epoch = self.store.stamp()
             known = [(r, t, d) for r in REPOS for t, (d, _) in self.store.primary_tags(r).items()]
         except IndexUnavailable:
             return
         answers = [(r, t, self.primary.head(r, t), d) for r, t, d in known]
-        self.reconciling.append((asked_at, answers))
+        self.reconciling.append((asked_at, epoch, answers))
 
     @precondition(lambda self: self.reconciling)
     @rule()
     def finish_a_reconciliation(self) -> None:
-        asked_at, answers = self.reconciling.pop(0)
-        updates = [pin_update(r, t, answer, pinned, asked_at, PrimaryTally()) for r, t, answer, pinned in answers]
+        asked_at, epoch, answers = self.reconciling.pop(0)
+        tally = PrimaryTally()
+        updates = [pin_update(r, t, answer, pinned, asked_at, tally, epoch) for r, t, answer, pinned in answers]
         self.apply([u for u in updates if u is not None])
 
     # ---- time and Redis -----------------------------------------------------------------------------
@@ -318,7 +353,7 @@ class SiteHistory(RuleBasedStateMachine):
 
     # ---- the promise ----------------------------------------------------------------------------------
 
-    def decide(self, kind: QueryKind, repository: str, reference: str, accept: str) -> tuple[Route | None, str]:
+    def decide(self, kind: QueryKind, repository: str, reference: str, accept: str) -> tuple[Route | None, str, float]:
         method_uri = f"/v2/{repository}/manifests/{reference}"
         operation = classify_request("GET", method_uri)
         query = index_query(operation, POLICY)
@@ -328,7 +363,7 @@ class SiteHistory(RuleBasedStateMachine):
         except IndexUnavailable:
             view = UNAVAILABLE
         decision = route(operation, view, POLICY, self.clock[0], accept)
-        return decision.route, decision.upstream_path.rsplit("/", 1)[-1]
+        return decision.route, decision.upstream_path.rsplit("/", 1)[-1], view.confirmed_at
 
     @invariant()
     def check_every_answer(self) -> None:
@@ -336,19 +371,18 @@ class SiteHistory(RuleBasedStateMachine):
         for repository in REPOS:
             for tag in TAGS:
                 for accept in ACCEPTS:
-                    where, digest = self.decide(QueryKind.TAG, repository, tag, accept)
+                    where, digest, asked_at = self.decide(QueryKind.TAG, repository, tag, accept)
                     if where is not Route.LOCAL:
                         continue
                     allowed = self.primary.published_since(repository, tag, now - MAX_TAG_AGE)
                     assert digest in allowed, f"{repository}:{tag} served {digest[-4:]}, the primary had {allowed}"
-                    assert serves_pinned_manifest(MEDIA_TYPES[digest], accept), (
-                        "the primary answers this Accept otherwise"
-                    )
+                    assert MEDIA_TYPES[digest] in named_types(accept), "the primary answers this Accept otherwise"
+                    assert asked_at >= self.acked.get((repository, tag), 0.0), "a pin older than an invalidation"
                     completed = self.read_your_writes.get((repository, tag))
                     if completed is not None:
-                        assert digest in self.primary.published_since(repository, tag, completed), "read-your-writes"
+                        assert digest in self.primary.named_from(repository, tag, completed), "read-your-writes"
             for digest in DIGESTS:
-                where, _ = self.decide(QueryKind.MANIFEST, repository, digest, "")
+                where, _, _ = self.decide(QueryKind.MANIFEST, repository, digest, "")
                 if where is Route.LOCAL and (repository, digest) in self.deletes_applied:
                     assert digest in self.primary.digests[repository], f"{digest[-4:]} deleted at the primary, served"
 

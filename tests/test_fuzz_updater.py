@@ -116,7 +116,12 @@ class IndexModel:
         elif isinstance(update, RepositoryInvalidated):
             under = sorted(n for n in self.sets[f"{prefix}repos"] if update.subtree and n.startswith(repository + "/"))
             names = [repository, *under]
-            self.invalidate_pinned(names, self.now + update.fence, "")
+            stamp = self.now + update.fence
+            for name in names:  # the repository's floor: no answer asked before it lands
+                key = f"{prefix}primary:invalidated:{name}"
+                if key not in self.strings or float(self.strings[key]) < stamp:
+                    self.strings[key] = f"{stamp:.6f}"
+            self.invalidate_pinned(names, stamp, "")
         elif isinstance(update, DigestRestored):
             self.hashes[f"{prefix}primary:deleted:{repository}"].pop(update.digest, None)
 

@@ -313,7 +313,8 @@ def test_registry_trouble_removes_nothing(site: Site, tmp_path: Path) -> None:
         site.settings, updater=dataclasses.replace(site.settings.updater, signing_key=str(stranger))
     )
     refused = reconcile(untrusted, site.store)
-    assert not refused.ok and refused.errors == 2  # the catalog, and the primary's answer for team/app:v1
+    # the catalog, the primary's answer for team/app:v1, and its answer for the manifest held here
+    assert not refused.ok and refused.errors == 3
     assert all("HTTP 401" in message for message in refused.error_samples)
 
     stop = threading.Event()

@@ -164,7 +164,7 @@ NEGOTIATION = [
     (DOCKER_MANIFEST_LIST, f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}", True),
     (DOCKER_MANIFEST, "", False),  # 2.8: a schema 1 conversion
     (DOCKER_MANIFEST, "application/json", False),
-    (DOCKER_MANIFEST, DOCKER_MANIFEST.upper(), True),
+    (DOCKER_MANIFEST, DOCKER_MANIFEST.upper(), False),  # 2.8 does not fold case: a schema 1 conversion
     (DOCKER_MANIFEST, ACCEPT_ALL, True),
     ("application/vnd.docker.distribution.manifest.v1+prettyjws", ACCEPT_ALL, False),
 ]

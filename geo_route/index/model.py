@@ -73,6 +73,7 @@ class PrimaryTag:
     confirmed_at: float = 0.0
     media_type: str = ""
     hint: str = ""
+    epoch: str = ""  # the index epoch it was asked in ("" = any): an answer from before a restart never lands
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +132,16 @@ class LocalTag:
 class TagResolution:
     """A queued question for the primary: what does ``repository:tag`` point at now?
 
-    ``asked_at`` is the index's clock when it was claimed (before the question is sent); ``hint``
-    the digest an event announced (``""`` none) and ``attempts`` how often it was already retried."""
+    ``asked_at`` is the index's clock when it was claimed (before the question is sent), ``epoch``
+    the index's epoch then; ``hint`` the digest an event announced (``""`` none) and ``attempts``
+    how often it was already retried."""
 
     repository: str
     tag: str
     asked_at: float
     hint: str = ""
     attempts: int = 0
+    epoch: str = ""
 
 
 IndexUpdate = (

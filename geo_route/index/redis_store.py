@@ -11,6 +11,8 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
                                    answer for the tag, asked at <stamp> (the index's clock); "-" as
                                    the digest is a tombstone (deleted, invalidated, or 404)
     P primary:deleted:R      HASH  digest -> stamp: deleted at the primary, not served by digest here
+    P primary:invalidated:R  STRING stamp of the repository's last rename (or unreadable event): no
+                                   pin asked before it lands
     P resolve                ZSET  M -> due time: tags to ask the primary about
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
@@ -99,27 +101,36 @@ local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, st
   return stamp
 end
 """
-# KEYS: tags, epoch, deleted, hints, queue   ARGV: tag, digest ('' = 404), stamp, media type, member, hint
-# An answer that loses to a newer tombstone queues the tag again for when that tombstone's time has
-# come (a fence), so it is re-resolved rather than left unpinned until a read notices it.
+# KEYS: tags, epoch, deleted, hints, queue, invalidated
+# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any)
+# An answer lands only if it is newer than the tag's entry, than its repository's last
+# invalidation and than its digest's deletion mark, and was asked in the current epoch. One that
+# loses to anything but a pin at least as new is queued again (for when a fence's time has come),
+# so the tag is re-resolved rather than left unpinned until a read notices it.
 SET_PIN_IF_NEWER_SCRIPT = (
     LUA_COMMON
     + """
 local stamp = tonumber(ARGV[3])
+local epoch = epoch_now(KEYS[2])
 local held_value = redis.call('HGET', KEYS[1], ARGV[1])
 local held = stamp_of(held_value)
-if held and (stamp < held or (ARGV[2] ~= '' and stamp == held)) then
-  if fields(held_value) == '-' then redis.call('ZADD', KEYS[5], 'NX', held, ARGV[5]) end
+local floor = tonumber(redis.call('GET', KEYS[6]) or '')
+local marked = ARGV[2] ~= '' and tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '') or nil
+local stale = (held and (stamp < held or (ARGV[2] ~= '' and stamp == held)))
+  or (floor and stamp <= floor) or (marked and stamp < marked) or (ARGV[7] ~= '' and ARGV[7] ~= epoch)
+if stale then
+  local newer_pin = held and stamp <= held and fields(held_value) ~= '-'
+  if not newer_pin then
+    local due = clock('')
+    if held and held > due then due = held end
+    redis.call('ZADD', KEYS[5], 'NX', due, ARGV[5])
+  end
   return 0
 end
 local media = ARGV[4] ~= '' and ARGV[4] or '-'
 local digest = ARGV[2] ~= '' and ARGV[2] or '-'
-local pin = digest .. ' ' .. string.format('%.6f', stamp) .. ' ' .. media .. ' ' .. epoch_now(KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], pin)
-if ARGV[2] ~= '' then
-  local marked = tonumber(redis.call('HGET', KEYS[3], ARGV[2]) or '')
-  if marked and marked < stamp then redis.call('HDEL', KEYS[3], ARGV[2]) end
-end
+redis.call('HSET', KEYS[1], ARGV[1], digest .. ' ' .. string.format('%.6f', stamp) .. ' ' .. media .. ' ' .. epoch)
+if marked and marked < stamp then redis.call('HDEL', KEYS[3], ARGV[2]) end
 if ARGV[6] ~= '' and redis.call('HGET', KEYS[4], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[4], ARGV[5]) end
 return 1
 """
@@ -152,6 +163,11 @@ if ARGV[3] == '1' then
 end
 local count = 0
 for _, name in ipairs(names) do
+  if digest == '' then
+    local floor_key = prefix .. 'primary:invalidated:' .. name
+    local floor = tonumber(redis.call('GET', floor_key) or '')
+    if not floor or floor < stamp then redis.call('SET', floor_key, string.format('%.6f', stamp)) end
+  end
   local tags_key = prefix .. 'primary:tags:' .. name
   local entries = redis.call('HGETALL', tags_key)
   for i = 1, #entries, 2 do
@@ -192,13 +208,13 @@ MANIFEST_SCRIPT = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 return redis.call('SISMEMBER', KEYS[1], ARGV[1])
 """
-# KEYS: queue, hints   ARGV: now, limit  ->  {now, member, hint, member, hint, ...}
+# KEYS: queue, hints, epoch   ARGV: now, limit  ->  {now, epoch, member, hint, member, hint, ...}
 CLAIM_SCRIPT = (
     LUA_COMMON
     + """
 local now = clock(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {string.format('%.6f', now)}
+local out = {string.format('%.6f', now), epoch_now(KEYS[3])}
 for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
   table.insert(out, member)
@@ -263,6 +279,9 @@ class KeySchema:
 
     def primary_deleted(self, repository: str) -> str:
         return f"{self.prefix}primary:deleted:{repository}"
+
+    def primary_invalidated(self, repository: str) -> str:
+        return f"{self.prefix}primary:invalidated:{repository}"
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"
@@ -486,9 +505,16 @@ class RedisIndexStore:
         if isinstance(update, PrimaryTag):
             pin = eval_command(
                 SET_PIN_IF_NEWER_SCRIPT,
-                (keys.primary_tags(repository), keys.epoch, keys.primary_deleted(repository), keys.hints, keys.resolve),
+                (
+                    keys.primary_tags(repository),
+                    keys.epoch,
+                    keys.primary_deleted(repository),
+                    keys.hints,
+                    keys.resolve,
+                    keys.primary_invalidated(repository),
+                ),
                 (update.tag, update.digest, format_stamp(update.confirmed_at), update.media_type.split(";")[0].strip()),
-                (queue_member(repository, update.tag), update.hint),
+                (queue_member(repository, update.tag), update.hint, update.epoch),
             )
             return [("SADD", keys.repos, repository), pin]
         if isinstance(update, TagInvalidated):
@@ -517,14 +543,14 @@ class RedisIndexStore:
     def claim_resolutions(self, limit: int) -> list[TagResolution]:
         """Take up to ``limit`` due resolutions off the queue (atomically: several updaters never
         take the same one), stamped with the index's clock at the claim."""
-        keys = (self.keys.resolve, self.keys.hints)
-        found = self._write(lambda: self._client.eval(CLAIM_SCRIPT, 2, *keys, self._now_arg(), str(limit)))
-        asked_at = float(found[0])
+        keys = (self.keys.resolve, self.keys.hints, self.keys.epoch)
+        found = self._write(lambda: self._client.eval(CLAIM_SCRIPT, 3, *keys, self._now_arg(), str(limit)))
+        asked_at, epoch = float(found[0]), str(found[1])
         claimed = []
-        for member, hint in zip(found[1::2], found[2::2], strict=True):
+        for member, hint in zip(found[2::2], found[3::2], strict=True):
             repository, tag = parse_member(str(member))
             digest, _, attempts = str(hint).partition(" ")
-            claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0)))
+            claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0), epoch))
         return claimed
 
     def requeue(self, resolution: TagResolution, delay: float, attempts: int | None = None) -> None:
@@ -579,10 +605,13 @@ class RedisIndexStore:
 
     def now(self) -> float:
         """The index's clock."""
-        if self._index_clock is not None:
-            return self._index_clock()
-        seconds, micros = self._read(self._client.time)
-        return float(seconds) + float(micros) / 1_000_000
+        return self.stamp()[0]
+
+    def stamp(self) -> tuple[float, str]:
+        """The index's clock and epoch, read together: what an answer asked now is stamped with."""
+        stamp_script = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
+        now, epoch = self._read(lambda: self._client.eval(stamp_script, 1, self.keys.epoch, self._now_arg()))
+        return float(now), str(epoch)
 
     def try_lock(self, name: str, seconds: int) -> bool:
         """A lease held by whoever set it first, for ``seconds`` (one reconciliation at a time).

@@ -8,8 +8,11 @@ primary's tag pins, while notifications keep arriving.
    snapshot, one ``apply`` per repository (``reconcile_walk`` explains why no notification's update
    is lost);
 2. asks the primary (``HEAD`` by tag) for every tag the index knows (pinned from the primary, or
-   tagged in the local registry) and pins the answer with the time the question was asked, so a
-   newer notification still wins; a 404 removes the pin; an error leaves it.
+   tagged in the local registry) and pins the answer with the time the question was asked (on the
+   index's clock), so a newer invalidation still wins; a 404 is a tombstone; an error leaves it.
+   It also asks the primary (``HEAD`` by digest) for every manifest held here: one the primary no
+   longer has is marked deleted (GitLab's garbage collection sends no event), and a deletion mark
+   the primary has the digest again for is cleared.
 
 Requests use pull tokens minted with the sites' shared signing key (``pull_tokens``); at most
 ``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile`` and
@@ -33,7 +36,7 @@ from typing import Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import DigestRestored, IndexUpdate, PrimaryTag
+from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
@@ -59,7 +62,7 @@ class ReconcileStore(Protocol):
     def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]: ...
     def repositories(self) -> set[str]: ...
     def deleted_digests(self, repository: str) -> set[str]: ...
-    def now(self) -> float: ...
+    def stamp(self) -> tuple[float, str]: ...
     def try_lock(self, name: str, seconds: int) -> bool: ...
     def renew_lock(self, name: str, seconds: int) -> bool: ...
     def unlock(self, name: str) -> None: ...
@@ -286,7 +289,7 @@ class ReconcileRun:
             self.report.cancelled = True
             return
         known = self.known_tags()
-        asked_at = self.store.now()  # before any question: an invalidation after it still wins
+        asked_at, epoch = self.store.stamp()  # before any question: an invalidation after it still wins
         asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
         updates: list[IndexUpdate] = []
         tally = self.report.primary_tags
@@ -295,10 +298,11 @@ class ReconcileRun:
                 self.report.add_errors([f"primary {repository}:{tag}: {answer}"])
                 continue
             pinned = known[repository][tag]
-            update = pin_update(repository, tag, answer, pinned, asked_at, tally)
+            update = pin_update(repository, tag, answer, pinned, asked_at, tally, epoch)
             if update is not None:
                 updates.append(update)
         updates.extend(self.restored_digests(asked_at))
+        updates.extend(self.deleted_digests())
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
 
@@ -314,6 +318,23 @@ class ReconcileRun:
 
     def ask_primary(self, key: tuple[str, str]) -> ManifestHead | None:
         return self.registries.primary.head_manifest(*key)
+
+    def deleted_digests(self) -> list[IndexUpdate]:
+        """Manifests held here that the primary answers 404 for by digest: deleted there with no
+        event (GitLab's online garbage collection, a lost or dropped event). They are marked
+        deleted, so they stop being served by digest, and tags pinned to them are re-resolved."""
+        held = []
+        for repository in sorted(self.store.repositories()):
+            _, manifests = self.store.local_snapshot(repository)
+            held += [(repository, digest) for digest in sorted(manifests - self.store.deleted_digests(repository))]
+        deleted: list[IndexUpdate] = []
+        for (repository, digest), answer in gather(self.requests, self.ask_primary, held):
+            if isinstance(answer, RegistryError):
+                self.report.add_errors([f"primary {repository}@{digest}: {answer}"])
+            elif answer is None:
+                deleted.append(DigestDeleted(repository, digest))
+        self.report.primary_tags.deleted += len(deleted)
+        return deleted
 
     def restored_digests(self, asked_at: float) -> list[IndexUpdate]:
         """Digests marked deleted at the primary that the primary serves again (pushed anew); a
@@ -331,16 +352,22 @@ class ReconcileRun:
 
 
 def pin_update(
-    repository: str, tag: str, answer: ManifestHead | None, pinned: str | None, asked_at: float, tally: PrimaryTally
+    repository: str,
+    tag: str,
+    answer: ManifestHead | None,
+    pinned: str | None,
+    asked_at: float,
+    tally: PrimaryTally,
+    epoch: str = "",
 ) -> PrimaryTag | None:
     if answer is not None:
         tally.refreshed += 1
         tally.changed += int(pinned is not None and pinned != answer.digest)
-        return PrimaryTag(repository, tag, answer.digest, asked_at, answer.media_type)
+        return PrimaryTag(repository, tag, answer.digest, asked_at, answer.media_type, epoch=epoch)
     if pinned is None:
         return None  # tagged locally only, unknown to the primary: nothing to unpin
     tally.removed += 1
-    return PrimaryTag(repository, tag, "", asked_at)
+    return PrimaryTag(repository, tag, "", asked_at, epoch=epoch)
 
 
 def open_store(settings: Settings) -> RedisIndexStore:

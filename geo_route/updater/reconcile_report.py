@@ -39,6 +39,7 @@ class PrimaryTally:
     refreshed: int = 0  # tags the primary answered for (their pins re-confirmed)
     changed: int = 0  # ... of which the digest differed from the pin
     removed: int = 0  # pinned tags the primary no longer has (404)
+    deleted: int = 0  # manifests held here that the primary no longer has (404 by digest): marked deleted
 
 
 @dataclass
@@ -83,7 +84,8 @@ class ReconcileReport:
             f"  manifests   {self.manifests.format()}",
             f"  blobs       {self.blobs.format()}, {self.missing_blobs} referenced but missing",
             f"  local tags  {self.local_tags.format()}",
-            f"  primary     {pins.refreshed} tags confirmed, {pins.changed} moved, {pins.removed} removed",
+            f"  primary     {pins.refreshed} tags confirmed, {pins.changed} moved, {pins.removed} removed, "
+            f"{pins.deleted} manifests deleted there",
             f"  errors      {self.errors}",
         ]
         lines += [f"    {message}" for message in self.error_samples]

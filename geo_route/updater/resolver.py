@@ -67,7 +67,9 @@ def judge(resolution: TagResolution, answer: ManifestHead | GeoRouteError | None
         )
     hint = f"{resolution.hint} {resolution.attempts}" if resolution.hint else ""
     media_type = answer.media_type if answer is not None else ""
-    pin = PrimaryTag(resolution.repository, resolution.tag, digest, resolution.asked_at, media_type, hint)
+    pin = PrimaryTag(
+        resolution.repository, resolution.tag, digest, resolution.asked_at, media_type, hint, resolution.epoch
+    )
     return Verdict(pin=pin, outcome="pinned" if digest else "tombstoned")
 
 
