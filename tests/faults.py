@@ -7,25 +7,40 @@ digest it reports; the matrix checks that digest against what the primary publis
 
 ``Outcome`` is one row of the matrix (docs/reliability.md): pulls, failures, wrong content, the
 slowest pull, the routes NGINX took while the fault was on, and how the index recovered.
+
+The probes the cells use from outside the site: ``TagWatch`` (when the index learnt of a change),
+``post_events`` (a notification as a registry would send it), ``RawRedis`` (what an operator's
+``redis-cli`` sees), ``run_reconcile`` and ``kill_reconcile_mid_run``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient, parse_access_log_line
+from geo_route.devstack.images import MANIFEST_MEDIA_TYPE
 from geo_route.devstack.skopeo import Skopeo, SkopeoError, docker_reference
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
+from geo_route.index.redis_store import RedisIndexStore
 
 PULL_BOUND = 30.0  # seconds: a pull that takes longer counts as hung
 
@@ -77,12 +92,13 @@ class PullLoad:
             self.record(self.pull_once(skopeo, target, self.workdir / f"worker-{number}" / f"pull-{count}"))
 
     def pull_once(self, skopeo: Skopeo, target: str, layout: Path) -> Pull:
-        repository, tag = target.rsplit(":", 1)
-        source = docker_reference(self.client.secondary, repository, tag)
+        """``target`` is ``repository:tag`` or ``repository@digest``."""
+        repository, reference = target.split("@", 1) if "@" in target else target.rsplit(":", 1)
+        source = docker_reference(self.client.secondary, repository, reference)
         started = time.monotonic()
         digest, error = "", ""
         try:
-            digest = skopeo.copy(source, f"oci:{layout}:{tag}", src_creds=self.client.credentials())
+            digest = skopeo.copy(source, f"oci:{layout}:pulled", src_creds=self.client.credentials())
         except SkopeoError as exc:
             error = str(exc)
         finally:
@@ -199,10 +215,12 @@ def compare_index(client: StackClient, expected: Expected) -> list[str]:
         view = client.index.lookup(IndexQuery(QueryKind.TAG, repository, tag))
         if not view.available:
             return ["index unavailable"]
-        if not view.pinned_digest and target not in expected.pin_required:
-            continue  # unpinned: routed to the primary, which is right
+        if not (view.pinned_digest and view.current) and target not in expected.pin_required:
+            continue  # unpinned, or pinned in an older epoch (unconfirmed): routed to the primary, which is right
         if view.pinned_digest != digest:
             problems.append(f"{target} pinned to {view.pinned_digest or 'nothing'}, the primary says {digest[:19]}")
+        elif not view.current:
+            problems.append(f"{target} pinned in an older index epoch (unconfirmed)")
     for (repository, digest), present in expected.present.items():
         blob = client.index.lookup(IndexQuery(QueryKind.BLOB, repository, digest))
         manifest = client.index.lookup(IndexQuery(QueryKind.MANIFEST, repository, digest))
@@ -226,16 +244,228 @@ def wait_for_index(
     return round(time.monotonic() - since, 2), []
 
 
-def run_reconcile(site_file: str, log: Path) -> None:
-    """What an operator runs after an outage: ``geo-route reconcile --once``."""
-    with open(log, "ab") as output:
-        subprocess.run(
-            [sys.executable, "-m", "geo_route.cli", "reconcile", "-c", site_file, "--once"],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            timeout=120,
-            check=True,
+def reasons_between(client: StackClient, since: int, until: int, repository: str) -> dict[str, int]:
+    """``route:reason/status`` of the manifest requests for ``repository`` between two offsets."""
+    with open(client.info.nginx_access_log, "rb") as log:
+        log.seek(since)
+        lines = log.read(max(0, until - since)).decode("utf-8", "replace").splitlines()
+    counts: Counter[str] = Counter()
+    for line in lines:
+        if line.endswith("}"):
+            entry = parse_access_log_line(line)
+            if entry.uri.startswith(f"/v2/{repository}/manifests/"):
+                counts[f"{entry.route or 'nginx'}:{entry.reason}/{entry.status}"] += 1
+    return dict(sorted(counts.items()))
+
+
+RECONCILE_COMMAND = (sys.executable, "-m", "geo_route.cli", "reconcile", "--once", "-c")
+
+
+@dataclass(frozen=True)
+class ReconcileRun:
+    refused: int  # attempts refused because another run held the lease
+    last_refused: float  # time.monotonic() when the last refused attempt was started (0: none)
+    started: float  # time.monotonic() when the attempt that ran was started
+    ended: float
+
+
+def run_reconcile(site_file: str, log: Path, patience: float = 30.0) -> ReconcileRun:
+    """What an operator runs after an outage: ``geo-route reconcile --once``, started again every
+    0.25 s while another run holds the lease (an updater's own run, or a killed one), at most
+    ``patience`` seconds; any other failure raises."""
+    deadline = time.monotonic() + patience
+    refused, last_refused = 0, 0.0
+    while True:
+        started = time.monotonic()
+        result = subprocess.run(
+            [*RECONCILE_COMMAND, site_file], capture_output=True, timeout=120, check=False, stdin=subprocess.DEVNULL
         )
+        with open(log, "ab") as output:
+            output.write(result.stdout + result.stderr)
+        if result.returncode == 0:
+            return ReconcileRun(refused, last_refused, started, time.monotonic())
+        if b"lock held" not in result.stdout or time.monotonic() > deadline:
+            raise subprocess.CalledProcessError(result.returncode, RECONCILE_COMMAND, result.stdout, result.stderr)
+        refused, last_refused = refused + 1, started
+        time.sleep(0.25)
+
+
+class RawRedis:
+    """A plain RESP connection to the index's redis-server, as ``redis-cli`` would be: no epoch
+    check, no key schema. Simple replies only (status, integer, error)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("redis://").split("/")[0].split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.replies = self.sock.makefile("rb")
+
+    def command(self, *args: str) -> str:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self.sock.sendall(b"".join(parts))
+        reply = self.replies.readline().decode().rstrip("\r\n")
+        if reply.startswith("-"):
+            raise RuntimeError(f"redis-server: {reply[1:]}")
+        return reply[1:]
+
+    def close(self) -> None:
+        self.replies.close()
+        self.sock.close()
+
+    def __enter__(self) -> RawRedis:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class KilledRun:
+    at: float  # time.monotonic() of the SIGKILL
+    lease_left: float  # seconds the killed run's lease still had
+
+
+def kill_reconcile_mid_run(site_file: str, log: Path, attempts: int = 5) -> KilledRun:
+    """Start ``geo-route reconcile --once`` and SIGKILL it (its own PID) as soon as it holds the
+    reconcile lease: a run killed mid-way, by the OOM killer or a node's reboot."""
+    settings = load_settings(site_file, environ={})
+    lock = f"{settings.redis.key_prefix}lock:reconcile"
+    with RawRedis(settings.redis.url) as redis, open(log, "ab") as output:
+        for _ in range(attempts):
+            run = subprocess.Popen(
+                [*RECONCILE_COMMAND, site_file], stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+            try:
+                while run.poll() is None and redis.command("EXISTS", lock) != "1":
+                    time.sleep(0.002)
+            finally:
+                run.kill()
+                run.wait(10)
+            killed = time.monotonic()
+            left = int(redis.command("PTTL", lock))
+            if run.returncode == -9 and left > 0:
+                return KilledRun(killed, left / 1000)
+    raise AssertionError(f"no reconciliation was caught holding its lease in {attempts} attempts")
+
+
+def observer_store(client: StackClient) -> RedisIndexStore:
+    """The test's own view of the index. The decision path's 50 ms timeout and its cooldown serve
+    NGINX; a test that waits for the index must not fail because the shared box was busy for 50 ms."""
+    redis = load_settings(client.info.site_file, environ={}).redis
+    patient = dataclasses.replace(redis, socket_timeout=2.0, connect_timeout=2.0, unavailable_cooldown=0.0)
+    return RedisIndexStore(patient)
+
+
+def observe_patiently(client: StackClient) -> StackClient:
+    client.index.close()
+    client.index = observer_store(client)
+    return client
+
+
+def monotonic_of(store: RedisIndexStore, stamp: float) -> float:
+    """An index-clock stamp (Redis ``TIME``) as ``time.monotonic()``."""
+    before = time.monotonic()
+    now = store.now()
+    return stamp - now + (before + time.monotonic()) / 2
+
+
+def pin_stamp(store: RedisIndexStore, target: str) -> float:
+    """The stamp of ``target``'s pin (it must be pinned), as ``time.monotonic()``."""
+    repository, tag = target.rsplit(":", 1)
+    pinned = store.primary_tag(repository, tag)
+    assert pinned is not None, f"{target} is not pinned"
+    return monotonic_of(store, pinned[1])
+
+
+class TagWatch:
+    """Samples one tag's entry in the index every ``interval`` (a plain read: it queues nothing),
+    to tell from outside when the site learnt of a change: the first sample, after a moment, in
+    which the tag is no longer pinned to a digest it must not serve any more."""
+
+    def __init__(self, client: StackClient, target: str, interval: float = 0.02) -> None:
+        self.store = observer_store(client)
+        self.repository, self.tag = target.rsplit(":", 1)
+        self.interval = interval
+        self.samples: list[tuple[float, str]] = []  # (monotonic, pinned digest; "" none or a tombstone)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.sample_forever, daemon=True)
+
+    def __enter__(self) -> TagWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        self.store.close()
+
+    def sample_forever(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                pinned = self.store.primary_tag(self.repository, self.tag)
+            except IndexUnavailable:
+                continue
+            self.samples.append((time.monotonic(), pinned[0] if pinned else ""))
+
+    def learnt(self, after: float, outdated: set[str]) -> float:
+        """When the index first held something other than an ``outdated`` pin after ``after``."""
+        return next((at for at, digest in list(self.samples) if at > after and digest not in outdated), math.inf)
+
+
+def stale_pulls(pulls: Sequence[Pull], target: str, outdated: set[str], since: float) -> list[Pull]:
+    """Pulls of ``target`` that got an ``outdated`` digest although they started after ``since``."""
+    return [p for p in pulls if p.target == target and p.digest in outdated and p.started > since]
+
+
+def notification(
+    action: str, repository: str, *, digest: str = "", tag: str = "", at: datetime | None = None
+) -> dict[str, Any]:
+    """One event as a registry sends it (a fresh id; ``at`` is the sending node's clock)."""
+    target: dict[str, Any] = {"repository": repository}
+    if digest:
+        target["digest"] = digest
+    if tag:
+        target["tag"] = tag
+    if action == "push":
+        target["mediaType"] = MANIFEST_MEDIA_TYPE
+    stamp = (at or datetime.now(UTC)).isoformat().replace("+00:00", "Z")
+    return {"id": str(uuid.uuid4()), "timestamp": stamp, "action": action, "target": target}
+
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def post_events(client: StackClient, source: str, events: list[dict[str, Any]], patience: float = 10.0) -> None:
+    """POST an envelope to the updater's ``/events/<source>`` with that source's secret, as the
+    registry does (it retries a 503)."""
+    updater = load_settings(client.info.site_file, environ={}).updater
+    secret = updater.primary_secret if source == "primary" else updater.local_secret
+    headers = {"Authorization": secret, "Content-Type": "application/vnd.docker.distribution.events.v1+json"}
+    body = json.dumps({"events": events}).encode()
+    deadline = time.monotonic() + patience
+    while True:
+        request = urllib.request.Request(f"{client.info.updater_url}/events/{source}", body, headers, method="POST")
+        try:
+            with NO_PROXY.open(request, timeout=5) as answer:
+                reply = json.loads(answer.read())
+                assert reply.get("applied") == len(events), reply
+                return
+        except urllib.error.HTTPError as error:
+            error.close()
+            if error.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def delete_manifest_at_primary(client: StackClient, repository: str, digest: str) -> None:
+    """``DELETE /v2/<repository>/manifests/<digest>`` straight at the primary (not through the site)."""
+    token = client.token(f"repository:{repository}:pull,push,delete")
+    url = f"{client.info.primary_url}/v2/{repository}/manifests/{digest}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}, method="DELETE")
+    with NO_PROXY.open(request, timeout=10) as answer:
+        assert answer.status == 202, answer.status
 
 
 MATRIX_BEGIN = "<!-- fault-matrix:begin (written by tests/test_faults.py with FAULTS_REPORT=docs/reliability.md) -->"
@@ -246,10 +476,12 @@ def render_matrix(outcomes: Sequence[Outcome], seconds: float) -> str:
     lines = [
         MATRIX_BEGIN,
         "",
-        f"Measured by `FAULTS_REPORT=docs/reliability.md .venv/bin/python -m pytest -m faults` in {seconds:.0f} s "
+        "Measured by `FAULTS_REPORT=docs/reliability.md .venv/bin/python -m pytest -m faults tests/test_faults.py` "
+        f"in {seconds:.0f} s "
         f"(3 concurrent skopeo pulls through NGINX during every fault; a pull longer than {PULL_BOUND:.0f} s "
         "counts as hung). *Index correct again* counts from the moment the fault was lifted; "
-        "the recovery step named there is part of that time.",
+        "the recovery step named there is part of that time, and the index is first checked once three pulls "
+        "have run after it (an upper bound).",
         "",
         "| fault | pulls | failed | wrong content | stale | slowest pull | routes while faulty "
         "| index correct again | ok |",

@@ -1,38 +1,57 @@
-"""The fault matrix under load (issue 6): every fault is applied while three skopeo pulls run
-through NGINX, on one real devstack, one cell after another (each cell leaves the stack healthy).
+"""The fault matrix under load (issues 6 and 10): every fault is applied while three skopeo pulls
+run through NGINX, on one real devstack, one cell after another (each cell leaves the stack healthy).
 
 For every cell: no failed pull for content a reachable registry holds, no pull with content the
-primary did not publish for that tag, no pull slower than ``PULL_BOUND``, and the index correct
-again after recovery (the registries' notification retries, or ``geo-route reconcile --once``
-where an operator would run it). ``FAULTS_REPORT=docs/reliability.md`` writes the measured matrix.
+primary did not publish for that tag, no stale pull (docs/consistency.md's bound: none once the
+site knew of the change, as events flowing make it know; with events lost, none later than
+``routing.max_tag_age`` after the pin's stamp), no pull slower than ``PULL_BOUND``, and the index
+correct again after recovery (the registries' notification retries, or ``geo-route reconcile
+--once`` where an operator would run it). ``FAULTS_REPORT=docs/reliability.md`` writes the
+measured matrix.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from faults import (
     Expected,
+    KilledRun,
     Outcome,
     Pull,
     PullLoad,
+    RawRedis,
+    ReconcileRun,
+    TagWatch,
+    delete_manifest_at_primary,
     judge_pulls,
+    kill_reconcile_mid_run,
+    notification,
+    observe_patiently,
+    pin_stamp,
+    post_events,
+    reasons_between,
     routes_between,
     run_reconcile,
+    stale_pulls,
     wait_for_index,
     write_matrix,
 )
 
+from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
-from geo_route.devstack.skopeo import docker_reference
+from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import RunningStack, bring_up
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -45,6 +64,11 @@ FAULT_HOLD = 3.0  # seconds a fault stays on (at least; until 3 pulls ran under 
 LOCAL_TIMEOUT, PROXY_TIMEOUT = 2, 5
 TIMEOUTS = {"local_timeout": LOCAL_TIMEOUT, "proxy_timeout": PROXY_TIMEOUT}
 MAX_TAG_AGE = 3  # seconds, for the cell that shows routing.max_tag_age bounding lost notifications
+DEFAULT_MAX_TAG_AGE = 300  # routing.max_tag_age's default, which the matrix's own stack runs with
+# A short reconcile lease so that a killed reconciliation's bound shows within the test's time
+# (default 60 s; renewed every third of it while a run lives).
+RECONCILE_LEASE = 4
+OVERRIDES = {"nginx": TIMEOUTS, "updater": {"reconcile_lease": RECONCILE_LEASE}}
 
 
 @dataclass
@@ -87,16 +111,28 @@ class Matrix:
         for digest in (image.digest, *image.blob_digests):
             self.expected.present[(repository, digest)] = present
 
-    def reconcile(self) -> None:
-        run_reconcile(self.client.info.site_file, self.root / "reconcile.log")
+    def reconcile(self) -> ReconcileRun:
+        return run_reconcile(self.client.info.site_file, self.root / "reconcile.log")
+
+    def forget_pin(self, target: str) -> None:
+        """The primary no longer has ``target``: the index must not pin it (a tombstone is right)."""
+        self.expected.pins[target] = ""
+        self.expected.pin_required.discard(target)
+
+    def redis_command(self, *args: str) -> str:
+        with RawRedis(self.client.info.redis_url) as redis:
+            return redis.command(*args)
+
+    def key(self, name: str) -> str:
+        return load_settings(self.client.info.site_file, environ={}).redis.key_prefix + name
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
     started = time.monotonic()
     root = tmp_path_factory.mktemp("faults")
-    stack = bring_up(root / "stack", site_overrides={"nginx": TIMEOUTS})
-    client = StackClient(stack.info, stack)
+    stack = bring_up(root / "stack", site_overrides=OVERRIDES)
+    client = observe_patiently(StackClient(stack.info, stack))
     try:
         m = Matrix(client, stack, root)
         m.publish(REPLICATED, m.image("replicated"), replicated=True)
@@ -114,8 +150,8 @@ def under_fault(
     m: Matrix,
     outcome: Outcome,
     targets: Sequence[str],
-    apply: Callable[[], None],
-    restore: Callable[[], None],
+    apply: Callable[[], object],
+    restore: Callable[[], object],
     failure_allowed: Callable[[Pull], bool] = lambda pull: False,
 ) -> list[Pull]:
     """Pulls run; ``apply`` the fault; hold it; ``restore``; pulls go on; the pulls are judged."""
@@ -148,11 +184,8 @@ def assert_ok(outcome: Outcome) -> None:
     assert outcome.ok, outcome.as_json()
 
 
-def flush_redis(url: str) -> None:
-    host, port = url.removeprefix("redis://").split("/")[0].split(":")
-    with socket.create_connection((host, int(port)), timeout=2) as sock:
-        sock.sendall(b"FLUSHALL\r\n")
-        assert sock.recv(16).startswith(b"+OK")
+def flush_redis(m: Matrix) -> None:
+    assert m.redis_command("FLUSHALL") == "OK"
 
 
 # -- Redis
@@ -174,9 +207,7 @@ def test_redis_killed_then_restarted_empty(matrix: Matrix) -> None:
 
 def test_redis_flushed(matrix: Matrix) -> None:
     outcome = Outcome("redis-emptied", "every key gone at once (FLUSHALL: a restart without persistence, no downtime)")
-    under_fault(
-        matrix, outcome, [REPLICATED, PRIMARY_ONLY], lambda: flush_redis(matrix.client.info.redis_url), matrix.reconcile
-    )
+    under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], lambda: flush_redis(matrix), matrix.reconcile)
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
 
 
@@ -187,6 +218,52 @@ def test_redis_slowed_past_its_timeout(matrix: Matrix) -> None:
     redis = matrix.stack.processes["redis"]
     under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], redis.pause, redis.resume)
     assert_ok(recovered(matrix, outcome, "SIGCONT, nothing else"))
+
+
+def test_redis_restarted_from_an_older_snapshot(matrix: Matrix) -> None:
+    """Redis 7 restarts from its last RDB snapshot: pins older than what the site knew come back.
+    They belong to the previous index epoch, so they are unconfirmed: the primary answers, and a
+    read queues the tag's resolution. Never the old digest once the site knew the new one."""
+    outcome = Outcome(
+        "redis-snapshot",
+        "a snapshot saved (SAVE), the tag moved at the primary (its event applied), then redis-server "
+        "SIGKILLed and restarted from that older snapshot (the old pin is back)",
+    )
+    target, repository = "faults/snapshot:v1", "faults/snapshot"
+    old, new = matrix.image("snapshot-old"), matrix.image("snapshot-new")
+    matrix.publish(target, old, replicated=True)
+    redis_dir = matrix.stack.processes["redis"].log_path.parent
+    redis = RedisProcess(redis_dir, int(matrix.client.info.redis_url.rsplit(":", 1)[1].split("/")[0]))
+    marks: dict[str, float] = {}
+
+    def restart_from_snapshot() -> None:
+        redis.save()
+        matrix.publish(target, new, replicated=False, through_site=False)
+        marks["moved"] = time.monotonic()
+        matrix.client.wait_for_pin(repository, "v1", new.digest)
+        marks["log"] = matrix.client.access_log_offset()
+        matrix.stack.kill_part("redis")
+        matrix.stack.restart_part("redis")
+        marks["restarted"] = time.monotonic()
+
+    def reconcile_and_forget_the_snapshot() -> None:
+        (redis_dir / "dump.rdb").unlink()  # later restarts of this stack's Redis start empty again
+        matrix.reconcile()
+
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(matrix, outcome, [target], restart_from_snapshot, reconcile_and_forget_the_snapshot)
+    learnt = watch.learnt(marks["moved"], {old.digest})
+    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
+    back = [at for at, digest in watch.samples if at > marks["restarted"] and digest == old.digest]
+    reads = reasons_between(matrix.client, int(marks["log"]), matrix.client.access_log_offset(), repository)
+    outcome.notes.append(
+        f"the snapshot brought the old pin back ({'seen' if back else 'not seen'} by a reader of the index); "
+        f"reads of the tag from the restart on: {', '.join(f'{k} {v}' for k, v in reads.items())}; "
+        f"{sum(1 for p in pulls if p.started > marks['restarted'])} pulls after the restart, "
+        f"{sum(1 for p in pulls if p.started > marks['restarted'] and p.digest == old.digest)} with the old digest"
+    )
+    assert_ok(recovered(matrix, outcome, "reconcile --once"))
+    assert reads.get("primary:tag-unconfirmed/200", 0) > 0, reads
 
 
 # -- the auth service and the updater
@@ -236,6 +313,51 @@ def test_updater_killed_while_notifications_arrive(matrix: Matrix) -> None:
     matrix.expect_present("faults/late", late, True)
     assert_ok(recovered(matrix, outcome, "restart; the registries' own notification retries"))
     assert pulls
+
+
+def test_reconciliation_killed_mid_run(matrix: Matrix) -> None:
+    """A reconciliation killed (SIGKILL: no handler runs) keeps its lease until it expires: the
+    lease is renewed only while a run lives, so the next run starts within updater.reconcile_lease."""
+    outcome = Outcome(
+        "reconcile-killed",
+        "the index emptied (FLUSHALL) and its rebuild (reconcile --once) SIGKILLed mid-run, holding the lease "
+        f"(updater.reconcile_lease {RECONCILE_LEASE} s); the next run started at once and again every 0.25 s "
+        "until it ran (index correct again counted from the kill)",
+    )
+    log = matrix.root / "reconcile.log"
+    runs: dict[str, object] = {}
+
+    def next_run() -> None:
+        try:
+            runs["next"] = run_reconcile(matrix.client.info.site_file, log, patience=RECONCILE_LEASE + 10)
+        except Exception as exc:  # reported by the assertions below
+            runs["next"] = exc
+
+    retrying = threading.Thread(target=next_run, daemon=True)
+
+    def empty_then_kill_the_rebuild() -> None:
+        flush_redis(matrix)
+        runs["killed"] = kill_reconcile_mid_run(matrix.client.info.site_file, log)
+        retrying.start()
+
+    under_fault(matrix, outcome, [REPLICATED, PRIMARY_ONLY], empty_then_kill_the_rebuild, retrying.join)
+    killed, following = runs["killed"], runs["next"]
+    assert isinstance(killed, KilledRun) and isinstance(following, ReconcileRun), runs
+    waited = following.started - killed.at
+    outcome.notes.append(
+        f"the killed run's lease had {killed.lease_left:.1f} s left at the kill (a live run renews it every "
+        f"{RECONCILE_LEASE / 3:.1f} s; nothing renews a killed one); the next run was refused "
+        f"{following.refused} time(s), all while that lease lived, and ran {waited:.1f} s after the kill "
+        f"(bound: updater.reconcile_lease {RECONCILE_LEASE} s; default 60 s), ending "
+        f"{following.ended - killed.at:.1f} s after it"
+    )
+    outcome.fault_ended = killed.at
+    assert_ok(recovered(matrix, outcome, f"the next run, {waited:.1f} s after the kill"))
+    assert killed.lease_left <= RECONCILE_LEASE, killed
+    # Every refusal came while the killed run's lease lived; the run after it is then only as late as
+    # a process start on a shared box.
+    assert following.refused and following.last_refused < killed.at + killed.lease_left, (killed, following)
+    assert waited <= RECONCILE_LEASE + 3, (waited, following)
 
 
 # -- the registries
@@ -398,29 +520,156 @@ def test_the_primary_tag_moves_while_it_is_pulled(matrix: Matrix) -> None:
         matrix.expect_present("faults/moving", second, True)
         matrix.expected.pin_required.add(target)
 
-    pulls = under_fault(matrix, outcome, [target], move, replicate_new)
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(matrix, outcome, [target], move, replicate_new)
     order = {matrix.image(name).digest: rank for rank, name in enumerate(("moving-0", "moving-1", "moving-2"))}
-    # After a push through the site completes, no pull starting later may see an older digest;
-    # after a push straight to the primary, not once the primary's notification has moved the pin.
-    newest_at = lambda t: 2 if t > moves["pin moved"] else 1 if t > moves["through the site"] else 0  # noqa: E731
+    # After a push through the site completes, no pull starting later may see an older digest; after
+    # a push straight to the primary, none once its notification reached the index (events flowing:
+    # the tag is then answered by the primary until it is re-resolved).
+    learnt = min(watch.learnt(moves["pushed at the primary"], set(order) - {second.digest}), moves["pin moved"])
+
+    def newest_at(started: float) -> int:
+        return 2 if started > learnt else 1 if started > moves["through the site"] else 0
+
     outcome.stale = sum(1 for p in pulls if p.digest and order[p.digest] < newest_at(p.started))
-    window = [p for p in pulls if moves["pushed at the primary"] < p.started < moves["pin moved"]]
+    window = [p for p in pulls if moves["pushed at the primary"] < p.started < learnt]
     outcome.notes.append(
-        f"a push straight to the primary (not through this site) moved the pin "
-        f"{1000 * (moves['pin moved'] - moves['pushed at the primary']):.0f} ms later (its notification); "
-        f"{len(window)} pull(s) started in that window"
+        "a push straight to the primary (not through this site): the index stopped pinning the previous digest "
+        f"{1000 * (learnt - moves['pushed at the primary']):.0f} ms after the push returned (its notification) and "
+        f"pinned the new one {1000 * (moves['pin moved'] - moves['pushed at the primary']):.0f} ms after it (the "
+        f"updater's resolution); {len(window)} pull(s) started between the push and the notification"
     )
     assert_ok(recovered(matrix, outcome, "replication and its notifications"))
 
 
-def lose_notifications(m: Matrix, target: str, new: OciImage) -> None:
-    """The updater down while ``new`` is pushed straight to the primary; then the primary restarts,
-    and the notification queued in its memory is gone for good."""
+def test_a_notification_from_a_clock_an_hour_ahead(matrix: Matrix) -> None:
+    """Event times come from the sending node's clock and decide nothing: a push notification
+    stamped an hour ahead only has the tag re-resolved, and the next move is served as usual."""
+    outcome = Outcome(
+        "event-from-the-future",
+        "a push notification for the tag stamped one hour ahead (a primary node's clock), then the tag moved "
+        "at the primary",
+    )
+    target, repository = "faults/future:v1", "faults/future"
+    old, new = matrix.image("future-old"), matrix.image("future-new")
+    matrix.publish(target, old, replicated=True)
+    marks: dict[str, float] = {}
+
+    def event_from_the_future_then_move() -> None:
+        ahead = datetime.now(UTC) + timedelta(hours=1)
+        post_events(matrix.client, "primary", [notification("push", repository, digest=old.digest, tag="v1", at=ahead)])
+        matrix.client.wait_for_pin(repository, "v1", old.digest)  # re-resolved: the primary still says old
+        marks["pin age"] = time.monotonic() - pin_stamp(matrix.client.index, target)
+        matrix.publish(target, new, replicated=False, through_site=False)
+        marks["moved"] = time.monotonic()
+        matrix.client.wait_for_pin(repository, "v1", new.digest)
+        marks["pinned"] = time.monotonic()
+
+    def replicate_new() -> None:
+        matrix.client.replicate(repository, ["v1"])
+        matrix.expect_present(repository, new, True)
+
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(matrix, outcome, [target], event_from_the_future_then_move, replicate_new)
+    learnt = min(watch.learnt(marks["moved"], {old.digest}), marks["pinned"])
+    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
+    outcome.notes.append(
+        f"the event stamped an hour ahead only had the tag re-resolved: the pin's stamp was "
+        f"{marks['pin age']:.1f} s old right after (the index's clock), not in the future; the move's notification "
+        f"reached the index {1000 * (learnt - marks['moved']):.0f} ms after the push returned, the new pin "
+        f"{1000 * (marks['pinned'] - marks['moved']):.0f} ms after it"
+    )
+    assert_ok(recovered(matrix, outcome, "replication and its notifications"))
+    assert -1.0 < marks["pin age"] < 60, marks
+
+
+def manifest_unknown_after(moment: dict[str, float], targets: set[str]) -> Callable[[Pull], bool]:
+    """Pulls of what the primary deleted fail with the primary's own 404 once it is deleted (a pull
+    that began just before may read the manifest just after)."""
+    return lambda pull: pull.target in targets and pull.ended > moment["deleted"] and "manifest unknown" in pull.error
+
+
+def test_a_tag_delete_then_an_older_push_replayed(matrix: Matrix) -> None:
+    """A tag deleted at the primary (Distribution 3 and GitLab delete tags; 2.8 cannot, so its tag
+    link is removed from the primary's storage, and the notification those registries send is
+    posted), then an older push notification for the tag replayed: the tag stays deleted."""
+    outcome = Outcome(
+        "tag-deleted, push replayed",
+        "the tag deleted at the primary, its tag-delete notification, then a replay of the older push "
+        "notification for the tag",
+    )
+    target, repository = "faults/replayed:v1", "faults/replayed"
+    old = matrix.image("replayed")
+    matrix.publish(target, old, replicated=True)
+    pushed_at = datetime.now(UTC)
+    tag_link = matrix.stack.processes["primary"].log_path.parent / "storage"
+    tag_link = tag_link / "docker/registry/v2/repositories" / repository / "_manifests/tags/v1"
+    assert tag_link.is_dir(), tag_link
+    marks: dict[str, float] = {}
+
+    def delete_then_replay() -> None:
+        shutil.rmtree(tag_link)
+        marks["deleted"] = time.monotonic()
+        post_events(matrix.client, "primary", [notification("delete", repository, tag="v1")])
+        marks["told"] = time.monotonic()
+        time.sleep(0.5)
+        push = notification("push", repository, digest=old.digest, tag="v1", at=pushed_at)
+        post_events(matrix.client, "primary", [push])
+        marks["replayed"] = time.monotonic()
+
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(
+            matrix,
+            outcome,
+            [target, REPLICATED],
+            delete_then_replay,
+            lambda: None,
+            manifest_unknown_after(marks, {target}),
+        )
+    matrix.forget_pin(target)
+    learnt = min(watch.learnt(marks["deleted"], {old.digest}), marks["told"])
+    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
+    back = [at for at, digest in watch.samples if at > learnt and digest == old.digest]
+    outcome.notes.append(
+        f"the tag-delete notification reached the index {1000 * (learnt - marks['deleted']):.0f} ms after the "
+        f"delete; the replayed push (an older event, fresh id) only had the tag re-resolved: the primary's 404 "
+        f"(asked again while it contradicted the replayed digest) kept it a tombstone, the old pin "
+        f"{'came back' if back else 'never came back'}; {outcome.allowed_failures} pull(s) of the tag failed "
+        "with the primary's own 404 (manifest unknown), as they should"
+    )
+    assert_ok(recovered(matrix, outcome, "nothing (the tombstone stays)"))
+    assert not back, back
+
+
+def served_after_reconciliation(m: Matrix, repository: str, digest: str) -> str:
+    """Pull a manifest the primary deleted with no notification at all, by digest, after reconcile
+    --once ran: what reconciliation does about such a delete (it is the bound consistency.md names)."""
+    since = m.client.access_log_offset()
+    try:
+        m.client.pull(repository, digest, m.root / "quiet")
+        answer = "got it"
+    except SkopeoError:
+        answer = "failed"
+    routes = [f"{e.route}:{e.reason}/{e.status}" for e in m.client.access_log(since) if e.uri.endswith(digest)]
+    where = "still served from the local registry" if "local:manifest-local/200" in routes else "not served here"
+    return (
+        f"a second manifest deleted the same way, of which no notification ever arrived: after reconcile --once, a "
+        f"pull by its digest {answer} ({', '.join(routes)}): {where}"
+    )
+
+
+def lose_notifications(m: Matrix, target: str, change: Callable[[], object], *, updater_back: bool = True) -> float:
+    """The updater down while ``change`` happens at the primary; then the primary restarts, and the
+    notifications queued in its memory are gone for good. Returns when the tag's pin was last
+    confirmed (its stamp, as ``time.monotonic()``): nothing confirms it while the updater is down."""
     m.stack.kill_part("updater")
-    m.publish(target, new, replicated=False, through_site=False)
+    confirmed = pin_stamp(m.client.index, target)
+    change()
     m.stack.kill_part("primary")
     m.stack.restart_part("primary")
-    m.stack.restart_part("updater")
+    if updater_back:
+        m.stack.restart_part("updater")  # its first reconciliation runs at once (updater.reconcile_interval)
+    return confirmed
 
 
 def test_notifications_dropped_then_reconciled(matrix: Matrix) -> None:
@@ -431,61 +680,151 @@ def test_notifications_dropped_then_reconciled(matrix: Matrix) -> None:
     target = "faults/dropped:v1"
     old, new = matrix.image("dropped-old"), matrix.image("dropped-new")
     matrix.publish(target, old, replicated=True)
-    times: dict[str, float] = {}
+    marks: dict[str, float] = {}
+
+    def move() -> None:
+        matrix.publish(target, new, replicated=False, through_site=False)
+        marks["moved"] = time.monotonic()
 
     def lose() -> None:
-        lose_notifications(matrix, target, new)
-        times["moved"] = time.monotonic()
+        marks["confirmed"] = lose_notifications(matrix, target, move)
 
-    def reconcile() -> None:
-        matrix.reconcile()
-        times["reconciled"] = time.monotonic()
-
-    pulls = under_fault(matrix, outcome, [target], lose, reconcile)
-    before = [p for p in pulls if times["moved"] < p.started < times["reconciled"] and p.digest == old.digest]
-    outcome.stale = sum(1 for p in pulls if p.started > times["reconciled"] and p.digest != new.digest)
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(matrix, outcome, [target], lose, matrix.reconcile)
+    learnt = watch.learnt(marks["moved"], {old.digest})
+    bound = marks["confirmed"] + DEFAULT_MAX_TAG_AGE
+    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, min(learnt, bound)))
+    served_old = [p for p in pulls if p.digest == old.digest and p.started > marks["moved"]]
     outcome.notes.append(
-        f"with the default routing.max_tag_age 0, {len(before)} pull(s) between the lost notification and "
-        "reconciliation got the tag's previous digest (published, but stale); none after it. "
-        "See notifications-lost, max_tag_age for the bound"
+        f"{len(served_old)} pull(s) after the lost move got the tag's previous digest (published, but stale), "
+        f"all within routing.max_tag_age ({DEFAULT_MAX_TAG_AGE} s, the default) of the pin's stamp; the index "
+        f"dropped that pin {learnt - marks['moved']:.1f} s after the move ("
+        + ("the restarted updater's own first reconciliation" if learnt < outcome.fault_ended else "reconcile --once")
+        + ")"
     )
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
 
 
 def test_lost_notifications_are_bounded_by_max_tag_age(matrix: Matrix, tmp_path: Path) -> None:
-    """The same loss on a stack with routing.max_tag_age: a pin not confirmed for that long is not
-    trusted, so the previous digest is served at most until then, and the primary answers after."""
+    """The same loss with the updater kept down (nothing re-resolves, nothing refreshes), on a stack
+    with a short routing.max_tag_age: the previous digest is served at most until the pin is that
+    old, and the primary answers after (tag-stale)."""
     outcome = Outcome(
         "notifications-lost, max_tag_age",
-        f"the same, with routing.max_tag_age {MAX_TAG_AGE} s (a stack of its own)",
+        f"the same, the updater kept down, with routing.max_tag_age {MAX_TAG_AGE} s (a stack of its own)",
     )
     overrides = {"nginx": TIMEOUTS, "routing": {"max_tag_age": MAX_TAG_AGE}}
     stack = bring_up(tmp_path / "stack", site_overrides=overrides)
-    client = StackClient(stack.info, stack)
+    client = observe_patiently(StackClient(stack.info, stack))
     try:
         m = Matrix(client, stack, tmp_path, images=matrix.images)
-        target = "faults/bounded:v1"
+        target, repository = "faults/bounded:v1", "faults/bounded"
         old, new = m.image("dropped-old"), m.image("dropped-new")
         m.publish(target, old, replicated=True)
-        confirmed = time.monotonic()  # the primary's notification confirmed the pin before this
-        pulls = under_fault(m, outcome, [target], lambda: lose_notifications(m, target, new), m.reconcile)
-        trusted_until = confirmed + MAX_TAG_AGE
-        outcome.stale = sum(1 for p in pulls if p.started > trusted_until + 0.5 and p.digest != new.digest)
-        served_old = sum(1 for p in pulls if p.digest == old.digest and p.started <= trusted_until + 0.5)
-        got_new = [p for p in pulls if p.started > trusted_until + 0.5]
-        assert got_new, "pulls after the staleness bound"
+        marks: dict[str, float] = {}
+
+        def lose_and_outlive_the_bound() -> None:
+            moved = lambda: m.publish(target, new, replicated=False, through_site=False)  # noqa: E731
+            marks["confirmed"] = lose_notifications(m, target, moved, updater_back=False)
+            marks["log"] = m.client.access_log_offset()
+            # the fault's hold (FAULT_HOLD) then ends at least a second after the bound
+            time.sleep(max(0.0, marks["confirmed"] + MAX_TAG_AGE + 1.0 - FAULT_HOLD - time.monotonic()))
+
+        def updater_back() -> None:
+            marks["updater back"] = time.monotonic()
+            m.stack.restart_part("updater")
+            m.reconcile()
+
+        pulls = under_fault(m, outcome, [target], lose_and_outlive_the_bound, updater_back)
+        trusted_until = marks["confirmed"] + MAX_TAG_AGE
+        outcome.stale = len(stale_pulls(pulls, target, {old.digest}, trusted_until + 0.1))
+        served_old = [p for p in pulls if p.digest == old.digest and p.started > marks["confirmed"]]
+        got_new = [p for p in pulls if trusted_until + 0.1 < p.started < marks["updater back"]]
+        reads = reasons_between(m.client, int(marks["log"]), m.client.access_log_offset(), repository)
+        latest = max((p.started - marks["confirmed"] for p in served_old), default=0.0)
         outcome.notes.append(
-            f"{served_old} pull(s) got the previous digest, all within max_tag_age ({MAX_TAG_AGE} s) of the pin's "
-            f"last confirmation; all {len(got_new)} later pulls got the new digest from the primary (reason "
-            "tag-stale) before reconciliation ran. Pair max_tag_age with a shorter updater.reconcile_interval, "
-            "which re-confirms pins, or tags stop being served locally once their notifications are older"
+            f"{len(served_old)} pull(s) got the previous digest, the latest starting {latest:.1f} s after the pin's "
+            f"stamp (max_tag_age {MAX_TAG_AGE} s); all {len(got_new)} pulls after the bound and before the updater "
+            f"came back got the new digest from the primary ({reads.get('primary:tag-stale/200', 0)} reads with "
+            "reason tag-stale)"
         )
-        recovered(m, outcome, "reconcile --once")
+        recovered(m, outcome, "updater restarted, reconcile --once")
         matrix.outcomes.append(m.outcomes.pop())
     finally:
         client.close()
         stack.stop()
     assert_ok(outcome)
+    assert got_new and all(p.digest == new.digest for p in got_new), got_new
+    assert reads.get("primary:tag-stale/200", 0) > 0, reads
+
+
+def test_a_digest_deleted_with_no_tag_events(matrix: Matrix) -> None:
+    """GitLab in database mode deletes a manifest by digest and sends only ``delete{digest}``: no
+    event for the tags that pointed at it. The primary's own (2.8) events are lost for this, and the
+    updater's reconciliation is held off (another run holds the lease), so the event alone acts."""
+    outcome = Outcome(
+        "digest-deleted, no tag events",
+        "the manifest deleted by digest at the primary, its own events lost (updater down, primary restarted), "
+        "then only a delete{digest} notification (GitLab's database mode)",
+    )
+    target, repository = "faults/gitlab:v1", "faults/gitlab"
+    old = matrix.image("gitlab")
+    matrix.publish(target, old, replicated=True)
+    by_digest = f"{repository}@{old.digest}"
+    matrix.published[by_digest] = {old.digest}
+    quiet_target, quiet_repository = "faults/gitlab-quiet:v1", "faults/gitlab-quiet"
+    quiet = matrix.image("gitlab-quiet")  # deleted the same way, and no notification about it ever arrives
+    matrix.publish(quiet_target, quiet, replicated=True)
+    lease = matrix.key("lock:reconcile")
+    marks: dict[str, float] = {}
+
+    def delete_lose_then_tell() -> None:
+        def delete() -> None:
+            delete_manifest_at_primary(matrix.client, repository, old.digest)
+            delete_manifest_at_primary(matrix.client, quiet_repository, quiet.digest)
+            marks["deleted"] = time.monotonic()
+
+        assert matrix.redis_command("SET", lease, "fault-matrix", "EX", "60") == "OK"
+        marks["confirmed"] = lose_notifications(matrix, target, delete)
+        marks["telling"] = time.monotonic()
+        post_events(matrix.client, "primary", [notification("delete", repository, digest=old.digest)])
+        marks["told"] = time.monotonic()
+
+    def release_and_reconcile() -> None:
+        matrix.redis_command("DEL", lease)
+        matrix.reconcile()
+
+    with TagWatch(matrix.client, target) as watch:
+        pulls = under_fault(
+            matrix,
+            outcome,
+            [target, by_digest],
+            delete_lose_then_tell,
+            release_and_reconcile,
+            manifest_unknown_after(marks, {target, by_digest}),
+        )
+    matrix.forget_pin(target)
+    matrix.forget_pin(quiet_target)
+    # Neither manifest is served by digest here any more (their blobs still are: content-addressed):
+    # one after its notification, the other once reconciliation asked the primary about it.
+    matrix.expected.present[(repository, old.digest)] = False
+    matrix.expected.present[(quiet_repository, quiet.digest)] = False
+    learnt = watch.learnt(marks["deleted"], {old.digest})
+    bound = min(learnt, marks["told"], marks["confirmed"] + DEFAULT_MAX_TAG_AGE)
+    stale = stale_pulls(pulls, target, {old.digest}, bound) + stale_pulls(pulls, by_digest, {old.digest}, marks["told"])
+    outcome.stale = len(stale)
+    before = [p for p in pulls if marks["deleted"] < p.started < marks["told"] and p.digest]
+    outcome.notes.append(
+        f"between the delete and its notification (events lost) {len(before)} pull(s) by tag or digest got the "
+        f"deleted manifest from the local registry (within max_tag_age of the pin's stamp); the delete{{digest}} "
+        f"notification tombstoned the tag pinned to it (seen {1000 * (learnt - marks['telling']):.0f} ms after it was "
+        f"sent; the restarted updater's own reconciliation was held off by a lease the test held, so the event "
+        f"alone acted) and stopped the digest being served here; {outcome.allowed_failures} pull(s) after the "
+        "delete failed with the primary's own 404 (manifest unknown)"
+    )
+    assert_ok(recovered(matrix, outcome, "lease released, reconcile --once"))
+    outcome.notes.append(served_after_reconciliation(matrix, quiet_repository, quiet.digest))
+    assert marks["telling"] < learnt < marks["told"] + 2.0, "the delete{digest} notification alone invalidated the tag"
 
 
 def test_blob_deleted_behind_the_index(matrix: Matrix) -> None:
