@@ -412,6 +412,29 @@ def test_a_delete_through_the_site_is_read_back_at_once(site: StackClient, tmp_p
         assert answer.route == "primary", answer
 
 
+def test_a_gitlab_rename_through_the_site_takes_the_tags_off_the_index_first(site: StackClient, tmp_path: Path) -> None:
+    """GitLab's ``PATCH /gitlab/v1/repositories/<path>/`` passes through the auth service on its way to
+    the primary: the repository's tags are invalidated before it is proxied (2.8 itself has no such
+    API and answers 404; only what the site does with the request is under test here)."""
+    repository = "site/rename/app"
+    publish_replicated(site, image(tmp_path, "site-rename"), repository)
+    token = pull_token(site, repository)
+    assert compare(site, manifest_path(repository, "v1"), token).route == "local"
+    running(site).kill_part("updater")  # no event can help, and no resolution can pin it again
+    try:
+        since = site.access_log_offset()
+        patch = ask(
+            site.info.secondary_url, "/gitlab/v1/repositories/site/rename/", token, (), method="PATCH", body=b"{}"
+        )
+        logged = [e for e in site.access_log(since) if e.uri.startswith("/gitlab/v1/")]
+        after = compare(site, manifest_path(repository, "v1"), token)
+    finally:
+        running(site).restart_part("updater")
+    assert patch.status == 404, "the primary's own answer (2.8 has no GitLab API)"
+    assert [(e.route, e.reason) for e in logged] == [("primary", "write")], logged
+    assert after.agree and (after.route, after.reason) == ("primary", "tag-not-pinned"), after
+
+
 # -- 5. a digest deleted at the primary
 
 
