@@ -139,6 +139,7 @@ class RoutingSettings:
     refresh_fraction: float = _checked(check_fraction, default=0.5)
     write_fence: int = _checked(check_not_negative, default=30)
     cache_digest_seconds: int = _checked(check_not_negative, default=30)
+    stale_if_error: int = _checked(check_not_negative, default=86400)
 
     @property
     def refresh_after(self) -> float:

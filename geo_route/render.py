@@ -68,6 +68,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "route_var": contract.nginx_variable(contract.ROUTE),
         "reason_var": contract.nginx_variable(contract.REASON),
         "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
+        "stale_path_var": contract.nginx_variable(contract.STALE_PATH),
         "unauthorized_detail_var": contract.nginx_variable(contract.UNAUTHORIZED_DETAIL),
         "geo_headers": list(contract.ROUTING_HEADERS),
         "reuse_header": contract.REUSE_SECONDS,

@@ -7,7 +7,7 @@ steps together for callers that already hold a view.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from geo_route.access import Grants, format_scope
@@ -92,6 +92,7 @@ class Policy:
     refresh_after: float = 0.0  # a read of a pin older than this queues its re-resolution (0: never)
     write_fence: float = 0.0  # a write through the site keeps its tags off the index this long
     cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about a blob
+    stale_if_error: float = 0.0  # a pin at most this old may be served if the primary is unreachable (0: never)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -103,6 +104,7 @@ class Policy:
             refresh_after=settings.routing.refresh_after,
             write_fence=settings.routing.write_fence,
             cache_digest_seconds=settings.routing.cache_digest_seconds,
+            stale_if_error=settings.routing.stale_if_error,
         )
 
 
@@ -115,6 +117,7 @@ class Decision:
     route: Route | None = None
     upstream_path: str = ""
     www_authenticate: str = ""
+    stale_path: str = ""  # PRIMARY for a tag: served from here instead if the primary is unreachable
 
 
 def primary(reason: str) -> Decision:
@@ -182,7 +185,10 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
     if kind is Kind.MANIFEST_BY_DIGEST:
         return local(Reason.MANIFEST_LOCAL) if view.present else primary(Reason.MANIFEST_NOT_LOCAL)
     if kind is Kind.MANIFEST_BY_TAG:
-        return _route_pinned_tag(operation, view, policy, now, accept)
+        decision = _route_pinned_tag(operation, view, policy, now, accept)
+        if decision.route is Route.PRIMARY:
+            return replace(decision, stale_path=stale_path(operation, view, policy, now, accept))
+        return decision
     return primary(Reason.UNRECOGNIZED)  # pragma: no cover - every kind is handled above
 
 
@@ -201,6 +207,28 @@ def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now
     if not serves_pinned_manifest(view.media_type, accept):
         return primary(Reason.TAG_NEGOTIATED)
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
+
+
+def stale_path(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str = "") -> str:
+    """Stale-if-error: the local digest path NGINX may serve a tag read from when the primary
+    cannot be reached, or "" when there is none.
+
+    Only a GET/HEAD by tag; only a real pin (never a tombstone: the site knows the tag was deleted,
+    moved or renamed away) of the index's current epoch, at most ``stale_if_error`` seconds old on
+    the index's clock, whose manifest is here and is what this ``Accept`` negotiates to (the same
+    rules as a local answer, with ``stale_if_error`` in place of ``max_tag_age``).
+    """
+    if operation.kind is not Kind.MANIFEST_BY_TAG or policy.tag_policy != "pinned" or policy.stale_if_error <= 0:
+        return ""
+    if not view.available or not view.current or not view.present:
+        return ""
+    if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
+        return ""
+    if (view.now or now) - view.confirmed_at > policy.stale_if_error:
+        return ""
+    if not serves_pinned_manifest(view.media_type, accept):
+        return ""
+    return f"/v2/{operation.repository}/manifests/{view.pinned_digest}"
 
 
 def invalidations_for_write(operation: Operation, credential: Credential, policy: Policy) -> tuple[IndexUpdate, ...]:

@@ -73,7 +73,7 @@ def test_decision_cache_honours_the_services_lifetimes(tmp_path: Path) -> None:
 def test_client_geo_headers_are_cleared_towards_auth_and_upstreams() -> None:
     config = render_nginx_conf(load_settings(REFERENCE, environ={}), "server")
     proxying_blocks = re.findall(r"location [^{]+\{[^}]*proxy_pass[^}]*\}", config)
-    assert len(proxying_blocks) == 5
+    assert len(proxying_blocks) == 6  # local, primary, fallback, auth-unavailable, stale, auth
     for block in proxying_blocks:
         for header in contract.ROUTING_HEADERS:
             assert f'proxy_set_header {header} "";' in block

@@ -27,6 +27,7 @@ from geo_route.routing import (
     format_challenge,
     index_query,
     invalidations_for_write,
+    stale_path,
 )
 from geo_route.tokens import TokenProblem
 
@@ -147,6 +148,93 @@ def test_routing_matrix(
 ) -> None:
     decision = decide(classify_request(method, uri), credential, view, policy, NOW, ACCEPT_ALL)
     assert decision == Decision(200, reason, route, path)
+
+
+# Stale-if-error: which tag reads routed to the primary also name a local copy NGINX may serve if the
+# primary cannot be reached. A real pin of the current epoch, at most stale_if_error old on the
+# index's clock, local, and what Accept names; never a tombstone, never a write, never when off.
+STALE = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, refresh_after=150, stale_if_error=86400)
+STALE_OFF = Policy(PINNED.realm, PINNED.service, "pinned", max_tag_age=300, refresh_after=150)
+DAY_OLD = NOW - 86400
+STALE_PIN = f"/v2/app/manifests/{D1}"
+TOMBSTONE = IndexView(pinned_digest="", confirmed_at=NOW - 10, present=True)
+STALE_IF_ERROR = [
+    # (method, uri, view, policy, accept, route, reason, stale path)
+    ("GET", "/v2/app/manifests/v1", pin(confirmed_at=NOW - 301), STALE, ACCEPT_ALL, Reason.TAG_STALE, STALE_PIN),
+    ("HEAD", "/v2/app/manifests/v1", pin(confirmed_at=DAY_OLD), STALE, ACCEPT_ALL, Reason.TAG_STALE, STALE_PIN),
+    ("GET", "/v2/app/manifests/v1", pin(confirmed_at=DAY_OLD - 1), STALE, ACCEPT_ALL, Reason.TAG_STALE, ""),
+    # the index's clock decides, not the auth worker's
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        pin(confirmed_at=NOW - 301, now=NOW + 86400),
+        STALE,
+        ACCEPT_ALL,
+        Reason.TAG_STALE,
+        "",
+    ),
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        pin(confirmed_at=DAY_OLD, now=NOW - 10),
+        STALE,
+        ACCEPT_ALL,
+        Reason.TAG_STALE,
+        STALE_PIN,
+    ),
+    ("GET", "/v2/app/manifests/v1", pin(confirmed_at=NOW - 301), STALE_OFF, ACCEPT_ALL, Reason.TAG_STALE, ""),
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        pin(confirmed_at=NOW - 301, present=False),
+        STALE,
+        ACCEPT_ALL,
+        Reason.TAG_STALE,
+        "",
+    ),
+    ("GET", "/v2/app/manifests/v1", pin(present=False), STALE, ACCEPT_ALL, Reason.TAG_NOT_LOCAL, ""),
+    ("GET", "/v2/app/manifests/v1", pin(current=False), STALE, ACCEPT_ALL, Reason.TAG_UNCONFIRMED, ""),
+    ("GET", "/v2/app/manifests/v1", TOMBSTONE, STALE, ACCEPT_ALL, Reason.TAG_NOT_PINNED, ""),
+    ("GET", "/v2/app/manifests/v1", pin("garbage"), STALE, ACCEPT_ALL, Reason.TAG_NOT_PINNED, ""),
+    ("GET", "/v2/app/manifests/v1", ABSENT, STALE, ACCEPT_ALL, Reason.TAG_NOT_PINNED, ""),
+    ("GET", "/v2/app/manifests/v1", UNAVAILABLE, STALE, ACCEPT_ALL, Reason.INDEX_UNAVAILABLE, ""),
+    ("GET", "/v2/app/manifests/v1", pin(), STALE, DOCKER_MANIFEST, Reason.TAG_NEGOTIATED, ""),
+    ("GET", "/v2/app/manifests/v1", pin(), STALE, "*/*", Reason.TAG_NEGOTIATED, ""),
+    ("GET", "/v2/app/manifests/v1", pin(confirmed_at=NOW - 301), STALE, OCI_MANIFEST, Reason.TAG_STALE, STALE_PIN),
+    ("PUT", "/v2/app/manifests/v1", pin(), STALE, ACCEPT_ALL, Reason.WRITE, ""),
+    ("DELETE", f"/v2/app/manifests/{D1}", pin(), STALE, ACCEPT_ALL, Reason.DELETE, ""),
+    ("GET", f"/v2/app/manifests/{D1}", HERE, STALE, ACCEPT_ALL, Reason.MANIFEST_LOCAL, ""),
+    ("GET", f"/v2/app/blobs/{D1}", ABSENT, STALE, ACCEPT_ALL, Reason.BLOB_NOT_LOCAL, ""),
+    (
+        "GET",
+        "/v2/app/manifests/v1",
+        pin(),
+        Policy(PINNED.realm, PINNED.service, "primary", stale_if_error=86400),
+        ACCEPT_ALL,
+        Reason.TAG_POLICY_PRIMARY,
+        "",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "uri", "view", "policy", "accept", "reason", "path"), STALE_IF_ERROR)
+def test_stale_if_error_names_a_local_copy_only_within_its_bound(
+    method: str, uri: str, view: IndexView, policy: Policy, accept: str, reason: str, path: str
+) -> None:
+    operation = classify_request(method, uri)
+    decision = decide(operation, PUSH if method == "PUT" else ALL, view, policy, NOW, accept)
+    assert (decision.reason, decision.stale_path) == (reason, path)
+    if path:
+        assert decision.route is Route.PRIMARY and not decision.upstream_path
+    # the function alone: a tag served locally (or any other read) is not its business
+    if decision.route is Route.PRIMARY:
+        assert stale_path(operation, view, policy, NOW, accept) == path
+
+
+def test_a_local_answer_names_no_stale_copy() -> None:
+    """A tag served locally needs none: if the local registry fails, the primary answers (fallback)."""
+    decision = decide(classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(), STALE, NOW, ACCEPT_ALL)
+    assert (decision.route, decision.stale_path) == (Route.LOCAL, "")
 
 
 # What registries 2.8 and 3.0 answer to a request BY TAG for each stored type and Accept (registry
