@@ -4,7 +4,9 @@
    flowing to the updater, a wrong password, bearer tokens sent to NGINX directly, probes with the
    updater's secrets), no log file under the stack directory holds a bearer token (the ones fetched
    here by value, and any JWT at all, which covers the tokens skopeo fetched itself), a user's
-   password (or its Basic header), or the updater's notification secrets.
+   password (or its Basic header), or the updater's notification secrets; and no file at all under
+   it (NGINX's decision cache, on for this stack, the registries' storage, Redis) holds a token
+   (issue 11, item 6).
 2. The services listen on loopback: the settings' defaults, and every listening socket the stack's
    processes (and their children) hold.
 3. The updater's and the auth service's endpoints are not reachable through the public NGINX
@@ -76,7 +78,8 @@ class Run:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningStack, StackClient]]:
-    running = bring_up(tmp_path_factory.mktemp("exposure") / "stack")
+    # With the decision cache on: NGINX writes the decisions it may reuse to files under the stack.
+    running = bring_up(tmp_path_factory.mktemp("exposure") / "stack", decision_cache=True)
     client = StackClient(running.info, running)
     try:
         yield running, client
@@ -273,6 +276,22 @@ def test_registry_logs_hold_no_token_password_or_secret(stack: tuple[RunningStac
     assert len(theirs) == 2 and all(path.stat().st_size > 0 for path in theirs)
     leaks = {str(path): found for path in theirs if (found := findings(path, run.secrets))}
     assert leaks == {}
+
+
+def test_no_file_under_the_stack_holds_a_token(stack: tuple[RunningStack, StackClient], run: Run) -> None:
+    """NGINX writes each reusable decision to a file holding its cache key in clear: the key and the
+    cached answer must hold a hash of the token at most, never the token."""
+    running, _ = stack
+    tokens = {label: value for label, value in run.secrets.items() if "token" in label}
+    assert len(tokens) == 10, tokens
+    cache = Path(load_settings(running.info.site_file, environ={}).nginx.runtime_dir) / "decisions"
+    cached = [path for path in cache.rglob("*") if path.is_file()]
+    assert cached, "the run left no decision in NGINX's cache"
+    files = [path for path in Path(running.info.directory).rglob("*") if path.is_file() and not path.is_symlink()]
+    assert set(cached) <= set(files)
+    leaks = {str(path): found for path in files if (found := findings(path, tokens))}
+    assert leaks == {}
+    assert all(re.search(rb"\nKEY: [0-9a-f]{64}\|", path.read_bytes()) for path in cached), "keyed by a hash"
 
 
 # ---------------------------------------------------------------- 2. loopback by default

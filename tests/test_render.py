@@ -59,7 +59,9 @@ def test_decision_cache_honours_the_services_lifetimes(tmp_path: Path) -> None:
     text = render_nginx_conf(settings)
     assert "keys_zone=geo_route_decisions:10m" in text
     auth_location = text[text.index("location = /_geo_route/auth") :]
-    assert 'proxy_cache_key "$http_authorization|$request_method|$request_uri";' in auth_location
+    assert 'proxy_cache_key "$geo_route_auth_token_hash|$request_method|$request_uri";' in auth_location
+    hashed = r'set_hmac_sha256 \$geo_route_auth_token_hash "[^"]+" \$geo_route_auth_authorization;'
+    assert re.search(hashed, auth_location), "the key holds a hash of the whole Authorization value sent, no token"
     ignored = re.search(r"proxy_ignore_headers ([^;]+);", auth_location)
     assert ignored and contract.REUSE_SECONDS not in ignored.group(1), "X-Accel-Expires must be honoured"
     assert "proxy_cache_valid" not in text, "only the service's lifetimes apply"
@@ -106,6 +108,13 @@ def test_nginx_accepts_the_full_config(tmp_path: Path) -> None:
     check_with_nginx(conf)
 
 
+# What nginx/README.md tells an existing NGINX to load (Debian's packages enable them by themselves).
+MODULES = "\n".join(
+    f"load_module /usr/lib/nginx/modules/{name}.so;"
+    for name in ("ndk_http_module", "ngx_http_lua_module", "ngx_http_set_misc_module")
+)
+
+
 def test_nginx_accepts_the_parts_included_in_an_existing_server(tmp_path: Path) -> None:
     require_binary("nginx")
     settings = load_settings(site_for_nginx(tmp_path), environ={})
@@ -113,7 +122,8 @@ def test_nginx_accepts_the_parts_included_in_an_existing_server(tmp_path: Path) 
     (tmp_path / "server.conf").write_text(render_nginx_conf(settings, "server"))
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        f"""pid {tmp_path}/run/nginx.pid;
+        f"""{MODULES}
+pid {tmp_path}/run/nginx.pid;
 error_log {tmp_path}/error.log;
 events {{}}
 http {{
