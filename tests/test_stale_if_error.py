@@ -5,12 +5,14 @@ marked ``stale`` in the access log; never a tag the site knows was deleted or mo
 
 The stacks run with ``routing.max_tag_age`` of 2 s, so a pin is past its bound (the tag is routed to
 the primary, ``tag-stale``) a few seconds after it was asked, as it is 5 minutes into a real outage.
-The primary registry is SIGKILLed (connection refused: NGINX's own 502).
+The primary registry is SIGKILLed (connection refused: NGINX's own 502), then a stand-in on its port
+answers 503 and 502 itself (what GitLab's front end or a load balancer answers with the registry down).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from test_consistency_e2e import (
     push_event,
     running,
 )
+from test_local_fallback import Refusing
 
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.processes import wait_until
@@ -40,7 +43,10 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 @contextlib.contextmanager
 def outage_stack(directory: Path, **routing: int) -> Iterator[StackClient]:
-    with started_stack(directory, site_overrides={"routing": {"max_tag_age": MAX_TAG_AGE, **routing}}) as client:
+    # A patient Redis client: on a loaded machine a 50 ms timeout makes a lookup "index-unavailable"
+    # (no stale copy then: the 503), which is not what these tests are about.
+    overrides = {"routing": {"max_tag_age": MAX_TAG_AGE, **routing}, "redis": {"socket_timeout": 2.0}}
+    with started_stack(directory, site_overrides=overrides) as client:
         yield client
 
 
@@ -53,6 +59,21 @@ def stale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackClient]:
 
 def log_of(client: StackClient, since: int, repository: str) -> list[AccessLogEntry]:
     return [e for e in client.access_log(since) if e.uri.startswith(f"/v2/{repository}/manifests/")]
+
+
+@contextlib.contextmanager
+def primary_answering(client: StackClient, status: int) -> Iterator[Refusing]:
+    """A stand-in on the (killed) primary's port answering every request with ``status``."""
+    body = b'{"errors":[{"code":"UNAVAILABLE","message":"service unavailable"}]}'
+    server = Refusing(client.primary, status, body, {})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def past_max_tag_age() -> None:
@@ -93,6 +114,17 @@ def test_a_pinned_local_tag_is_pulled_while_the_primary_is_down(stale: StackClie
             answer = ask(stale.info.secondary_url, manifest_path(name, "v1"), pull_token(stale, name))
             assert answer.status == 503, f"{name}:v1 (was {was[:19]}) answered {answer!r}"
             assert {e.route for e in log_of(stale, since, name)} == {"primary"}
+
+        # The primary reached, but answering 503 or 502 itself: the same stale copy; anything else
+        # (here a tag listing) gets the registry-style 503, never a local answer.
+        for status in (503, 502):
+            with primary_answering(stale, status) as server:
+                since = stale.access_log_offset()
+                answer = ask(stale.info.secondary_url, manifest_path(repository, "v1"), token, (OCI_MANIFEST,))
+                assert answer == Answer(200, digest, OCI_MANIFEST), status
+                assert ask(stale.info.secondary_url, f"/v2/{repository}/tags/list", token).status == 503
+                assert [(e.route, e.status) for e in log_of(stale, since, repository)] == [("stale", 200)]
+                assert ("GET", manifest_path(repository, "v1")) in server.requests
 
         # The local registry cannot answer the stale copy either: the 503, once (no loop, no retry).
         stack.stop_part("secondary")
