@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +47,9 @@ from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import (
     UNAVAILABLE,
-    DigestDeleted,
     IndexUpdate,
     ManifestPresence,
     QueryKind,
-    RepositoryInvalidated,
-    TagInvalidated,
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
@@ -234,15 +232,15 @@ class SiteHistory(RuleBasedStateMachine):
         index = data.draw(st.integers(0, len(self.pending) - 1))
         event = self.pending[index] if keep else self.pending.pop(index)  # keep: it comes again later
         outcome = interpret_event(event, Source.PRIMARY, self.clock[0])
-        if self.apply(list(outcome.updates)):
-            for update in outcome.updates:
-                if isinstance(update, DigestDeleted):
-                    self.deletes_applied.add((update.repository, update.digest))
-                elif isinstance(update, TagInvalidated):
-                    self.acknowledge(update.repository, update.tag, self.clock[0])
-                elif isinstance(update, RepositoryInvalidated):
-                    for tag in TAGS:
-                        self.acknowledge(update.repository, tag, self.clock[0])
+        if self.apply(list(outcome.updates)):  # what the index was told, read from the event itself
+            target, now = event["target"], self.clock[0]
+            if event["action"] == "delete" and target.get("digest"):
+                self.deletes_applied.add((target["repository"], target["digest"]))
+            elif target.get("tag"):
+                self.acknowledge(target["repository"], target["tag"], now)
+            elif event["action"] == "rename":
+                for repository, tag in itertools.product(REPOS, TAGS):
+                    self.acknowledge(repository, tag, now)
 
     def acknowledge(self, repository: str, tag: str, stamp: float) -> None:
         if repository in REPOS:
@@ -298,8 +296,9 @@ class SiteHistory(RuleBasedStateMachine):
             self.in_flight.append((resolution, self.primary.head(resolution.repository, resolution.tag)))
 
     @precondition(lambda self: self.in_flight)
-    @rule(data=st.data())
-    def finish_a_resolution(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), then_snapshot=st.booleans())
+    def finish_a_resolution(self, data: st.DataObject, then_snapshot: bool) -> None:
+        """Apply an answer; half the time Redis then writes a snapshot (a restart may bring it back)."""
         resolution, answer = self.in_flight.pop(data.draw(st.integers(0, len(self.in_flight) - 1)))
         verdict = judge(resolution, answer)
         if verdict.pin is not None:
@@ -307,6 +306,8 @@ class SiteHistory(RuleBasedStateMachine):
         else:
             with contextlib.suppress(IndexUnavailable):
                 self.store.requeue(resolution, verdict.delay, verdict.attempts)
+        if then_snapshot:
+            self.snapshot_redis()
 
     @rule()
     def start_a_reconciliation(self) -> None:
