@@ -92,11 +92,13 @@ class ModelPrimary:
     tags: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
     digests: dict[str, set[str]] = dataclasses.field(default_factory=lambda: {r: set() for r in REPOS})
     history: dict[tuple[str, str], list[tuple[float, str]]] = dataclasses.field(default_factory=dict)
+    gained: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # (repo, digest) pushed last
 
     def set_tag(self, repository: str, tag: str, digest: str) -> None:
         if digest:
             self.tags[(repository, tag)] = digest
             self.digests[repository].add(digest)
+            self.gained[(repository, digest)] = self.now
         else:
             self.tags.pop((repository, tag), None)
         self.history.setdefault((repository, tag), [(0.0, "")]).append((self.now, digest))
@@ -157,12 +159,13 @@ class SiteHistory(RuleBasedStateMachine):
         self.reconciling: list[tuple[float, str, list[tuple[str, str, ManifestHead | None, str | None]]]] = []
         self.writes: dict[tuple[str, str], tuple[float, str]] = {}  # started site writes: (started, digest)
         self.read_your_writes: dict[tuple[str, str], float] = {}  # completed in the fence: completed at
-        self.deletes_applied: set[tuple[str, str]] = set()
+        # When the index was told of each digest's latest delete (a later push at the primary supersedes it).
+        self.deletes_applied: dict[tuple[str, str], float] = {}
         # The newest invalidation of each tag the index acknowledged (an event about the tag, a write
         # through the site, a rename): no local answer may come from a pin asked before it, even
         # after Redis came back from an older snapshot (the epoch's job).
         self.acked: dict[tuple[str, str], float] = {}
-        self.snapshot_deletes: set[tuple[str, str]] | None = None
+        self.snapshot_deletes: dict[tuple[str, str], float] | None = None
         self.restarted = False
 
     def teardown(self) -> None:
@@ -221,6 +224,7 @@ class SiteHistory(RuleBasedStateMachine):
             self.primary.set_tag("g/web", tag, moved.get(tag, ""))
             self.primary.set_tag("g/app", tag, "")
         self.primary.digests["g/web"] = set(self.primary.digests["g/app"])
+        self.primary.gained.update({("g/web", d): self.primary.now for d in self.primary.digests["g/web"]})
         self.primary.digests["g/app"] = set()
         self.emit(envelope_event("rename", "g/app", 0.0, rename={"type": "name", "from": "app", "to": "web"}))
 
@@ -235,7 +239,7 @@ class SiteHistory(RuleBasedStateMachine):
         if self.apply(list(outcome.updates)):  # what the index was told, read from the event itself
             target, now = event["target"], self.clock[0]
             if event["action"] == "delete" and target.get("digest"):
-                self.deletes_applied.add((target["repository"], target["digest"]))
+                self.deletes_applied[(target["repository"], target["digest"])] = now
             elif target.get("tag"):
                 self.acknowledge(target["repository"], target["tag"], now)
             elif event["action"] == "rename":
@@ -276,7 +280,7 @@ class SiteHistory(RuleBasedStateMachine):
     def delete_a_digest_through_the_site(self, repository: str, digest: str) -> None:
         operation = classify_request("DELETE", f"/v2/{repository}/manifests/{digest}")
         if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
-            self.deletes_applied.add((repository, digest))
+            self.deletes_applied[(repository, digest)] = self.clock[0]
         self.delete_digest_at_the_primary(repository, digest, True)
 
     # ---- resolution and reconciliation, interleaved anywhere ---------------------------------------
@@ -316,7 +320,9 @@ class SiteHistory(RuleBasedStateMachine):
             known = [(r, t, d) for r in REPOS for t, (d, _) in self.store.primary_tags(r).items()]
         except IndexUnavailable:
             return
-        answers = [(r, t, self.primary.head(r, t), d) for r, t, d in known]
+        answers: list[tuple[str, str, ManifestHead | None, str | None]] = [
+            (r, t, self.primary.head(r, t), d) for r, t, d in known
+        ]
         self.reconciling.append((asked_at, epoch, answers))
 
     @precondition(lambda self: self.reconciling)
@@ -337,7 +343,7 @@ class SiteHistory(RuleBasedStateMachine):
     @rule()
     def snapshot_redis(self) -> None:
         self.server.save()
-        self.snapshot_deletes = set(self.deletes_applied)
+        self.snapshot_deletes = dict(self.deletes_applied)
 
     @precondition(lambda self: not self.restarted)
     @rule(from_snapshot=st.booleans())
@@ -348,7 +354,7 @@ class SiteHistory(RuleBasedStateMachine):
         self.server.restart()
         self.writes = {key: (-FENCE * 10, digest) for key, (_, digest) in self.writes.items()}  # fences may be lost
         had_snapshot = from_snapshot and self.snapshot_deletes is not None
-        self.deletes_applied = set(self.snapshot_deletes or ()) if had_snapshot else set()
+        self.deletes_applied = dict(self.snapshot_deletes or {}) if had_snapshot else {}
         presence: list[IndexUpdate] = [ManifestPresence(r, d, True) for r in REPOS for d in DIGESTS]
         self.apply(presence) or self.apply(presence)  # the first use of a broken connection fails
 
@@ -389,7 +395,11 @@ class SiteHistory(RuleBasedStateMachine):
                         assert digest in self.primary.named_from(repository, tag, completed), "read-your-writes"
             for digest in DIGESTS:
                 where, _, _ = self.decide(QueryKind.MANIFEST, repository, digest, "")
-                if where is Route.LOCAL and (repository, digest) in self.deletes_applied:
+                deleted_at = self.deletes_applied.get((repository, digest))
+                superseded = (
+                    deleted_at is not None and self.primary.gained.get((repository, digest), -1.0) >= deleted_at
+                )
+                if where is Route.LOCAL and deleted_at is not None and not superseded:
                     assert digest in self.primary.digests[repository], f"{digest[-4:]} deleted at the primary, served"
 
 
