@@ -231,10 +231,12 @@ class SiteHistory(RuleBasedStateMachine):
     # ---- notifications: late, twice, out of order, never --------------------------------------------
 
     @precondition(lambda self: self.pending)
-    @rule(data=st.data(), keep=st.booleans())
-    def deliver_an_event(self, data: st.DataObject, keep: bool) -> None:
+    @rule(data=st.data(), fate=st.sampled_from(("delivered", "delivered, and again later", "lost")))
+    def deliver_an_event(self, data: st.DataObject, fate: str) -> None:
         index = data.draw(st.integers(0, len(self.pending) - 1))
-        event = self.pending[index] if keep else self.pending.pop(index)  # keep: it comes again later
+        event = self.pending[index] if fate.endswith("later") else self.pending.pop(index)
+        if fate == "lost":
+            return
         outcome = interpret_event(event, Source.PRIMARY, self.clock[0])
         if self.apply(list(outcome.updates)):  # what the index was told, read from the event itself
             target, now = event["target"], self.clock[0]
@@ -249,11 +251,6 @@ class SiteHistory(RuleBasedStateMachine):
     def acknowledge(self, repository: str, tag: str, stamp: float) -> None:
         if repository in REPOS:
             self.acked[(repository, tag)] = max(stamp, self.acked.get((repository, tag), stamp))
-
-    @precondition(lambda self: self.pending)
-    @rule(data=st.data())
-    def lose_an_event(self, data: st.DataObject) -> None:
-        self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
 
     # ---- writes through the site --------------------------------------------------------------------
 
@@ -284,11 +281,6 @@ class SiteHistory(RuleBasedStateMachine):
         self.delete_digest_at_the_primary(repository, digest, True)
 
     # ---- resolution and reconciliation, interleaved anywhere ---------------------------------------
-
-    @rule()
-    def read_every_tag(self) -> None:
-        """Reads queue resolutions (the checks below read too, with the same code)."""
-        self.check_every_answer()
 
     @rule()
     def claim_a_resolution(self) -> None:
@@ -340,7 +332,6 @@ class SiteHistory(RuleBasedStateMachine):
         self.clock[0] += seconds
         self.primary.now = self.clock[0]
 
-    @rule()
     def snapshot_redis(self) -> None:
         self.server.save()
         self.snapshot_deletes = dict(self.deletes_applied)
