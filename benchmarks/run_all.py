@@ -75,7 +75,12 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         ("updater", [python, str(bench / "updater_bench.py"), "--duration", "3" if quick else "10"]),
         ("reconcile", [python, str(bench / "reconcile_bench.py"), "--manifests", "200" if quick else "1000"]),
     ]
-    for name, script in (("head_rate", "head_rate.py"), ("peer_cache", "peer_cache.py")):
+    optional = (
+        ("head_rate", "head_rate.py"),
+        ("peer_cache", "peer_cache.py"),
+        ("resolution_load", "resolution_load.py"),
+    )
+    for name, script in optional:
         if (bench / script).exists():
             steps.append((name, [python, str(bench / script), *(["--quick"] if quick else [])]))
     return steps
@@ -174,7 +179,7 @@ def render_report(outcomes: list[Outcome], plots: dict[str, str], quick: bool, s
     lines += auth_section(find(outcomes, "auth"), plots)
     lines += updater_section(find(outcomes, "updater"))
     lines += reconcile_section(find(outcomes, "reconcile"))
-    for name in ("head_rate", "peer_cache"):
+    for name in ("head_rate", "peer_cache", "resolution_load"):
         outcome = find(outcomes, name)
         if outcome.command:
             lines += generic_section(outcome)
@@ -299,7 +304,11 @@ def reconcile_section(outcome: Outcome) -> list[str]:
 
 
 def generic_section(outcome: Outcome) -> list[str]:
-    title = {"head_rate": "Manifest HEADs per second (scenario d)", "peer_cache": "The peer: a pull-through cache (f)"}
+    title = {
+        "head_rate": "Manifest HEADs per second (scenario d)",
+        "peer_cache": "The peer: a pull-through cache (f)",
+        "resolution_load": "The primary load the updater causes (tag resolution)",
+    }
     return [
         f"## {title.get(outcome.name, outcome.name)}",
         "",

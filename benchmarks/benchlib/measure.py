@@ -48,6 +48,7 @@ class Phase:
 
     load: Load
     script: Path
+    expected: tuple[str, str, str]  # the one decision the load may get (route, reason, operation)
     runs: list[RunResult] = field(default_factory=list)
 
     @property
@@ -63,7 +64,7 @@ class Phase:
 
     def pooled_server_side(self) -> ServerSide:
         """Decisions and the handler histogram over all of the phase's runs together."""
-        return compare_metrics(self.runs[0].before, self.runs[-1].after)
+        return compare_metrics(self.runs[0].before, self.runs[-1].after, self.expected)
 
     def errors(self) -> list[str]:
         return [f"{self.name} run {run.label}: {error}" for run in self.runs for error in run.errors]
@@ -80,12 +81,14 @@ def cpu_share_of(label: str) -> Callable[[RunResult], float]:
 def warm_up(site: Site, phase: Phase, seconds: int) -> None:
     """Load the service once before measuring: every worker verifies and caches the token, opens Redis."""
     print(f"warming up for {seconds} s ({phase.load.describe()}) ...", flush=True)
+    site.refresh_index()
     run_wrk(site.auth_url, phase.script, phase.load, seconds)
     ensure_service_alive(site.service)
 
 
 def measure_run(site: Site, phase: Phase, duration: int, label: str) -> RunResult:
     """One wrk run of ``phase``'s load with /metrics and the CPU counters read before and after."""
+    site.refresh_index()
     before = read_metrics(site.service.base_url)
     pids = site.process_ids()
     cpu_before, started = sample_cpu_seconds(pids), time.monotonic()
@@ -93,20 +96,22 @@ def measure_run(site: Site, phase: Phase, duration: int, label: str) -> RunResul
     cpu = compare_cpu(cpu_before, sample_cpu_seconds(pids), time.monotonic() - started)
     alive = site.is_alive()
     after = read_metrics(site.service.base_url) if alive else before
-    server = compare_metrics(before, after) if alive else ServerSide()
-    errors = judge_errors(result, server, alive)
+    server = compare_metrics(before, after, phase.expected) if alive else ServerSide()
+    errors = judge_errors(result, server, alive, "/".join(phase.expected[:2]))
     return RunResult(label, phase.load, result, server, cpu, errors, output, before, after)
 
 
-def judge_errors(result: WrkResult, server: ServerSide, service_alive: bool) -> list[str]:
-    """Everything that makes a run's numbers meaningless: failed requests or decisions other than blob-local."""
+def judge_errors(
+    result: WrkResult, server: ServerSide, service_alive: bool, answer: str = "local/blob-local"
+) -> list[str]:
+    """Everything that makes a run's numbers meaningless: failed requests or decisions other than ``answer``."""
     errors = []
     if result.non_2xx:
         errors.append(f"{result.non_2xx} non-2xx answers")
     if result.socket_error_total:
         errors.append("socket errors " + ", ".join(f"{k} {v}" for k, v in result.socket_errors.items() if v))
     if server.unexpected_decisions:
-        errors.append("decisions other than local/blob-local: " + json.dumps(server.unexpected_decisions))
+        errors.append(f"decisions other than {answer}: " + json.dumps(server.unexpected_decisions))
     if server.index_errors:
         errors.append(f"{server.index_errors} index errors (Redis lookups failed or timed out)")
     if not service_alive:

@@ -89,7 +89,8 @@ def format_phase_summary(phase: Phase) -> Iterator[str]:
         f"mean {pooled.handler_mean_ms:.3f} ms | p50 <= {pooled.handler_p50_le_ms:g} ms | "
         f"p99 <= {pooled.handler_p99_le_ms:g} ms over all runs (service histogram buckets, no queueing)",
     )
-    unexpected = f"unexpected: {pooled.unexpected_decisions}" if pooled.unexpected_decisions else "all local/blob-local"
+    expected = "/".join(phase.expected[:2])
+    unexpected = f"unexpected: {pooled.unexpected_decisions}" if pooled.unexpected_decisions else f"all {expected}"
     yield row("decisions", f"{pooled.decisions:,} counted by the service over all runs, {unexpected}")
     yield from format_cpu(phase.median_cpu(), [run.cpu for run in phase.runs])
     yield from format_load_note(phase, numbers)

@@ -62,9 +62,12 @@ def add_sample(snapshot: MetricsSnapshot, name: str, labels: Mapping[str, str], 
         snapshot.handler_buckets[bound] = snapshot.handler_buckets.get(bound, 0.0) + value
 
 
-def compare_metrics(before: MetricsSnapshot, after: MetricsSnapshot) -> ServerSide:
+def compare_metrics(
+    before: MetricsSnapshot, after: MetricsSnapshot, expected: tuple[str, str, str] = EXPECTED_DECISION
+) -> ServerSide:
+    """``expected`` is the one (route, reason, operation) the load may get; any other is unexpected."""
     deltas = {key: after.decisions.get(key, 0.0) - before.decisions.get(key, 0.0) for key in after.decisions}
-    unexpected = {"/".join(key): int(n) for key, n in deltas.items() if key != EXPECTED_DECISION and n > 0}
+    unexpected = {"/".join(key): int(n) for key, n in deltas.items() if key != expected and n > 0}
     count = after.handler_count - before.handler_count
     buckets = {le: after.handler_buckets[le] - before.handler_buckets.get(le, 0.0) for le in after.handler_buckets}
     return ServerSide(

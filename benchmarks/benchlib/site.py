@@ -24,10 +24,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from benchlib.common import BLOB_DIGEST, ISSUER, LOOPBACK, REPOSITORY, SERVICE, BenchError, build_auth_headers
+from benchlib.common import (
+    BLOB,
+    BLOB_DIGEST,
+    ISSUER,
+    LOOPBACK,
+    MANIFEST_DIGEST,
+    MANIFEST_MEDIA_TYPE,
+    REPOSITORY,
+    SERVICE,
+    TAG,
+    BenchError,
+    BenchRequest,
+    build_auth_headers,
+)
 from benchlib.processes import ProcessId, kill_survivors, list_children, read_tail, stop_process
 from geo_route.config import ServerSettings, Settings, load_settings
-from geo_route.index.model import BlobPresence
+from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.tokens import libtrust_kid
 
@@ -45,11 +58,13 @@ class RunningService:
 
 @dataclass
 class Site:
-    """Everything the load needs: the service (with its workers), Redis's PID and a token that was checked."""
+    """Everything the load needs: the service (with its workers), Redis's PID, a token that was checked
+    and the site's settings (to write the index again)."""
 
     service: RunningService
     redis_pid: int
     token: str
+    settings: Settings
 
     @property
     def auth_url(self) -> str:
@@ -62,9 +77,15 @@ class Site:
     def is_alive(self) -> bool:
         return self.service.process.poll() is None
 
+    def refresh_index(self) -> None:
+        """Before each run: the tag's pin stamped anew (the refresher's job on a real site), so a run
+        never reads a pin due for refresh (``routing.refresh_after``) or past ``routing.max_tag_age``."""
+        fill_index(self.settings)
 
-def start_site(directory: Path, server: ServerSettings, cleanup: Cleanup) -> Site:
-    """Key, site file, Redis with the blob indexed, the service up and answering one checked decision."""
+
+def start_site(directory: Path, server: ServerSettings, cleanup: Cleanup, request: BenchRequest = BLOB) -> Site:
+    """Key, site file, Redis with the blob, manifest and tag indexed, the service up and answering one
+    checked decision of ``request``'s kind."""
     redis_port, service_port = find_free_port(), find_free_port()
     key = generate_signing_key(directory / "bundle.pem")
     config_path = write_site_config(directory, server, redis_port, service_port)
@@ -81,8 +102,8 @@ def start_site(directory: Path, server: ServerSettings, cleanup: Cleanup) -> Sit
     wait_for_service(service, server.workers)
 
     token = mint_token(key)
-    check_decision(service.base_url, token)
-    return Site(service, redis_process.pid, token)
+    check_decision(service.base_url, token, request)
+    return Site(service, redis_process.pid, token, settings)
 
 
 def find_free_port() -> int:
@@ -164,12 +185,29 @@ def wait_for_redis(process: subprocess.Popen[bytes], port: int, log_path: Path) 
 
 
 def fill_index(settings: Settings) -> None:
-    """The blob the load asks about, written through the project's own index API."""
+    """The blob, the manifest and the tag the loads ask about, written through the project's own index API."""
     store = RedisIndexStore(settings.redis)
     try:
-        store.apply([BlobPresence(REPOSITORY, BLOB_DIGEST, True)])
+        blob, manifest = (
+            BlobPresence(REPOSITORY, BLOB_DIGEST, True),
+            ManifestPresence(REPOSITORY, MANIFEST_DIGEST, True),
+        )
+        store.apply([blob, manifest, pin_tag(store)])
     finally:
         store.close()
+
+
+def pin_tag(store: RedisIndexStore) -> PrimaryTag:
+    """The tag's pin as a resolution writes it (docs/consistency.md): stamped on the index's clock
+    (``store.now()``) with the media type the primary answered, which the tag load's ``Accept`` names.
+    Without them routing sends the tag to the primary (``tag-stale``, ``tag-negotiated``).
+
+    A ``geo_route`` from before the consistency model (f54412d and older) has neither an index clock
+    nor a media type in a pin: the pin then carries the wall clock, so the same load can be measured
+    against that commit (``PYTHONPATH`` pointing at its tree)."""
+    if not hasattr(store, "now"):
+        return PrimaryTag(REPOSITORY, TAG, MANIFEST_DIGEST, time.time())
+    return PrimaryTag(REPOSITORY, TAG, MANIFEST_DIGEST, store.now(), MANIFEST_MEDIA_TYPE)
 
 
 def build_service_command(config_path: Path) -> list[str]:
@@ -245,19 +283,19 @@ def mint_token(key: rsa.RSAPrivateKey) -> str:
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": libtrust_kid(key.public_key())})
 
 
-def check_decision(base_url: str, token: str) -> None:
-    """One request by hand: it must be 200, routed local because the blob is in the index."""
-    request = urllib.request.Request(base_url + "/auth", headers=build_auth_headers(token))
+def check_decision(base_url: str, token: str, kind: BenchRequest = BLOB) -> None:
+    """One request by hand: it must be 200, routed local because the index says so."""
+    request = urllib.request.Request(base_url + "/auth", headers=build_auth_headers(token, kind))
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             status, headers = int(response.status), response.headers
     except urllib.error.HTTPError as exc:
         status, headers = exc.code, exc.headers
     route, reason = headers.get("X-Geo-Route"), headers.get("X-Geo-Reason")
-    if (status, route, reason) != (200, "local", "blob-local"):
+    if (status, route, reason) != (200, *kind.decision[:2]):
         raise BenchError(
             f"sanity check failed: GET /auth answered {status} X-Geo-Route={route!r} X-Geo-Reason={reason!r}, "
-            "expected 200 local blob-local"
+            f"expected 200 {kind.decision[0]} {kind.decision[1]}"
         )
 
 
