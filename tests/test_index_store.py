@@ -359,3 +359,24 @@ def test_a_lease_is_only_released_by_its_owner(store: RedisIndexStore, redis_set
     store.unlock("job")  # ours expired/was released; the other's lease stays
     assert not store.try_lock("job", 30)
     other.close()
+
+
+def test_an_answer_other_than_the_events_hint_is_retried_then_pinned(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    from geo_route.updater.registry_client import ManifestHead
+    from geo_route.updater.resolver import HINT_RETRIES, judge
+
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", "v1", hint=D2)])  # the primary announced D2 but still answers D1
+    for attempt in range(HINT_RETRIES + 1):
+        now[0] += 10.0
+        (resolution,) = store.claim_resolutions(10)
+        assert (resolution.hint, resolution.attempts) == (D2, attempt)
+        verdict = judge(resolution, ManifestHead(D1, "application/x-type"))
+        if verdict.pin is None:
+            store.requeue(resolution, verdict.delay, verdict.attempts)
+        else:
+            store.apply([verdict.pin])
+    assert store.primary_tag("a/b", "v1") == (D1, now[0]), "pinned after the retries: the primary's own answer"
+    assert store.claim_resolutions(10) == [], "and nothing left to ask"

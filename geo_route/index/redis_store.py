@@ -102,7 +102,7 @@ local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, st
 end
 """
 # KEYS: tags, epoch, deleted, hints, queue, invalidated
-# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any)
+# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any), now
 # An answer lands only if it is newer than the tag's entry, than its repository's last
 # invalidation and than its digest's deletion mark, and was asked in the current epoch. One that
 # loses to anything but a pin at least as new is queued again (for when a fence's time has come),
@@ -121,7 +121,7 @@ local stale = (held and (stamp < held or (ARGV[2] ~= '' and stamp == held)))
 if stale then
   local newer_pin = held and stamp <= held and fields(held_value) ~= '-'
   if not newer_pin then
-    local due = clock('')
+    local due = clock(ARGV[8])
     if held and held > due then due = held end
     redis.call('ZADD', KEYS[5], 'NX', due, ARGV[5])
   end
@@ -514,7 +514,7 @@ class RedisIndexStore:
                     keys.primary_invalidated(repository),
                 ),
                 (update.tag, update.digest, format_stamp(update.confirmed_at), update.media_type.split(";")[0].strip()),
-                (queue_member(repository, update.tag), update.hint, update.epoch),
+                (queue_member(repository, update.tag), update.hint, update.epoch, self._now_arg()),
             )
             return [("SADD", keys.repos, repository), pin]
         if isinstance(update, TagInvalidated):
@@ -554,15 +554,14 @@ class RedisIndexStore:
         return claimed
 
     def requeue(self, resolution: TagResolution, delay: float, attempts: int | None = None) -> None:
-        """Ask again in ``delay`` seconds (unless it is queued sooner); ``attempts`` updates its hint."""
+        """Ask again in ``delay`` seconds (unless it is queued sooner); ``attempts`` updates its hint
+        (unless an event replaced the hint meanwhile)."""
         member = queue_member(resolution.repository, resolution.tag)
+        claimed = f"{resolution.hint} {resolution.attempts}" if resolution.hint else ""
         hint = f"{resolution.hint} {attempts}" if resolution.hint and attempts is not None else ""
-        due = resolution.asked_at + delay
-        self._write(
-            lambda: self._client.eval(
-                REQUEUE_SCRIPT, 2, self.keys.resolve, self.keys.hints, member, format_stamp(due), hint
-            )
-        )
+        keys = (self.keys.resolve, self.keys.hints)
+        due = format_stamp(resolution.asked_at + delay)
+        self._write(lambda: self._client.eval(REQUEUE_SCRIPT, 2, *keys, member, due, claimed, hint))
 
     def queued_resolutions(self) -> int:
         return int(self._read(lambda: self._client.zcard(self.keys.resolve)))
