@@ -13,6 +13,7 @@ import re
 ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
 AUTHORIZATION = "Authorization"
+ACCEPT = "Accept"  # the client's own, joined when it sent several: content negotiation of pinned tags
 
 # Response headers of GET /auth.
 ROUTE = "X-Geo-Route"  # "local" | "primary"

@@ -40,7 +40,6 @@ TEMPLATE_FOR_PART: dict[str, str] = {
 DEFAULT_PORTS = {"http": 80, "https": 443}
 # The client's Accept, passed to the auth service (web/auth.py reads it for tag negotiation), and
 # the longest joined value NGINX passes (gunicorn refuses a header field over 8190 bytes).
-ACCEPT_HEADER = "Accept"
 AUTH_ACCEPT_MAX_BYTES = 4096
 
 
@@ -70,7 +69,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "original_method_header": contract.ORIGINAL_METHOD,
         "original_uri_header": contract.ORIGINAL_URI,
         "authorization_header": contract.AUTHORIZATION,
-        "accept_header": ACCEPT_HEADER,
+        "accept_header": contract.ACCEPT,
         "auth_accept_max_bytes": AUTH_ACCEPT_MAX_BYTES,
         "route_var": contract.nginx_variable(contract.ROUTE),
         "reason_var": contract.nginx_variable(contract.REASON),

@@ -244,6 +244,8 @@ redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1])
 return 1
 """
+# KEYS: epoch   ARGV: now  ->  {now, epoch}
+STAMP_SCRIPT = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
 RELEASE_OWN_LEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -608,8 +610,7 @@ class RedisIndexStore:
 
     def stamp(self) -> tuple[float, str]:
         """The index's clock and epoch, read together: what an answer asked now is stamped with."""
-        stamp_script = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
-        now, epoch = self._read(lambda: self._client.eval(stamp_script, 1, self.keys.epoch, self._now_arg()))
+        now, epoch = self._read(lambda: self._client.eval(STAMP_SCRIPT, 1, self.keys.epoch, self._now_arg()))
         return float(now), str(epoch)
 
     def try_lock(self, name: str, seconds: int) -> bool:

@@ -17,6 +17,7 @@ log = logging.getLogger("geo_route.updater")
 class BackgroundLoops:
     resolver: ResolverLoop | None
     reconcile: ReconcileLoop | None
+    registries: Registries | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> BackgroundLoops:
@@ -40,9 +41,11 @@ class BackgroundLoops:
         reconcile = ReconcileLoop(settings) if settings.updater.reconcile_interval > 0 else None
         if reconcile is not None:
             reconcile.start()
-        return cls(resolver, reconcile)
+        return cls(resolver, reconcile, None if resolver is None else registries)
 
     def stop(self) -> None:
         for loop in (self.resolver, self.reconcile):
             if loop is not None:
                 loop.stop()
+        if self.registries is not None:
+            self.registries.close()

@@ -38,7 +38,7 @@ STATUS_LINES = {200: "200 OK", 401: "401 Unauthorized", 403: "403 Forbidden"}
 ENV_METHOD = contract.wsgi_environ_key(contract.ORIGINAL_METHOD)
 ENV_URI = contract.wsgi_environ_key(contract.ORIGINAL_URI)
 ENV_AUTHORIZATION = contract.wsgi_environ_key(contract.AUTHORIZATION)
-ENV_ACCEPT = "HTTP_ACCEPT"  # the client's own Accept: the auth subrequest carries the request's headers
+ENV_ACCEPT = contract.wsgi_environ_key(contract.ACCEPT)
 EMPTY_BODY = (b"",)
 
 
