@@ -185,21 +185,28 @@ class RefusingHandler(http.server.BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
+def refusing(address: str, status: int, body: bytes, headers: dict[str, str]) -> Iterator[Refusing]:
+    """A ``Refusing`` server on ``address`` (a stopped registry's port) while inside."""
+    server = Refusing(address, status, body, headers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@contextlib.contextmanager
 def local_registry_replaced(site: Site, status: int, body: bytes, headers: dict[str, str]) -> Iterator[Refusing]:
     """The local registry killed and a ``Refusing`` server on its port; the registry restarted after."""
     stack = site.client.stack
     assert stack is not None
     stack.kill_part(LOCAL_PART)
     try:
-        server = Refusing(site.client.local_registry, status, body, headers)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
+        with refusing(site.client.local_registry, status, body, headers) as server:
             yield server
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(10)
     finally:
         stack.restart_part(LOCAL_PART)
 

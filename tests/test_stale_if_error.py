@@ -12,7 +12,6 @@ answers 503 and 502 itself (what GitLab's front end or a load balancer answers w
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from test_consistency_e2e import (
     push_event,
     running,
 )
-from test_local_fallback import Refusing
+from test_local_fallback import Refusing, refusing
 
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.processes import wait_until
@@ -65,15 +64,8 @@ def log_of(client: StackClient, since: int, repository: str) -> list[AccessLogEn
 def primary_answering(client: StackClient, status: int) -> Iterator[Refusing]:
     """A stand-in on the (killed) primary's port answering every request with ``status``."""
     body = b'{"errors":[{"code":"UNAVAILABLE","message":"service unavailable"}]}'
-    server = Refusing(client.primary, status, body, {})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with refusing(client.primary, status, body, {}) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def past_max_tag_age() -> None:
