@@ -195,18 +195,26 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
 def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:
     """Local only for a pin of the index's current epoch, within ``max_tag_age`` (on the index's
     clock when it gave one), whose manifest is here and is what this ``Accept`` negotiates to."""
-    if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
-        return primary(Reason.TAG_NOT_PINNED)
-    if not view.current:
-        return primary(Reason.TAG_UNCONFIRMED)
-    age = (view.now or now) - view.confirmed_at
-    if policy.max_tag_age > 0 and age > policy.max_tag_age:
-        return primary(Reason.TAG_STALE)
-    if not view.present:
-        return primary(Reason.TAG_NOT_LOCAL)
-    if not serves_pinned_manifest(view.media_type, accept):
-        return primary(Reason.TAG_NEGOTIATED)
+    problem = pin_problem(view, now, accept, policy.max_tag_age)
+    if problem:
+        return primary(problem)
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
+
+
+def pin_problem(view: IndexView, now: float, accept: str, max_age: float) -> str:
+    """Why a tag view cannot be answered locally from its pin (a ``Reason``), or "" when it can;
+    ``max_age`` 0 means no bound on the pin's age."""
+    if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
+        return Reason.TAG_NOT_PINNED
+    if not view.current:
+        return Reason.TAG_UNCONFIRMED
+    if max_age > 0 and (view.now or now) - view.confirmed_at > max_age:
+        return Reason.TAG_STALE
+    if not view.present:
+        return Reason.TAG_NOT_LOCAL
+    if not serves_pinned_manifest(view.media_type, accept):
+        return Reason.TAG_NEGOTIATED
+    return ""
 
 
 def stale_path(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str = "") -> str:
@@ -216,17 +224,11 @@ def stale_path(operation: Operation, view: IndexView, policy: Policy, now: float
     Only a GET/HEAD by tag; only a real pin (never a tombstone: the site knows the tag was deleted,
     moved or renamed away) of the index's current epoch, at most ``stale_if_error`` seconds old on
     the index's clock, whose manifest is here and is what this ``Accept`` negotiates to (the same
-    rules as a local answer, with ``stale_if_error`` in place of ``max_tag_age``).
+    rules as a local answer, ``pin_problem``, with ``stale_if_error`` in place of ``max_tag_age``).
     """
     if operation.kind is not Kind.MANIFEST_BY_TAG or policy.tag_policy != "pinned" or policy.stale_if_error <= 0:
         return ""
-    if not view.available or not view.current or not view.present:
-        return ""
-    if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
-        return ""
-    if (view.now or now) - view.confirmed_at > policy.stale_if_error:
-        return ""
-    if not serves_pinned_manifest(view.media_type, accept):
+    if not view.available or pin_problem(view, now, accept, policy.stale_if_error):
         return ""
     return f"/v2/{operation.repository}/manifests/{view.pinned_digest}"
 
