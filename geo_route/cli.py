@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = commands.add_parser("reconcile", help="repair the index from the registries (walk, HEAD, refresh pins)")
     reconcile.add_argument("-c", "--config", required=True, help="the YAML site file")
     reconcile.add_argument("--once", action="store_true", help="one run, then exit (0 only if it was clean)")
+    reconcile.add_argument(
+        "--verify",
+        action="store_true",
+        help="then read every local manifest and blob back and check its digest (a mismatch is quarantined)",
+    )
+    reconcile.add_argument(
+        "--verify-rate",
+        type=int,
+        metavar="BYTES",
+        help="bytes per second --verify reads at most (default updater.verify_bytes_per_second; 0: no limit)",
+    )
     reconcile.set_defaults(handler=run_reconcile)
 
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
@@ -211,7 +222,8 @@ def run_reconcile(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.updater.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return run_reconcile_command(settings, args.once, print)
+    verify_rate = settings.updater.verify_bytes_per_second if args.verify_rate is None else args.verify_rate
+    return run_reconcile_command(settings, args.once, print, verify_rate=verify_rate if args.verify else None)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -140,6 +140,13 @@ class RoutingSettings:
     write_fence: int = _checked(check_not_negative, default=30)
     cache_digest_seconds: int = _checked(check_not_negative, default=30)
     stale_if_error: int = _checked(check_not_negative, default=86400)
+    # Verified local content (docs/reliability.md "Corrupted local content"): NGINX remembers, per
+    # client address, each blob or manifest by digest it served whole from the local registry for
+    # refetch_window seconds (0 = off); a client fetching it again within that time (a client that
+    # rejected the bytes retries) is sent to the primary until the updater has verified the local
+    # copy, which then serves such refetches for refetch_trust seconds before they verify it again.
+    refetch_window: int = _checked(check_not_negative, default=600)
+    refetch_trust: int = _checked(check_positive, default=60)
 
     @property
     def refresh_after(self) -> float:
@@ -177,6 +184,9 @@ class UpdaterSettings:
     reconcile_lease: int = _checked(check_positive, default=60)
     resolve_concurrency: int = _checked(check_positive, default=8)
     resolve_batch: int = _checked(check_positive, default=64)
+    # Scrub: the local registry's content is read back and its digests checked, continuously, at
+    # most this many bytes per second (0 = off; 32 MiB/s by default: 10 GB in about 5 minutes).
+    verify_bytes_per_second: int = _checked(check_not_negative, default=33_554_432)
     signing_key: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

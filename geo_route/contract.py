@@ -14,6 +14,10 @@ ORIGINAL_METHOD = "X-Original-Method"
 ORIGINAL_URI = "X-Original-URI"
 AUTHORIZATION = "Authorization"
 ACCEPT = "Accept"  # the client's own, joined when it sent several: content negotiation of pinned tags
+# "1" when this client address fetched the same blob or manifest (by digest) whole from the local
+# registry within routing.refetch_window: it may have rejected the bytes (NGINX's own memory; a
+# client's header of that name never reaches the service).
+REFETCH = "X-Geo-Refetch"
 
 # Response headers of GET /auth.
 ROUTE = "X-Geo-Route"  # "local" | "primary"

@@ -39,6 +39,11 @@ class Reason:
     BLOB_NOT_LOCAL = "blob-not-local"
     MANIFEST_LOCAL = "manifest-local"
     MANIFEST_NOT_LOCAL = "manifest-not-local"
+    # The local copy failed verification (quarantined), or a refetch is waiting for its verification.
+    BLOB_QUARANTINED = "blob-quarantined"
+    BLOB_VERIFYING = "blob-verifying"
+    MANIFEST_QUARANTINED = "manifest-quarantined"
+    MANIFEST_VERIFYING = "manifest-verifying"
     TAG_PINNED = "tag-pinned"
     TAG_NOT_PINNED = "tag-not-pinned"
     TAG_NOT_LOCAL = "tag-not-local"
@@ -155,12 +160,16 @@ def authorize(operation: Operation, credential: Credential, policy: Policy) -> D
     return None
 
 
-def index_query(operation: Operation, policy: Policy) -> IndexQuery | None:
-    """The one index lookup ``route`` needs for this operation, or ``None`` when it needs none."""
+def index_query(operation: Operation, policy: Policy, refetch: bool = False) -> IndexQuery | None:
+    """The one index lookup ``route`` needs for this operation, or ``None`` when it needs none.
+
+    ``refetch``: NGINX saw this client address fetch the same content whole from here just before
+    (a GET of a blob or manifest by digest only)."""
+    refetch = refetch and operation.method == "GET"
     if operation.kind is Kind.BLOB:
-        return IndexQuery(QueryKind.BLOB, operation.repository, operation.digest)
+        return IndexQuery(QueryKind.BLOB, operation.repository, operation.digest, refetch=refetch)
     if operation.kind is Kind.MANIFEST_BY_DIGEST:
-        return IndexQuery(QueryKind.MANIFEST, operation.repository, operation.digest)
+        return IndexQuery(QueryKind.MANIFEST, operation.repository, operation.digest, refetch=refetch)
     if operation.kind is Kind.MANIFEST_BY_TAG and policy.tag_policy == "pinned":
         return IndexQuery(QueryKind.TAG, operation.repository, operation.tag, policy.refresh_after)
     return None
@@ -181,15 +190,31 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
     if not view.available:
         return primary(Reason.INDEX_UNAVAILABLE)
     if kind is Kind.BLOB:
-        return local(Reason.BLOB_LOCAL) if view.present else primary(Reason.BLOB_NOT_LOCAL)
+        return _route_content(
+            view, Reason.BLOB_LOCAL, Reason.BLOB_NOT_LOCAL, Reason.BLOB_QUARANTINED, Reason.BLOB_VERIFYING
+        )
     if kind is Kind.MANIFEST_BY_DIGEST:
-        return local(Reason.MANIFEST_LOCAL) if view.present else primary(Reason.MANIFEST_NOT_LOCAL)
+        return _route_content(
+            view,
+            Reason.MANIFEST_LOCAL,
+            Reason.MANIFEST_NOT_LOCAL,
+            Reason.MANIFEST_QUARANTINED,
+            Reason.MANIFEST_VERIFYING,
+        )
     if kind is Kind.MANIFEST_BY_TAG:
         decision = _route_pinned_tag(operation, view, policy, now, accept)
         if decision.route is Route.PRIMARY:
             return replace(decision, stale_path=stale_path(operation, view, policy, now, accept))
         return decision
     return primary(Reason.UNRECOGNIZED)  # pragma: no cover - every kind is handled above
+
+
+def _route_content(view: IndexView, here: str, absent: str, quarantined: str, verifying: str) -> Decision:
+    if view.present:
+        return local(here)
+    if view.quarantined:
+        return primary(quarantined)
+    return primary(verifying if view.verifying else absent)
 
 
 def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:

@@ -95,8 +95,9 @@ def start_background_loops(settings: Settings, worker: Any) -> None:
     one reconciliation run at a time). ``stop_background_loops`` ends them when the worker exits,
     so a stopped updater releases its reconcile lease instead of leaving it to expire."""
     from geo_route.updater.background import BackgroundLoops
+    from geo_route.web.metrics import VerificationMetrics
 
-    worker.geo_route_loops = BackgroundLoops.start(settings)
+    worker.geo_route_loops = BackgroundLoops.start(settings, VerificationMetrics())
 
 
 def stop_background_loops(worker: Any) -> None:

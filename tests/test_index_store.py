@@ -15,6 +15,7 @@ from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
+    ContentVerified,
     DigestDeleted,
     DigestRestored,
     IndexQuery,
@@ -380,3 +381,72 @@ def test_an_answer_other_than_the_events_hint_is_retried_then_pinned(
             store.apply([verdict.pin])
     assert store.primary_tag("a/b", "v1") == (D1, now[0]), "pinned after the retries: the primary's own answer"
     assert store.claim_resolutions(10) == [], "and nothing left to ask"
+
+
+# -- verified local content (updater/verify.py) ---------------------------------------------------
+
+
+def refetch(query: IndexQuery) -> IndexQuery:
+    return dataclasses.replace(query, refetch=True)
+
+
+def test_a_quarantined_digest_is_not_local_from_any_repository(store: RedisIndexStore) -> None:
+    store.apply([BlobPresence("q/a", D1, True), BlobPresence("q/b", D1, True), ManifestPresence("q/a", D2, True)])
+    store.apply([ContentVerified("q/a", D1, intact=False), ContentVerified("q/a", D2, intact=False, manifest=True)])
+    for repository in ("q/a", "q/b"):
+        assert store.lookup(blob(repository, D1)) == IndexView(present=False, quarantined=True)
+    assert store.lookup(manifest("q/a", D2)) == IndexView(present=False, quarantined=True)
+    store.apply([PrimaryTag("q/a", "v1", D2, store.now())])
+    assert not store.lookup(tag("q/a", "v1")).present, "a tag pinned to a quarantined manifest is not local"
+    # A later presence (a mount, a notification, reconciliation) does not bring it back ...
+    store.apply([BlobPresence("q/c", D1, True)])
+    assert store.lookup(blob("q/c", D1)).quarantined
+    assert set(store.quarantined()) == {D1, D2}
+    assert store.quarantined()[D1][1] == "q/a"
+    # ... only a read that matches does.
+    store.apply([ContentVerified("q/b", D1, intact=True)])
+    assert store.lookup(blob("q/a", D1)) == IndexView(present=True)
+    assert set(store.quarantined()) == {D2}
+
+
+def test_a_refetch_is_queued_for_verification_once_and_served_after_it_matched(store: RedisIndexStore) -> None:
+    store.apply([BlobPresence("r/a", D1, True), ManifestPresence("r/a", D2, True)])
+    assert store.lookup(blob("r/a", D1)) == IndexView(present=True), "a first fetch is served here"
+    assert store.lookup(refetch(blob("r/a", D1))) == IndexView(present=False, verifying=True)
+    assert store.lookup(refetch(blob("r/a", D1))).verifying, "asked again: still waiting for the verifier"
+    assert store.lookup(refetch(manifest("r/a", D2))) == IndexView(present=False, verifying=True)
+    assert store.lookup(blob("r/a", D1)).present, "other clients are still served here meanwhile"
+    claimed = store.claim_suspects(10)
+    assert sorted(claimed) == [("r/a", D1, False), ("r/a", D2, True)], "each queued once"
+    assert store.claim_suspects(10) == []
+    store.apply([ContentVerified("r/a", D1, intact=True, trust=30.0)])
+    assert store.lookup(refetch(blob("r/a", D1))) == IndexView(present=True), "trusted after it matched"
+    assert store.lookup(refetch(manifest("r/a", D2))).verifying, "trust is per digest"
+    assert store.claim_suspects(10) == [("r/a", D2, True)]
+
+
+def test_trust_after_a_verification_expires(store: RedisIndexStore) -> None:
+    store.apply([BlobPresence("t/a", D1, True), ContentVerified("t/a", D1, intact=True, trust=0.2)])
+    assert store.lookup(refetch(blob("t/a", D1))).present
+    time.sleep(0.3)
+    assert store.lookup(refetch(blob("t/a", D1))).verifying
+
+
+def test_a_mismatch_ends_trust_and_leaves_the_suspects_queue(store: RedisIndexStore) -> None:
+    store.apply([BlobPresence("m/a", D1, True), ContentVerified("m/a", D1, intact=True, trust=60.0)])
+    store.apply([ContentVerified("m/a", D1, intact=False)])
+    assert store.lookup(refetch(blob("m/a", D1))) == IndexView(present=False, quarantined=True)
+    assert store.claim_suspects(10) == []
+
+
+def test_a_refetch_of_absent_or_deleted_content_queues_nothing(store: RedisIndexStore) -> None:
+    store.apply([ManifestPresence("n/a", D2, True), DigestDeleted("n/a", D2)])
+    assert store.lookup(refetch(blob("n/a", D1))) == IndexView(present=False)
+    assert store.lookup(refetch(manifest("n/a", D2))) == IndexView(present=False)
+    assert store.claim_suspects(10) == []
+
+
+def test_the_verify_cursor_is_kept(store: RedisIndexStore) -> None:
+    assert store.verify_cursor() == ""
+    store.set_verify_cursor("team/app")
+    assert store.verify_cursor() == "team/app"

@@ -423,3 +423,39 @@ def test_decision_reuse_lifetimes(
     method: str, uri: str, credential: Grants | TokenProblem, view: IndexView, policy: Policy, expected: int
 ) -> None:
     assert reuse(method, uri, credential, view, policy) == expected
+
+
+# -- verified local content: quarantine and refetches ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "view", "route", "reason"),
+    [
+        (f"/v2/app/blobs/{D1}", IndexView(quarantined=True), Route.PRIMARY, Reason.BLOB_QUARANTINED),
+        (f"/v2/app/blobs/{D1}", IndexView(verifying=True), Route.PRIMARY, Reason.BLOB_VERIFYING),
+        (f"/v2/app/manifests/{D1}", IndexView(quarantined=True), Route.PRIMARY, Reason.MANIFEST_QUARANTINED),
+        (f"/v2/app/manifests/{D1}", IndexView(verifying=True), Route.PRIMARY, Reason.MANIFEST_VERIFYING),
+        (f"/v2/app/blobs/{D1}", HERE, Route.LOCAL, Reason.BLOB_LOCAL),
+    ],
+)
+def test_quarantined_or_unverified_refetched_content_goes_to_the_primary(
+    uri: str, view: IndexView, route: Route, reason: str
+) -> None:
+    decision = decide(classify_request("GET", uri), PULL, view, PINNED, NOW)
+    assert (decision.route, decision.reason) == (route, reason)
+
+
+@pytest.mark.parametrize(
+    ("method", "uri", "asks_refetch"),
+    [
+        ("GET", f"/v2/app/blobs/{D1}", True),
+        ("GET", f"/v2/app/manifests/{D1}", True),
+        ("HEAD", f"/v2/app/blobs/{D1}", False),  # a HEAD sends no bytes a client could reject
+        ("GET", "/v2/app/manifests/v1", False),  # by tag: NGINX cannot tell which digest it served
+    ],
+)
+def test_only_a_get_by_digest_is_asked_as_a_refetch(method: str, uri: str, asks_refetch: bool) -> None:
+    query = index_query(classify_request(method, uri), PINNED, refetch=True)
+    assert query is not None
+    assert query.refetch is asks_refetch
+    assert not index_query(classify_request(method, uri), PINNED).refetch  # type: ignore[union-attr]

@@ -24,6 +24,10 @@ class IndexQuery:
     # TAG: a pin older than this (or none, or one of an older index epoch) is queued for
     # resolution at the primary by the same round trip; 0: only missing or unconfirmed entries.
     refresh_after: float = 0.0
+    # BLOB/MANIFEST: NGINX saw this client address fetch it whole from here just before (a client
+    # that rejected the bytes retries): present only if verified within routing.refetch_trust,
+    # else queued for verification first (``IndexView.verifying``).
+    refetch: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,8 @@ class IndexView:
     media_type: str = ""  # TAG: the media type the primary answered with that digest
     current: bool = True  # TAG: the pin was written in the index's current epoch (see docs/consistency.md)
     now: float = 0.0  # TAG: the index's clock when it answered (0: not given)
+    quarantined: bool = False  # BLOB/MANIFEST: the local copy failed verification (never served here)
+    verifying: bool = False  # BLOB/MANIFEST: a refetch, and the local copy is queued for verification
 
 
 UNAVAILABLE = IndexView(available=False)
@@ -120,6 +126,21 @@ class RepositoryInvalidated:
 
 
 @dataclass(frozen=True, slots=True)
+class ContentVerified:
+    """The verifier read ``digest`` back from the local registry (as ``repository``'s blob or
+    manifest) and compared its digest: ``intact`` False quarantines it (not served here from any
+    repository: registries store content once per digest, so every repository shares the bad
+    copy), True lifts a quarantine; ``trust`` > 0 (a verification a refetch asked for) serves
+    refetches of it locally for that many seconds."""
+
+    repository: str
+    digest: str
+    intact: bool
+    trust: float = 0.0
+    manifest: bool = False  # read as a manifest (by digest), not as a blob
+
+
+@dataclass(frozen=True, slots=True)
 class LocalTag:
     """The local registry's tag → digest; ``digest`` empty removes the tag."""
 
@@ -153,6 +174,7 @@ IndexUpdate = (
     | DigestDeleted
     | DigestRestored
     | RepositoryInvalidated
+    | ContentVerified
 )
 
 

@@ -13,6 +13,13 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P primary:deleted:R      HASH  digest -> stamp: deleted at the primary, not served by digest here
     P primary:invalidated:R  STRING stamp of the repository's last rename (or unreadable event): no
                                    pin asked before it lands
+    P quarantined            HASH  digest -> "<stamp> <repository>": content whose local copy failed
+                                   verification; never local, in any repository (content is stored
+                                   once per digest) until a later verification matches
+    P verify:suspects        ZSET  "R DIGEST blob|manifest" -> due time: content to verify before anything else (a
+                                   client fetched it again: it may have rejected the bytes)
+    P verify:trusted:DIGEST  STRING (expires) verified after a refetch: refetches are served here
+    P verify:cursor          STRING the repository the verification pass finished last
     P resolve                ZSET  M -> due time: tags to ask the primary about
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
@@ -27,8 +34,9 @@ snapshot or not), a failover to a replica or a restore gives another run_id: the
 that sees it starts a new epoch, so every pin written before is unconfirmed (routed to the primary
 and re-resolved), never served stale (docs/consistency.md).
 
-A decision costs exactly one round trip on a per-thread connection: ``SISMEMBER`` for a blob, one
-Lua script for a manifest by digest (present and not deleted at the primary) and for a tag (the
+A decision costs exactly one round trip on a per-thread connection: one Lua script for a blob
+(present and not quarantined; for a refetch, verified lately or queued for verification), for a
+manifest by digest (the same, and not deleted at the primary) and for a tag (the
 pin, its epoch, the pinned manifest's presence, the clock, and queueing a resolution when the pin
 is missing, unconfirmed or due for refresh). Writes go in one ``MULTI``/``EXEC`` per call, sent as
 one write. After a failure the store answers "unavailable" at once for ``unavailable_cooldown``
@@ -53,6 +61,7 @@ from geo_route.config import RedisSettings
 from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
+    ContentVerified,
     DigestDeleted,
     DigestRestored,
     IndexQuery,
@@ -70,6 +79,7 @@ from geo_route.index.model import (
 T = TypeVar("T")
 log = logging.getLogger("geo_route.index")
 RESOLVE_QUEUE_MAX = 100_000  # reads stop queueing resolutions beyond this (events still do)
+SUSPECTS_MAX = 100_000  # refetches stop queueing verifications beyond this (they go to the primary)
 TOMBSTONE = "-"
 
 # Shared Lua: the clock (ARGV "" = the server's TIME), a pin's fields, and invalidating one tag.
@@ -181,7 +191,7 @@ end
 return count
 """
 )
-# KEYS: tags, manifests, epoch, queue   ARGV: tag, member, now, refresh_after, queue max
+# KEYS: tags, manifests, epoch, queue, quarantined   ARGV: tag, member, now, refresh_after, queue max
 PINNED_TAG_SCRIPT = (
     LUA_COMMON
     + """
@@ -195,7 +205,9 @@ if pinned then
   local digest, stamp, _, pin_epoch = fields(pinned)
   if stamp > now then due = stamp end
   fresh = pin_epoch == epoch and now - stamp <= tonumber(ARGV[4])
-  if digest ~= '-' then present = redis.call('SISMEMBER', KEYS[2], digest) end
+  if digest ~= '-' and redis.call('HEXISTS', KEYS[5], digest) == 0 then
+    present = redis.call('SISMEMBER', KEYS[2], digest)
+  end
 end
 if not fresh and redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
   redis.call('ZADD', KEYS[4], 'NX', due, ARGV[2])
@@ -203,11 +215,49 @@ end
 return {pinned or '', present, epoch, string.format('%.6f', now)}
 """
 )
-# KEYS: manifests, deleted   ARGV: digest
-MANIFEST_SCRIPT = """
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
-return redis.call('SISMEMBER', KEYS[1], ARGV[1])
+# A blob or manifest by digest: 0 not here, 1 here, 2 quarantined, 3 a refetch queued for verification.
+# KEYS: present, quarantined, trusted, suspects, deleted ('' for a blob)
+# ARGV: digest, refetch 1/0, suspect member, now, suspects max
+CONTENT_SCRIPT = (
+    LUA_COMMON
+    + """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 2 end
+if KEYS[5] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return 0 end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
+  if redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
+    redis.call('ZADD', KEYS[4], 'NX', clock(ARGV[4]), ARGV[3])
+  end
+  return 3
+end
+return 1
 """
+)
+# KEYS: quarantined, trusted, suspects   ARGV: digest, intact 1/0, repository, trust seconds, member, now
+VERIFIED_SCRIPT = (
+    LUA_COMMON
+    + """
+redis.call('ZREM', KEYS[3], ARGV[5])
+if ARGV[2] == '1' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local trust = math.floor(tonumber(ARGV[4]) * 1000)
+  if trust > 0 then redis.call('SET', KEYS[2], '1', 'PX', trust) end
+else
+  redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', clock(ARGV[6])) .. ' ' .. ARGV[3])
+  redis.call('DEL', KEYS[2])
+end
+return 1
+"""
+)
+# KEYS: suspects   ARGV: now, limit  ->  {member, ...} due now, taken off the queue
+CLAIM_SUSPECTS_SCRIPT = (
+    LUA_COMMON
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', clock(ARGV[1]), 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do redis.call('ZREM', KEYS[1], member) end
+return due
+"""
+)
 # KEYS: queue, hints, epoch   ARGV: now, limit  ->  {now, epoch, member, hint, member, hint, ...}
 CLAIM_SCRIPT = (
     LUA_COMMON
@@ -266,6 +316,9 @@ class KeySchema:
         self.hints = f"{prefix}resolve:hints"
         self.epoch = f"{prefix}epoch"
         self.server = f"{prefix}server"
+        self.quarantined = f"{prefix}quarantined"
+        self.suspects = f"{prefix}verify:suspects"
+        self.verify_cursor = f"{prefix}verify:cursor"
 
     def local_blobs(self, repository: str) -> str:
         return f"{self.prefix}local:blobs:{repository}"
@@ -285,12 +338,25 @@ class KeySchema:
     def primary_invalidated(self, repository: str) -> str:
         return f"{self.prefix}primary:invalidated:{repository}"
 
+    def trusted(self, digest: str) -> str:
+        return f"{self.prefix}verify:trusted:{digest}"
+
     def lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"
 
 
 def queue_member(repository: str, tag: str) -> str:
     return f"{repository} {tag}"
+
+
+def suspect_member(repository: str, digest: str, manifest: bool) -> str:
+    return f"{repository} {digest} {'manifest' if manifest else 'blob'}"
+
+
+def parse_suspect(member: str) -> tuple[str, str, bool]:
+    """(repository, digest, manifest?) of a ``verify:suspects`` member."""
+    repository, digest, kind = [*member.split(" "), "", ""][:3]
+    return repository, digest, kind == "manifest"
 
 
 def parse_member(member: str) -> tuple[str, str]:
@@ -459,16 +525,14 @@ class RedisIndexStore:
 
     def _lookup(self, query: IndexQuery) -> IndexView:
         repository, reference = query.repository, query.reference
-        if query.kind is QueryKind.BLOB:
-            return IndexView(present=bool(self._lookups.run("SISMEMBER", self.keys.local_blobs(repository), reference)))
-        if query.kind is QueryKind.MANIFEST:
-            manifest_keys = (self.keys.local_manifests(repository), self.keys.primary_deleted(repository))
-            return IndexView(present=bool(self._lookups.run_script(MANIFEST_SCRIPT, manifest_keys, (reference,))))
+        if query.kind is not QueryKind.TAG:
+            return self._lookup_content(query)
         keys = (
             self.keys.primary_tags(repository),
             self.keys.local_manifests(repository),
             self.keys.epoch,
             self.keys.resolve,
+            self.keys.quarantined,
         )
         member = queue_member(repository, reference)
         refresh = f"{query.refresh_after:.6f}" if query.refresh_after > 0 else "1e18"
@@ -485,6 +549,17 @@ class RedisIndexStore:
             current=pin_epoch == str(epoch),
             now=float(now),
         )
+
+    def _lookup_content(self, query: IndexQuery) -> IndexView:
+        repository, digest, keys = query.repository, query.reference, self.keys
+        blob = query.kind is QueryKind.BLOB
+        present = keys.local_blobs(repository) if blob else keys.local_manifests(repository)
+        deleted = "" if blob else keys.primary_deleted(repository)
+        script_keys = (present, keys.quarantined, keys.trusted(digest), keys.suspects, deleted)
+        member = suspect_member(repository, digest, manifest=not blob)
+        args = (digest, "1" if query.refetch else "0", member, self._now_arg(), str(SUSPECTS_MAX))
+        answer = int(self._lookups.run_script(CONTENT_SCRIPT, script_keys, args))
+        return IndexView(present=answer == 1, quarantined=answer == 2, verifying=answer == 3)
 
     def apply(self, updates: Iterable[IndexUpdate]) -> None:
         commands = [command for update in updates for command in self.commands_for(update)]
@@ -535,6 +610,11 @@ class RedisIndexStore:
         if isinstance(update, DigestRestored):
             restore = (update.digest, format_stamp(update.asked_at))
             return [eval_command(RESTORE_DIGEST_SCRIPT, (keys.primary_deleted(repository),), restore)]
+        if isinstance(update, ContentVerified):
+            verified_keys = (keys.quarantined, keys.trusted(update.digest), keys.suspects)
+            verdict = (update.digest, "1" if update.intact else "0", repository, f"{update.trust:.3f}")
+            more = (suspect_member(repository, update.digest, update.manifest), self._now_arg())
+            return [eval_command(VERIFIED_SCRIPT, verified_keys, verdict, more)]
         if isinstance(update, LocalTag):
             key = keys.local_tags(repository)
             if not update.digest:
@@ -564,6 +644,30 @@ class RedisIndexStore:
         keys = (self.keys.resolve, self.keys.hints)
         due = format_stamp(resolution.asked_at + delay)
         self._write(lambda: self._client.eval(REQUEUE_SCRIPT, 2, *keys, member, due, claimed, hint))
+
+    def claim_suspects(self, limit: int) -> list[tuple[str, str, bool]]:
+        """Take up to ``limit`` due verifications a refetch asked for off their queue:
+        (repository, digest, manifest?)."""
+        found = self._write(
+            lambda: self._client.eval(CLAIM_SUSPECTS_SCRIPT, 1, self.keys.suspects, self._now_arg(), str(limit))
+        )
+        return [parse_suspect(str(member)) for member in found]
+
+    def quarantined(self) -> dict[str, tuple[float, str]]:
+        """Every quarantined digest: digest → (stamp, the repository it was read from)."""
+        found = self._read(lambda: self._client.hgetall(self.keys.quarantined))
+        result = {}
+        for digest, value in found.items():
+            stamp, _, repository = str(value).partition(" ")
+            result[str(digest)] = (float(stamp or 0), repository)
+        return result
+
+    def verify_cursor(self) -> str:
+        """The repository the verification pass finished last ("" at the start of a pass)."""
+        return str(self._read(lambda: self._client.get(self.keys.verify_cursor)) or "")
+
+    def set_verify_cursor(self, repository: str) -> None:
+        self._write(lambda: self._client.set(self.keys.verify_cursor, repository))
 
     def queued_resolutions(self) -> int:
         return int(self._read(lambda: self._client.zcard(self.keys.resolve)))

@@ -1,4 +1,5 @@
-"""The updater's background work in each gunicorn worker: the resolver and the reconcile loop."""
+"""The updater's background work in each gunicorn worker: the resolver, the reconcile loop and
+content verification."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from geo_route.config import Settings
 from geo_route.errors import GeoRouteError
 from geo_route.updater.reconcile import ReconcileLoop, Registries, open_store
 from geo_route.updater.resolver import Resolver, ResolverLoop
+from geo_route.updater.verify import Observer, RateLimiter, Verifier, VerifyLoop
 
 log = logging.getLogger("geo_route.updater")
 
@@ -18,11 +20,13 @@ class BackgroundLoops:
     resolver: ResolverLoop | None
     reconcile: ReconcileLoop | None
     registries: Registries | None = None
+    verify: VerifyLoop | None = None
 
     @classmethod
-    def start(cls, settings: Settings) -> BackgroundLoops:
+    def start(cls, settings: Settings, observe: Observer | None = None) -> BackgroundLoops:
         """The resolver always (without ``updater.signing_key`` tags are never pinned: every tag
-        read goes to the primary, which is logged); reconciliation when its interval is set."""
+        read goes to the primary, which is logged); reconciliation when its interval is set;
+        verification when its rate is set (``observe`` counts its results)."""
         resolver = None
         try:
             registries = Registries.from_settings(settings)
@@ -41,11 +45,27 @@ class BackgroundLoops:
         reconcile = ReconcileLoop(settings) if settings.updater.reconcile_interval > 0 else None
         if reconcile is not None:
             reconcile.start()
-        return cls(resolver, reconcile, None if resolver is None else registries)
+        verify = None
+        if resolver is not None and settings.updater.verify_bytes_per_second > 0:
+            verify = start_verification(settings, registries, observe)
+        return cls(resolver, reconcile, None if resolver is None else registries, verify)
 
     def stop(self) -> None:
-        for loop in (self.resolver, self.reconcile):
+        for loop in (self.verify, self.resolver, self.reconcile):
             if loop is not None:
                 loop.stop()
         if self.registries is not None:
             self.registries.close()
+
+
+def start_verification(settings: Settings, registries: Registries, observe: Observer | None) -> VerifyLoop:
+    """The pass and the suspects each read at most ``updater.verify_bytes_per_second``."""
+    rate, trust = settings.updater.verify_bytes_per_second, settings.routing.refetch_trust
+    store = open_store(settings)
+
+    def verifier() -> Verifier:
+        return Verifier(store, registries.local, RateLimiter(rate), trust=trust, observe=observe)
+
+    loop = VerifyLoop(store, verifier(), verifier(), settings.updater.reconcile_lease)
+    loop.start()
+    return loop

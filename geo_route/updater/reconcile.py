@@ -32,7 +32,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
@@ -42,6 +42,9 @@ from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
 from geo_route.updater.reconcile_walk import RepositoryWalker, Snapshot, gather, plan_updates
 from geo_route.updater.registry_client import ManifestHead, RegistryClient, RegistryError
+
+if TYPE_CHECKING:
+    from geo_route.updater.verify import VerifyReport
 
 LOCK_NAME = "reconcile"
 PROGRESS_EVERY = 100
@@ -186,16 +189,21 @@ def run_locked(
     return report
 
 
+class LeaseStore(Protocol):
+    def renew_lock(self, name: str, seconds: int) -> bool: ...
+
+
 class LeaseKeeper:
     """Renews the reconcile lease every third of its length while a run lives, so a run is never
     overtaken by the next one however long it takes, and a killed run blocks repair for at most one
     lease (``updater.reconcile_lease``), not for the longest run imaginable."""
 
-    def __init__(self, store: ReconcileStore, seconds: int) -> None:
+    def __init__(self, store: LeaseStore, seconds: int, name: str = LOCK_NAME) -> None:
         self._store = store
         self._seconds = seconds
+        self._name = name
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="geo-route-reconcile-lease", daemon=True)
+        self._thread = threading.Thread(target=self._renew, name=f"geo-route-{name}-lease", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -208,11 +216,11 @@ class LeaseKeeper:
     def _renew(self) -> None:
         while not self._stop.wait(self._seconds / 3):
             try:
-                if not self._store.renew_lock(LOCK_NAME, self._seconds):
-                    log.warning("reconcile: the lease is no longer ours; another run may start")
+                if not self._store.renew_lock(self._name, self._seconds):
+                    log.warning("%s: the lease is no longer ours; another run may start", self._name)
                     return
             except IndexUnavailable as exc:
-                log.warning("reconcile: cannot renew the lease: %s", exc)
+                log.warning("%s: cannot renew the lease: %s", self._name, exc)
 
 
 def release_lock(store: ReconcileStore, report: ReconcileReport) -> None:
@@ -381,9 +389,13 @@ def open_store(settings: Settings) -> RedisIndexStore:
     return RedisIndexStore(redis)
 
 
-def run_reconcile_command(settings: Settings, once: bool, print_line: Callable[[str], None]) -> int:
+def run_reconcile_command(
+    settings: Settings, once: bool, print_line: Callable[[str], None], verify_rate: int | None = None
+) -> int:
     """``geo-route reconcile``: one run (exit 0 when it ran cleanly, else 1), or a run every
-    ``updater.reconcile_interval`` seconds (at least 1) until SIGINT/SIGTERM (exit 0)."""
+    ``updater.reconcile_interval`` seconds (at least 1) until SIGINT/SIGTERM (exit 0).
+    ``verify_rate`` (bytes per second, 0 = no limit; ``None`` = no verification): after each run,
+    a full verification pass (``--verify``), which must be clean too."""
     try:
         registries = Registries.from_settings(settings)
     except GeoRouteError as exc:
@@ -398,13 +410,28 @@ def run_reconcile_command(settings: Settings, once: bool, print_line: Callable[[
                     settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
                 )
                 print_line(report.format())
+                ok = report.ok
+                if verify_rate is not None and not stop.is_set():
+                    verified = verify_once(settings, store, registries, verify_rate, stop)
+                    print_line(verified.format())
+                    ok = ok and verified.ok
                 if once:
-                    return 0 if report.ok else 1
+                    return 0 if ok else 1
                 if stop.wait(max(settings.updater.reconcile_interval, 1)):
                     return 0
     finally:
         registries.close()
         store.close()
+
+
+def verify_once(
+    settings: Settings, store: RedisIndexStore, registries: Registries, rate: int, stop: threading.Event
+) -> VerifyReport:
+    """One verification pass from the start (``reconcile --verify``), refetch suspects included."""
+    from geo_route.updater.verify import RateLimiter, Verifier
+
+    verifier = Verifier(store, registries.local, RateLimiter(rate), trust=settings.routing.refetch_trust)
+    return verifier.run_pass(stop)
 
 
 @contextmanager

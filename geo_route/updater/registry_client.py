@@ -16,7 +16,7 @@ import json
 import re
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
@@ -106,6 +106,46 @@ def _digests(descriptors: Any) -> list[str]:
     return [str(d["digest"]) for d in descriptors if isinstance(d, dict) and isinstance(d.get("digest"), str)]
 
 
+STREAM_CHUNK = 1 << 20
+
+
+def pump(response: http.client.HTTPResponse, sink: Callable[[bytes], None]) -> None:
+    """The whole body into ``sink``; a short body (the server closed early) is an error."""
+    while chunk := response.read(STREAM_CHUNK):
+        sink(chunk)
+
+
+def follow_redirect(
+    location: str, timeout: float, tls: ssl.SSLContext | None, sink: Callable[[bytes], None], what: str
+) -> bool:
+    """Read a redirect's target (object storage: a signed URL, no registry credentials)."""
+    parts = urlsplit(location)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RegistryError(f"{what}: redirect to {location[:100]!r} is not an http(s) URL")
+    if parts.scheme == "https":
+        context = tls or ssl.create_default_context()
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout, context=context
+        )
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request(
+            "GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers={"User-Agent": USER_AGENT}
+        )
+        response = connection.getresponse()
+        if response.status == 404:
+            return False
+        if response.status != 200:
+            raise RegistryError(f"{what}: storage answered HTTP {response.status}", response.status)
+        pump(response, sink)
+        return True
+    except (OSError, http.client.HTTPException) as exc:
+        raise RegistryError(f"{what}: storage: {type(exc).__name__} {exc}") from None
+    finally:
+        connection.close()
+
+
 def sha256_digest(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
@@ -182,6 +222,48 @@ class RegistryClient:
         if answer.status in (200, 307, 302):
             return True
         raise self._unexpected(answer, f"HEAD blob {repository}@{digest}")
+
+    def stream_content(self, repository: str, digest: str, *, manifest: bool, sink: Callable[[bytes], None]) -> bool:
+        """GET a blob (or a manifest, by digest) and pass its bytes to ``sink`` chunk by chunk, as
+        they arrive; False on 404. A redirect (object storage) is followed without credentials."""
+        if manifest:
+            target, accept = self._manifest_path(repository, digest), MANIFEST_ACCEPT
+        else:
+            target, accept = f"/v2/{repository}/blobs/{digest}", None
+        headers = {"Authorization": self._authorizer.authorization(repository), "User-Agent": USER_AGENT}
+        if accept:
+            headers["Accept"] = accept
+        what = f"GET {self.origin}{target}"
+        for attempt in (1, 2):
+            connection, reused = self._connection()
+            started = False
+            try:
+                connection.request("GET", target, headers=headers)
+                response = connection.getresponse()
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.getheader("location") or ""
+                    response.read()
+                    if response.will_close:
+                        self._drop(connection)
+                    return follow_redirect(location, self._timeout, self._tls, sink, what)
+                if response.status != 200:
+                    body = response.read()
+                    if response.will_close:
+                        self._drop(connection)
+                    if response.status == 404:
+                        return False
+                    raise self._unexpected(Answer(response.status, {}, body), what)
+                started = True
+                pump(response, sink)
+                if response.will_close:
+                    self._drop(connection)
+                return True
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop(connection)
+                if reused and attempt == 1 and not started:
+                    continue
+                raise RegistryError(f"{what}: {type(exc).__name__} {exc}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- plumbing -----------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ ENV_METHOD = contract.wsgi_environ_key(contract.ORIGINAL_METHOD)
 ENV_URI = contract.wsgi_environ_key(contract.ORIGINAL_URI)
 ENV_AUTHORIZATION = contract.wsgi_environ_key(contract.AUTHORIZATION)
 ENV_ACCEPT = contract.wsgi_environ_key(contract.ACCEPT)
+ENV_REFETCH = contract.wsgi_environ_key(contract.REFETCH)
 EMPTY_BODY = (b"",)
 
 
@@ -66,7 +67,10 @@ class AuthEndpoint:
         reuse = 0
         try:
             operation = classify_request(environ.get(ENV_METHOD, ""), environ.get(ENV_URI, ""))
-            decision, reuse = self.decide(operation, environ.get(ENV_AUTHORIZATION), environ.get(ENV_ACCEPT, ""))
+            refetch = environ.get(ENV_REFETCH) == "1"
+            decision, reuse = self.decide(
+                operation, environ.get(ENV_AUTHORIZATION), environ.get(ENV_ACCEPT, ""), refetch=refetch
+            )
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
@@ -74,15 +78,18 @@ class AuthEndpoint:
         self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
         return EMPTY_BODY
 
-    def decide(self, operation: Operation, authorization: str | None, accept: str = "") -> tuple[Decision, int]:
-        """The decision and how many seconds NGINX may reuse it (see ``routing.cache_seconds``)."""
+    def decide(
+        self, operation: Operation, authorization: str | None, accept: str = "", *, refetch: bool = False
+    ) -> tuple[Decision, int]:
+        """The decision and how many seconds NGINX may reuse it (see ``routing.cache_seconds``);
+        ``refetch``: NGINX's note that this client address fetched the same content just before."""
         credential = self._verifier.authenticate(authorization)
         denial = authorize(operation, credential, self._policy)
         if denial is not None:
             return denial, 0
         now = self._clock()
         self.invalidate(invalidations_for_write(operation, credential, self._policy))
-        view = self.look_up(operation)
+        view = self.look_up(operation, refetch)
         decision = route(operation, view, self._policy, now, accept)
         return decision, cache_seconds(operation, decision, credential, self._policy, now)
 
@@ -96,8 +103,8 @@ class AuthEndpoint:
             self._metrics.index_errors.inc()
             self._index_warning.emit("could not invalidate what a write through the site changes: %s", exc)
 
-    def look_up(self, operation: Operation) -> IndexView:
-        query = index_query(operation, self._policy)
+    def look_up(self, operation: Operation, refetch: bool = False) -> IndexView:
+        query = index_query(operation, self._policy, refetch)
         if query is None:
             return NOT_ASKED
         try:

@@ -107,3 +107,24 @@ class UpdaterMetrics:
 
     def render(self) -> bytes:
         return render_registry(self.registry)
+
+
+class VerificationMetrics:
+    """The updater's content verification (``updater/verify.py``); an ``Observer``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry or CollectorRegistry(auto_describe=True)
+        self.results = Counter(
+            "geo_route_verifications",
+            "Local blobs and manifests read back and checked, by result (intact, mismatch, missing, "
+            "error, skipped) and cause (pass, or refetch: a client fetched it again).",
+            ["result", "cause"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "geo_route_verified_bytes", "Bytes read back from the local registry by verification.", registry=registry
+        )
+
+    def __call__(self, result: Any, size: int, suspect: bool) -> None:
+        self.results.labels(result.value, "refetch" if suspect else "pass").inc()
+        self.bytes.inc(size)
