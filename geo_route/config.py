@@ -65,6 +65,16 @@ def check_nginx_size(value: str) -> str | None:
     return None if re.fullmatch(r"[1-9][0-9]*[kKmM]?", value) else f"must be an NGINX size such as 128k, got {value!r}"
 
 
+def check_open_files_limit(value: int) -> str | None:
+    return None if value >= 1024 else "must be at least 1024 (worker_connections is derived from it)"
+
+
+def check_metrics_listen(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]\s;]+):\d{1,5}", value):
+        return None
+    return f"must be host:port or [v6]:port (empty: no metrics server), got {value!r}"
+
+
 def check_non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -187,6 +197,8 @@ class UpdaterSettings:
     # Scrub: the local registry's content is read back and its digests checked, continuously, at
     # most this many bytes per second (0 = off; 32 MiB/s by default: 10 GB in about 5 minutes).
     verify_bytes_per_second: int = _checked(check_not_negative, default=33_554_432)
+    # A pass starts at most this often (seconds): a small site is not re-read without pause.
+    verify_interval: int = _checked(check_positive, default=60)
     signing_key: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -201,7 +213,17 @@ class UpdaterSettings:
 
 @dataclass(frozen=True)
 class NginxSettings:
-    """The secondary's NGINX, rendered by ``geo-route render-nginx``."""
+    """The secondary's NGINX, rendered by ``geo-route render-nginx``.
+
+    The edge (README "The edge"): each worker may hold ``open_files_limit`` descriptors
+    (``worker_rlimit_nofile``; NGINX's master sets it for its workers, which fails without
+    CAP_SYS_RESOURCE above the hard ``ulimit -Hn``: NGINX then logs an alert and keeps the old
+    limit, so set it at most to that hard limit where NGINX cannot raise it) and ``worker_connections``
+    is derived from it. A client that has not sent its whole request header within
+    ``client_header_timeout`` seconds is reset; ``per_address_connections`` caps the requests in
+    progress per client address (0: no cap); ``metrics_listen`` serves NGINX's own counters
+    (empty: off).
+    """
 
     listen: tuple[str, ...] = ("127.0.0.1:5080",)
     server_name: str = "_"
@@ -222,6 +244,21 @@ class NginxSettings:
     decision_cache_size: str = "10m"
     primary_tls_verify: bool = True
     primary_ca_bundle: str = "/etc/ssl/certs/ca-certificates.crt"
+    open_files_limit: int = _checked(check_open_files_limit, default=65536)
+    client_header_timeout: int = _checked(check_positive, default=10)
+    client_body_timeout: int = _checked(check_positive, default=30)
+    send_timeout: int = _checked(check_positive, default=30)
+    keepalive_timeout: int = _checked(check_not_negative, default=20)
+    per_address_connections: int = _checked(check_not_negative, default=1024)
+    metrics_listen: str = _checked(check_metrics_listen, default="127.0.0.1:9145")
+
+    @property
+    def worker_connections(self) -> int:
+        """Connections one worker may hold: its descriptors less 1/16 for logs, listeners and cache
+        files. Every connection is one descriptor (a proxied request holds up to three: the client,
+        the auth service and a registry), so a worker serves ``worker_connections // 3`` proxied
+        requests at once, or holds ``worker_connections`` idle clients."""
+        return self.open_files_limit - self.open_files_limit // 16
 
 
 @dataclass(frozen=True)

@@ -217,11 +217,20 @@ def local_registry_replaced(site: Site, status: int, body: bytes, headers: dict[
 def assert_pull_falls_back(site: Site, tmp_path: Path, local_status: int) -> None:
     client = site.client
     since = client.access_log_offset()
+    before = client.nginx_metrics()
     assert pull_by_digest(client, site.image, tmp_path / f"pulled-{local_status}") == site.image.digest
     entries = pulled(client, since)
     assert len(entries) == 1 + len(site.image.blob_digests), entries
     assert {(e.route, e.status) for e in entries} == {("fallback", 200)}, entries
     assert {last_status(e) for e in entries} == {str(local_status)}, entries
+    # NGINX's counters (only NGINX knows a fallback): at least these requests, by the local status.
+    after = client.nginx_metrics()
+    fallbacks = f'geo_route_nginx_fallbacks_total{{local_status="{local_status}"}}'
+    served = 'geo_route_nginx_requests_total{route="fallback",status="2xx"}'
+    sent = 'geo_route_nginx_sent_bytes_total{route="fallback"}'
+    assert after[fallbacks] - before.get(fallbacks, 0) >= len(entries)
+    assert after[served] - before.get(served, 0) >= len(entries)
+    assert after[sent] - before.get(sent, 0) >= sum(e.bytes_sent for e in entries)
 
 
 def test_a_local_401_falls_back_to_the_primary(site: Site, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from support import free_port, require_binary
 from geo_route import contract
 from geo_route.cli import main
 from geo_route.config import load_settings
+from geo_route.errors import ConfigError
 from geo_route.render import RenderError, check_with_nginx, render_nginx_conf
 from geo_route.routing import Decision, Reason, Route
 from geo_route.web.auth import response_headers
@@ -178,3 +179,56 @@ def test_render_cli_refuses_a_bad_site_file(tmp_path: Path, capsys: pytest.Captu
     bad.write_text("nginx: {listen: 5}\n")
     assert main(["render-nginx", "-c", str(bad)]) == 1
     assert "local_registry.url: required" in capsys.readouterr().err
+
+
+def test_the_edge_is_sized_from_the_descriptor_limit_and_times_out_slow_clients(tmp_path: Path) -> None:
+    require_binary("nginx")
+    settings = load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__OPEN_FILES_LIMIT": "20000"})
+    text = render_nginx_conf(settings)
+    assert "worker_rlimit_nofile 20000;" in text
+    assert "worker_connections 18750;" in text  # 15/16: logs, listeners and cache files keep the rest
+    for directive in (
+        "client_header_timeout 10s;",
+        "client_body_timeout 30s;",
+        "send_timeout 30s;",
+        "keepalive_timeout 20s;",
+        "reset_timedout_connection on;",
+        "limit_conn_zone $binary_remote_addr zone=geo_route_per_address:10m;",
+    ):
+        assert directive in text, directive
+    server = render_nginx_conf(settings, "server")
+    for location in ("location /v2/ {", "location /gitlab/v1/ {"):
+        block = server[server.index(location) :]
+        block = block[: block.index("\n}")]
+        assert "limit_conn geo_route_per_address 1024;" in block and "limit_conn_status 429;" in block
+        assert "error_page 429 = @geo_route_too_many_requests;" in block
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    check_with_nginx(conf)
+
+
+def test_no_per_address_cap_and_no_metrics_server_when_off(tmp_path: Path) -> None:
+    environ = {"GEO_ROUTE_NGINX__PER_ADDRESS_CONNECTIONS": "0", "GEO_ROUTE_NGINX__METRICS_LISTEN": ""}
+    text = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ=environ))
+    for absent in ("limit_conn", "geo_route_metrics", "log_by_lua", "@geo_route_too_many_requests"):
+        assert absent not in text, absent
+
+
+def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
+    settings = load_settings(REFERENCE, environ={})
+    http_part = render_nginx_conf(settings, "http")
+    assert "lua_shared_dict geo_route_metrics 1m;" in http_part
+    metrics_server = http_part[http_part.index("server {") :]
+    assert "listen 127.0.0.1:9145;" in metrics_server and "location = /metrics {" in metrics_server
+    server_part = render_nginx_conf(settings, "server")
+    log_block = server_part[server_part.index("log_by_lua_block {") :]
+    log_block = log_block[: log_block.index("\n}")]
+    series = set(re.findall(r"'(\w+)\{(\w+)=", log_block))
+    assert series == {("requests_total", "route"), ("sent_bytes_total", "route"), ("fallbacks_total", "local_status")}
+    assert "uri" not in log_block and "repository" not in log_block
+
+
+@pytest.mark.parametrize("value", ["9145", "127.0.0.1", "127.0.0.1:9145; evil"])
+def test_metrics_listen_must_be_host_and_port(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"nginx\.metrics_listen"):
+        load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__METRICS_LISTEN": value})

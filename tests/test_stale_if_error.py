@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 
 MAX_TAG_AGE = 2  # seconds: routing.max_tag_age of these stacks
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+STALE_SERVED = 'geo_route_nginx_requests_total{route="stale",status="2xx"}'
 
 
 @contextlib.contextmanager
@@ -90,11 +91,14 @@ def test_a_pinned_local_tag_is_pulled_while_the_primary_is_down(stale: StackClie
         past_max_tag_age()
 
         since = stale.access_log_offset()
+        before = stale.nginx_metrics().get(STALE_SERVED, 0)
         assert stale.pull(repository, "v1", tmp_path / "pulled") == digest
         manifests = log_of(stale, since, repository)
         assert [(e.route, e.reason, e.status) for e in manifests if e.method == "GET"] == [
             ("stale", "tag-stale", 200)
         ], manifests
+        # NGINX's counters (only NGINX knows a stale answer): the GET and skopeo's HEAD, if any.
+        assert stale.nginx_metrics()[STALE_SERVED] - before == len([e for e in manifests if e.route == "stale"])
 
         token = pull_token(stale, repository)
         head = ask(stale.info.secondary_url, manifest_path(repository, "v1"), token, (OCI_MANIFEST,), method="HEAD")

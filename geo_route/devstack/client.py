@@ -147,6 +147,13 @@ class StackClient:
                 return
             size = grown
 
+    def nginx_metrics(self) -> dict[str, float]:
+        """NGINX's counters (``nginx.metrics_listen``): series (``name{labels}``) to value."""
+        answer = fetch(self.info.nginx_metrics_url)
+        if answer.status != 200:
+            raise DevstackError(f"NGINX's metrics answered {answer.status}")
+        return parse_prometheus_text(answer.body.decode("utf-8"))
+
     def close(self) -> None:
         self.index.close()
 
@@ -175,6 +182,16 @@ def parse_access_log_line(line: str) -> AccessLogEntry:
         reason=entry["reason"],
         fallback_status=entry.get("fallback_status", ""),
     )
+
+
+def parse_prometheus_text(text: str) -> dict[str, float]:
+    """Prometheus text format, no timestamps: ``{'name{a="b"}': value}``; comments skipped."""
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            series[name] = float(value)
+    return series
 
 
 def address_of(url: str) -> str:

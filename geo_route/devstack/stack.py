@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -47,6 +48,9 @@ USERNAME = "developer"
 READER = "reader"  # may pull only READER_REPOSITORY: for tests of cross-repository access
 READER_REPOSITORY = "team-a/app"
 DEVSTACK_WRITE_FENCE = 2
+# NGINX's default nginx.open_files_limit; the devstack's NGINX gets at most the hard limit it runs
+# under (without CAP_SYS_RESOURCE, NGINX cannot raise its workers' limit past it).
+NGINX_OPEN_FILES = 65536
 STOP_ORDER = ("nginx", "auth", "secondary", "primary", "updater", "token-service", "redis")
 
 
@@ -65,6 +69,7 @@ class StackInfo:
     nginx_access_log: str
     site_file: str
     updater_url: str = ""
+    nginx_metrics_url: str = ""  # NGINX's Prometheus counters (nginx.metrics_listen), ".../metrics"
     users: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -210,6 +215,7 @@ def start_all(
         nginx_access_log=str(directory / "nginx" / "access.log"),
         site_file=str(site),
         updater_url=updater_url,
+        nginx_metrics_url=f"http://{settings.nginx.metrics_listen}/metrics" if settings.nginx.metrics_listen else "",
         users=users,
         pids={name: process.pid for name, process in processes.items()},
     )
@@ -255,6 +261,8 @@ def write_site_file(
             "worker_processes": "2",
             "user": "root" if os.geteuid() == 0 else "",
             "decision_cache": decision_cache,
+            "open_files_limit": nginx_open_files_limit(),
+            "metrics_listen": f"{LOOPBACK}:{free_port()}",
         },
         "updater": {
             "bind": [f"{LOOPBACK}:{free_port()}"],
@@ -270,6 +278,12 @@ def write_site_file(
     path.write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
     load_settings(path, environ={})  # fail here, with every problem listed, rather than in a child process
     return path
+
+
+def nginx_open_files_limit() -> int:
+    """NGINX's default, or the hard descriptor limit the stack runs under if that is lower."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return NGINX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(NGINX_OPEN_FILES, hard)
 
 
 def start_auth_service(directory: Path, site: Path) -> LoggedProcess:
