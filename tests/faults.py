@@ -34,8 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from test_local_fallback import last_status
+
 from geo_route.config import load_settings
-from geo_route.devstack.client import StackClient, parse_access_log_line
+from geo_route.devstack.client import AccessLogEntry, StackClient, parse_access_log_line
 from geo_route.devstack.images import MANIFEST_MEDIA_TYPE
 from geo_route.devstack.skopeo import Skopeo, SkopeoError, docker_reference
 from geo_route.errors import IndexUnavailable
@@ -176,18 +178,31 @@ def judge_pulls(
             outcome.wrong_content += 1
 
 
-def routes_between(client: StackClient, since: int, until: int) -> dict[str, int]:
-    """NGINX routes of the pull requests logged between two byte offsets of the access log."""
+def entries_between(client: StackClient, since: int, until: int) -> list[AccessLogEntry]:
+    """The access log's complete lines between two byte offsets."""
     with open(client.info.nginx_access_log, "rb") as log:
         log.seek(since)
         lines = log.read(max(0, until - since)).decode("utf-8", "replace").splitlines()
+    return [parse_access_log_line(line) for line in lines if line.endswith("}")]
+
+
+def routes_between(client: StackClient, since: int, until: int) -> dict[str, int]:
+    """NGINX routes of the pull requests logged between two byte offsets of the access log."""
     counts: Counter[str] = Counter()
-    for line in lines:
-        if not line.endswith("}"):
-            continue
-        entry = parse_access_log_line(line)
+    for entry in entries_between(client, since, until):
         if "/manifests/" in entry.uri or "/blobs/" in entry.uri:
             counts[f"{entry.route or 'nginx'}/{entry.status}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def local_statuses_between(client: StackClient, since: int, until: int) -> dict[str, int]:
+    """What the local registry last answered to the pull requests that fell back to the primary
+    (``fallback_status``; "502, 401" is a dead kept-alive connection, then the 401)."""
+    counts = Counter(
+        last_status(entry)
+        for entry in entries_between(client, since, until)
+        if entry.route == "fallback" and ("/manifests/" in entry.uri or "/blobs/" in entry.uri)
+    )
     return dict(sorted(counts.items()))
 
 
@@ -246,15 +261,11 @@ def wait_for_index(
 
 def reasons_between(client: StackClient, since: int, until: int, repository: str) -> dict[str, int]:
     """``route:reason/status`` of the manifest requests for ``repository`` between two offsets."""
-    with open(client.info.nginx_access_log, "rb") as log:
-        log.seek(since)
-        lines = log.read(max(0, until - since)).decode("utf-8", "replace").splitlines()
-    counts: Counter[str] = Counter()
-    for line in lines:
-        if line.endswith("}"):
-            entry = parse_access_log_line(line)
-            if entry.uri.startswith(f"/v2/{repository}/manifests/"):
-                counts[f"{entry.route or 'nginx'}:{entry.reason}/{entry.status}"] += 1
+    counts = Counter(
+        f"{entry.route or 'nginx'}:{entry.reason}/{entry.status}"
+        for entry in entries_between(client, since, until)
+        if entry.uri.startswith(f"/v2/{repository}/manifests/")
+    )
     return dict(sorted(counts.items()))
 
 

@@ -1,4 +1,4 @@
-"""The fault matrix under load (issues 6 and 10): every fault is applied while three skopeo pulls
+"""The fault matrix under load (issues 6, 10 and 11): every fault is applied while three skopeo pulls
 run through NGINX, on one real devstack, one cell after another (each cell leaves the stack healthy).
 
 For every cell: no failed pull for content a reachable registry holds, no pull with content the
@@ -12,6 +12,7 @@ measured matrix.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -34,6 +35,7 @@ from faults import (
     delete_manifest_at_primary,
     judge_pulls,
     kill_reconcile_mid_run,
+    local_statuses_between,
     notification,
     observe_patiently,
     pin_stamp,
@@ -45,10 +47,13 @@ from faults import (
     wait_for_index,
     write_matrix,
 )
+from test_local_fallback import REFUSALS, Refusing, Site, local_registry_replaced, local_registry_trusting
+from test_stale_if_error import primary_answering
 
 from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.keys import generate_signing_key
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
@@ -444,6 +449,103 @@ def test_local_registry_hung(matrix: Matrix) -> None:
     assert "fallback/200" in outcome.routes_during_fault
 
 
+def listed(counts: dict[str, int]) -> str:
+    return ", ".join(f"{key} {count}" for key, count in counts.items()) or "none"
+
+
+def test_local_registry_refusing_every_token(matrix: Matrix) -> None:
+    """A key rotation rolled out at the primary but not yet at the local registry: every valid token
+    gets the local registry's 401, and every GET/HEAD routed there falls back to the primary once."""
+    outcome = Outcome(
+        "local-refusing-401",
+        "the local registry SIGKILLed and restarted with a token certificate bundle that does not hold the signing "
+        "key (a key rotation not rolled out there yet): 401 to every pull for 3 s; then again with its own bundle",
+    )
+    untrusted = generate_signing_key(matrix.root / "other-keys").certificate
+    site = Site(matrix.client, matrix.image("replicated"), untrusted)
+    window, marks = FaultWindow(), dict[str, int]()
+    with contextlib.ExitStack() as rotation:
+
+        def untrust() -> None:
+            rotation.enter_context(local_registry_trusting(site, untrusted))
+            marks["on"] = matrix.client.access_log_offset()
+
+        def trust_again() -> None:
+            marks["off"] = matrix.client.access_log_offset()
+            rotation.close()
+            marks["back"] = matrix.client.access_log_offset()
+
+        under_fault(
+            matrix,
+            outcome,
+            [REPLICATED, PRIMARY_ONLY],
+            window.applying(untrust),
+            window.lifting(trust_again),
+            cut_mid_blob(window),
+        )
+    statuses = local_statuses_between(matrix.client, marks["on"], marks["off"])
+    after = routes_between(matrix.client, marks["back"], matrix.client.access_log_offset())
+    outcome.notes.append(
+        f"while it refused, the access log's fallback_status (the local registry's answer): {listed(statuses)}; "
+        f"after the restore: {listed(after)}"
+    )
+    note_cuts(outcome)
+    assert_ok(recovered(matrix, outcome, "restart with its own bundle, nothing else"))
+    # (502: a request logged after the restart that had found the registry down while it restarted)
+    assert statuses.get("401", 0) > 0 and set(statuses) <= {"401", "502"}, statuses
+    assert after.get("local/200", 0) > 0, after
+
+
+REFUSING_CELLS = {
+    429: ("local-rate-limited", "429 Too Many Requests with Retry-After: 60 (a rate limit in front of it)"),
+    403: ("local-refusing-403", "403 Forbidden, DENIED (a policy or a proxy in front of it)"),
+}
+
+
+@pytest.mark.parametrize("status", sorted(REFUSING_CELLS, reverse=True))
+def test_local_registry_refusing_pulls(matrix: Matrix, status: int) -> None:
+    """Distribution 2.8 never answers a pull 403 or 429: a stand-in on the local registry's port does
+    (tests/test_local_fallback.py's), the registry killed meanwhile."""
+    cell, what = REFUSING_CELLS[status]
+    outcome = Outcome(
+        cell,
+        f"the local registry SIGKILLed and a stand-in on its port answering every request {what} for 3 s; "
+        "then the registry restarted",
+    )
+    body, headers = REFUSALS[status]
+    site = Site(matrix.client, matrix.image("replicated"), Path())  # (no certificate needed here)
+    window, marks, stand_ins = FaultWindow(), dict[str, int](), list[Refusing]()
+    with contextlib.ExitStack() as replaced:
+
+        def refuse() -> None:
+            stand_ins.append(replaced.enter_context(local_registry_replaced(site, status, body, headers)))
+            marks["on"] = matrix.client.access_log_offset()
+
+        def restore() -> None:
+            marks["off"] = matrix.client.access_log_offset()
+            replaced.close()
+
+        under_fault(
+            matrix,
+            outcome,
+            [REPLICATED, PRIMARY_ONLY],
+            window.applying(refuse),
+            window.lifting(restore),
+            cut_mid_blob(window),
+        )
+    statuses = local_statuses_between(matrix.client, marks["on"], marks["off"])
+    requests = stand_ins[0].requests
+    outcome.notes.append(
+        f"the stand-in answered {len(requests)} requests ({', '.join(sorted({m for m, _ in requests}))}); "
+        f"the access log's fallback_status: {listed(statuses)}"
+    )
+    note_cuts(outcome)
+    assert_ok(recovered(matrix, outcome, "the registry restarted, nothing else"))
+    # (502: a request logged after the switch that had found the port closed while the stand-in started)
+    assert statuses.get(str(status), 0) > 0 and set(statuses) <= {str(status), "502"}, statuses
+    assert requests and {method for method, _ in requests} <= {"GET", "HEAD"}, requests
+
+
 def test_primary_hung(matrix: Matrix) -> None:
     outcome = Outcome("primary-hung", f"the primary SIGSTOPped for 3 s (nginx.proxy_timeout {PROXY_TIMEOUT} s)")
     primary = matrix.stack.processes["primary"]
@@ -497,6 +599,65 @@ def test_primary_unreachable(matrix: Matrix) -> None:
         + f", {len(failed) - len(clear)} cut mid-blob by the kill"
     )
     assert_ok(recovered(matrix, outcome, "restart, nothing else"))
+
+
+def test_primary_down_past_max_tag_age_serves_the_last_pin(matrix: Matrix, tmp_path: Path) -> None:
+    """Stale-if-error: the primary down until the tag's pin is past routing.max_tag_age (the tag is
+    then the primary's to answer), first refusing connections (NGINX's 502), then a stand-in on its
+    port answering 503 (its front end up, the registry down). The pin's digest, local and at most
+    routing.stale_if_error old, is served instead of an error; once the primary is back, never."""
+    outcome = Outcome(
+        "primary-down, stale-if-error",
+        f"the primary registry SIGKILLed until the tag's pin was past routing.max_tag_age ({MAX_TAG_AGE} s; a stack "
+        "of its own, routing.stale_if_error at its default 24 h), then a stand-in answering 503 on its port for 3 s "
+        "(its front end up, the registry down); then the primary restarted",
+    )
+    overrides = {"nginx": TIMEOUTS, "routing": {"max_tag_age": MAX_TAG_AGE}}
+    stack = bring_up(tmp_path / "stack", site_overrides=overrides)
+    client = observe_patiently(StackClient(stack.info, stack))
+    try:
+        m = Matrix(client, stack, tmp_path, images=matrix.images)
+        target, repository = "faults/stale:v1", "faults/stale"
+        m.publish(target, m.image("stale"), replicated=True)
+        marks: dict[str, float] = {}
+        front_end = contextlib.ExitStack()
+
+        def primary_down_past_the_bound() -> None:
+            m.stack.kill_part("primary")
+            marks["confirmed"] = pin_stamp(m.client.index, target)  # nothing can confirm it from now on
+            marks["log"] = m.client.access_log_offset()
+            time.sleep(max(0.0, marks["confirmed"] + MAX_TAG_AGE + 1.5 - time.monotonic()))
+            marks["503 log"] = m.client.access_log_offset()
+            front_end.enter_context(primary_answering(m.client, 503))
+
+        def primary_back() -> None:
+            front_end.close()
+            m.stack.restart_part("primary")
+            marks["back log"] = m.client.access_log_offset()
+
+        pulls = under_fault(m, outcome, [target], primary_down_past_the_bound, primary_back)
+        refused = reasons_between(m.client, int(marks["log"]), int(marks["503 log"]), repository)
+        answered_503 = reasons_between(m.client, int(marks["503 log"]), int(marks["back log"]), repository)
+        after = reasons_between(m.client, int(marks["back log"]), m.client.access_log_offset(), repository)
+        bound = marks["confirmed"] + MAX_TAG_AGE
+        past = [p for p in pulls if bound + 0.1 < p.started and p.ended < outcome.fault_ended]
+        oldest = max((p.ended - marks["confirmed"] for p in past), default=0.0)
+        outcome.notes.append(
+            f"{sum(1 for p in past if p.digest)} of the {len(past)} pull(s) that ran wholly past max_tag_age while the "
+            f"primary was down got the pin's digest (still the primary's) stale-if-error, the pin {MAX_TAG_AGE:.1f} to "
+            f"{oldest:.1f} s old; manifest reads "
+            f"with the primary refusing connections: {listed(refused)}; with the stand-in's 503: "
+            f"{listed(answered_503)}; after the restart: {listed(after)}"
+        )
+        recovered(m, outcome, "restart, nothing else")
+        matrix.outcomes.append(m.outcomes.pop())
+    finally:
+        client.close()
+        stack.stop()
+    assert_ok(outcome)
+    assert past and all(p.digest in m.published[target] for p in past), past
+    assert refused.get("stale:tag-stale/200", 0) > 0 and answered_503.get("stale:tag-stale/200", 0) > 0, marks
+    assert after and all(read.startswith(("local:", "primary:")) and read.endswith("/200") for read in after), after
 
 
 def test_the_primary_tag_moves_while_it_is_pulled(matrix: Matrix) -> None:
