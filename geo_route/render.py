@@ -70,6 +70,8 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "original_uri_header": contract.ORIGINAL_URI,
         "authorization_header": contract.AUTHORIZATION,
         "accept_header": contract.ACCEPT,
+        "refetch_header": contract.REFETCH,
+        "refetch_window": settings.routing.refetch_window,
         "auth_accept_max_bytes": AUTH_ACCEPT_MAX_BYTES,
         "route_var": contract.nginx_variable(contract.ROUTE),
         "reason_var": contract.nginx_variable(contract.REASON),

@@ -60,7 +60,8 @@ def test_decision_cache_honours_the_services_lifetimes(tmp_path: Path) -> None:
     text = render_nginx_conf(settings)
     assert "keys_zone=geo_route_decisions:10m" in text
     auth_location = text[text.index("location = /_geo_route/auth") :]
-    assert 'proxy_cache_key "$geo_route_auth_token_hash|$request_method|$request_uri";' in auth_location
+    key = 'proxy_cache_key "$geo_route_auth_token_hash|$request_method|$request_uri|$geo_route_refetch";'
+    assert key in auth_location, "a refetch is decided anew (routing.refetch_window)"
     hashed = r'set_hmac_sha256 \$geo_route_auth_token_hash "[^"]+" \$geo_route_auth_authorization;'
     assert re.search(hashed, auth_location), "the key holds a hash of the whole Authorization value sent, no token"
     ignored = re.search(r"proxy_ignore_headers ([^;]+);", auth_location)
@@ -208,9 +209,19 @@ def test_the_edge_is_sized_from_the_descriptor_limit_and_times_out_slow_clients(
 
 
 def test_no_per_address_cap_and_no_metrics_server_when_off(tmp_path: Path) -> None:
-    environ = {"GEO_ROUTE_NGINX__PER_ADDRESS_CONNECTIONS": "0", "GEO_ROUTE_NGINX__METRICS_LISTEN": ""}
+    environ = {
+        "GEO_ROUTE_NGINX__PER_ADDRESS_CONNECTIONS": "0",
+        "GEO_ROUTE_NGINX__METRICS_LISTEN": "",
+        "GEO_ROUTE_ROUTING__REFETCH_WINDOW": "0",
+    }
     text = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ=environ))
-    for absent in ("limit_conn", "geo_route_metrics", "log_by_lua", "@geo_route_too_many_requests"):
+    for absent in (
+        "limit_conn",
+        "geo_route_metrics",
+        "log_by_lua",
+        "@geo_route_too_many_requests",
+        "geo_route_fetched",
+    ):
         assert absent not in text, absent
 
 
@@ -222,7 +233,7 @@ def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
     assert "listen 127.0.0.1:9145;" in metrics_server and "location = /metrics {" in metrics_server
     server_part = render_nginx_conf(settings, "server")
     log_block = server_part[server_part.index("log_by_lua_block {") :]
-    log_block = log_block[: log_block.index("\n}")]
+    log_block = log_block[log_block.index("if ngx.var.geo_route_counted") : log_block.index("\n}")]
     series = set(re.findall(r"'(\w+)\{(\w+)=", log_block))
     assert series == {("requests_total", "route"), ("sent_bytes_total", "route"), ("fallbacks_total", "local_status")}
     assert "uri" not in log_block and "repository" not in log_block
@@ -232,3 +243,17 @@ def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
 def test_metrics_listen_must_be_host_and_port(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=r"nginx\.metrics_listen"):
         load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__METRICS_LISTEN": value})
+
+
+def test_refetches_are_remembered_per_client_address_and_told_to_the_service(tmp_path: Path) -> None:
+    """routing.refetch_window: the log phase remembers whole local GETs by digest; the auth
+    subrequest sends X-Geo-Refetch from that memory only (never a client's own header)."""
+    text = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={}))
+    assert "lua_shared_dict geo_route_fetched 32m;" in text
+    log_block = text[text.index("log_by_lua_block {") :]
+    assert 'ngx.var.geo_route_log_route == "local"' in log_block
+    assert "ngx.shared.geo_route_fetched:set(ngx.var.binary_remote_addr .. path, true, 600)" in log_block
+    auth_location = text[text.index("location = /_geo_route/auth") :]
+    assert "proxy_pass_request_headers off;" in auth_location
+    assert "proxy_set_header X-Geo-Refetch $geo_route_refetch;" in auth_location
+    assert "ngx.shared.geo_route_fetched:get(ngx.var.binary_remote_addr .. path)" in auth_location

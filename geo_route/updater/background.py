@@ -66,6 +66,7 @@ def start_verification(settings: Settings, registries: Registries, observe: Obse
     def verifier() -> Verifier:
         return Verifier(store, registries.local, RateLimiter(rate), trust=trust, observe=observe)
 
-    loop = VerifyLoop(store, verifier(), verifier(), settings.updater.reconcile_lease)
+    updater = settings.updater
+    loop = VerifyLoop(store, verifier(), verifier(), lease=updater.reconcile_lease, interval=updater.verify_interval)
     loop.start()
     return loop

@@ -7,7 +7,8 @@ served as it is, only the client notices (a digest mismatch), and NGINX cannot f
 - **The pass**: every manifest and blob the index holds as local (manifests first in each
   repository, each digest once per pass, and every quarantined digest) is read through the local
   registry's API and hashed, at most ``updater.verify_bytes_per_second`` (token bucket shared by
-  every reader of one process). Passes run back to back; the repository last finished is kept in
+  every reader of one process). A pass starts every ``updater.verify_interval`` seconds (at once
+  after a longer one); the repository last finished is kept in
   the index (``verify:cursor``), so a restarted updater carries on where it stopped.
 - **Suspects first**: a client that fetches the same content from the same address again within
   ``routing.refetch_window`` (NGINX remembers complete local answers) is sent to the primary and
@@ -41,7 +42,6 @@ from geo_route.updater.registry_client import RegistryError
 LOCK_NAME = "verify"
 SUSPECT_BATCH = 16
 IDLE_WAIT = 1.0  # seconds between looks at the suspects queue when there is nothing else to do
-PASS_PAUSE = 5.0  # seconds between two passes (an empty index would spin otherwise)
 MAX_SAMPLES = 10
 HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 log = logging.getLogger("geo_route.verify")
@@ -294,8 +294,11 @@ class VerifyLoop:
     queue in another, with a rate limit of its own: a suspect never waits for the pass's current
     item, however large. The others wait for the lease."""
 
-    def __init__(self, store: LeaseStore, pass_verifier: Verifier, suspect_verifier: Verifier, lease: int) -> None:
+    def __init__(
+        self, store: LeaseStore, pass_verifier: Verifier, suspect_verifier: Verifier, *, lease: int, interval: float
+    ) -> None:
         self.store = store
+        self.interval = interval
         self.pass_verifier = pass_verifier
         self.suspect_verifier = suspect_verifier
         self.lease = lease
@@ -330,11 +333,12 @@ class VerifyLoop:
         suspects.start()
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 report = self.pass_verifier.run_pass(self._stop, resume=True, suspects=False)
                 self.last_report = report
                 level = logging.INFO if report.ok or report.cancelled else logging.WARNING
                 log.log(level, "%s", report.format())
-                self._stop.wait(PASS_PAUSE)
+                self._stop.wait(max(0.0, started + self.interval - time.monotonic()))
         finally:
             suspects.join(timeout=10.0)
 

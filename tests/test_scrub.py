@@ -1,0 +1,171 @@
+"""Issue 11, item 2, through the real devstack: one corrupted local blob (one byte flipped, same
+size) no longer fails every pull of its image forever.
+
+- ``geo-route reconcile --once --verify`` reads every local manifest and blob back, finds the
+  mismatch, quarantines the digest (exit 1, the report names it); pulls then get that blob from the
+  primary (``blob-quarantined``) and succeed. Repaired, the next ``--verify`` lifts the quarantine.
+- The updater finds it by itself (periodic verification), with nothing run by hand.
+- A client that got the corrupted copy and pulls again is sent to the primary for that blob at once
+  (NGINX remembers the complete local answer per client address: ``blob-verifying``), and the
+  updater, asked by that refetch, quarantines the copy for everyone seconds later.
+
+The stacks run the updater's verification with ``updater.verify_interval`` long (one pass when the
+updater starts, over an empty index) except the periodic test's own stack, so that each test shows
+one way of finding the corruption.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geo_route.devstack.client import AccessLogEntry, StackClient, parse_prometheus_text, started_stack
+from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.processes import fetch, wait_until
+from geo_route.devstack.skopeo import SkopeoError
+from geo_route.index.model import IndexQuery, IndexView, QueryKind
+
+pytestmark = pytest.mark.integration
+
+VERIFY_COMMAND = (sys.executable, "-m", "geo_route.cli", "reconcile", "--once", "--verify", "-c")
+LOCAL_PART = "secondary"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackClient]:
+    overrides = {"updater": {"verify_interval": 3600}}
+    with started_stack(tmp_path_factory.mktemp("scrub") / "stack", site_overrides=overrides) as client:
+        yield client
+
+
+def publish(client: StackClient, workdir: Path, repository: str) -> OciImage:
+    """An image pushed through the site and replicated (every blob and the manifest local)."""
+    built = build_oci_image(workdir / "image", "v1", variant=repository.replace("/", "-"), layer_count=2)
+    client.push(built, repository, "v1")
+    client.replicate(repository, ["v1"])
+    for digest in built.blob_digests:
+        wait_until(lambda d=digest: blob_view(client, repository, d).present, 30, f"{digest[:19]} local")
+    return built
+
+
+def blob_data(client: StackClient, digest: str) -> Path:
+    storage = Path(client.info.directory) / LOCAL_PART / "storage"
+    data = storage / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data"
+    assert data.is_file(), data
+    return data
+
+
+def flip_one_byte(path: Path) -> None:
+    """Bit rot: one byte changed in the middle, the size unchanged."""
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    path.write_bytes(bytes(content))
+
+
+def blob_view(client: StackClient, repository: str, digest: str) -> IndexView:
+    return client.index.lookup(IndexQuery(QueryKind.BLOB, repository, digest))
+
+
+def pull(client: StackClient, repository: str, layout: Path) -> str:
+    return client.pull(repository, "v1", layout)
+
+
+def blob_requests(client: StackClient, since: int, repository: str, digest: str) -> list[AccessLogEntry]:
+    return [e for e in client.access_log(since) if e.uri == f"/v2/{repository}/blobs/{digest}" and e.method == "GET"]
+
+
+def verify(client: StackClient) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*VERIFY_COMMAND, client.info.site_file], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_reconcile_verify_quarantines_a_corrupted_blob_and_lifts_it_once_repaired(
+    site: StackClient, tmp_path: Path
+) -> None:
+    repository = "scrub/by-hand"
+    built = publish(site, tmp_path, repository)
+    layer = built.layers[1].digest
+    data = blob_data(site, layer)
+    original = data.read_bytes()
+    flip_one_byte(data)
+    with pytest.raises(SkopeoError, match=r"(?i)digest"):
+        pull(site, repository, tmp_path / "corrupted")  # what every pull got before: a digest mismatch
+
+    result = verify(site)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "mismatched 1 (quarantined)" in result.stdout, result.stdout
+    assert f"{repository}@{layer}" in result.stdout
+    assert blob_view(site, repository, layer) == IndexView(present=False, quarantined=True)
+
+    since = site.access_log_offset()
+    assert pull(site, repository, tmp_path / "after") == built.digest
+    site.wait_for_quiet_log()
+    [served] = blob_requests(site, since, repository, layer)
+    assert (served.route, served.reason, served.status) == ("primary", "blob-quarantined", 200)
+
+    data.write_bytes(original)  # repaired (e.g. the file deleted and the blob replicated again)
+    result = verify(site)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "quarantined now 0" in result.stdout
+    assert blob_view(site, repository, layer).present
+
+
+def test_a_client_pulling_again_after_a_mismatch_gets_the_primarys_copy(site: StackClient, tmp_path: Path) -> None:
+    repository = "scrub/refetch"
+    built = publish(site, tmp_path, repository)
+    layer = built.layers[1].digest
+    flip_one_byte(blob_data(site, layer))
+    since = site.access_log_offset()
+    with pytest.raises(SkopeoError, match=r"(?i)digest"):
+        pull(site, repository, tmp_path / "first")
+    assert pull(site, repository, tmp_path / "again") == built.digest, "the retry must not get the same bytes"
+    site.wait_for_quiet_log()
+    first, again = blob_requests(site, since, repository, layer)
+    assert (first.route, first.status) == ("local", 200)
+    assert (again.route, again.reason, again.status) == ("primary", "blob-verifying", 200)
+    # The refetch asked the updater to read the local copy: quarantined for everyone within seconds.
+    wait_until(lambda: blob_view(site, repository, layer).quarantined, 20, f"{layer[:19]} quarantined")
+    since = site.access_log_offset()
+    assert pull(site, repository, tmp_path / "third") == built.digest
+    site.wait_for_quiet_log()
+    [third] = blob_requests(site, since, repository, layer)
+    assert (third.route, third.reason) == ("primary", "blob-quarantined")
+
+
+def test_a_refetch_of_intact_content_is_served_here_once_verified(site: StackClient, tmp_path: Path) -> None:
+    """The false positive (machines behind one NAT address pulling the same image): the refetch
+    costs one trip to the primary while the updater verifies, then refetches are local again."""
+    repository = "scrub/intact"
+    built = publish(site, tmp_path, repository)
+    layer = built.layers[1].digest
+    since = site.access_log_offset()
+    assert pull(site, repository, tmp_path / "one") == built.digest
+    assert pull(site, repository, tmp_path / "two") == built.digest
+    wait_until(lambda: not site.index.lookup(refetch_query(repository, layer)).verifying, 20, "the refetch verified")
+    assert pull(site, repository, tmp_path / "three") == built.digest
+    site.wait_for_quiet_log()
+    routes = [(e.route, e.reason) for e in blob_requests(site, since, repository, layer)]
+    assert routes == [("local", "blob-local"), ("primary", "blob-verifying"), ("local", "blob-local")]
+    assert not blob_view(site, repository, layer).quarantined
+
+
+def refetch_query(repository: str, digest: str) -> IndexQuery:
+    return IndexQuery(QueryKind.BLOB, repository, digest, refetch=True)
+
+
+def test_the_updater_finds_a_corrupted_blob_by_itself(tmp_path: Path) -> None:
+    overrides = {"updater": {"verify_interval": 1}}
+    with started_stack(tmp_path / "stack", site_overrides=overrides) as client:
+        repository = "scrub/periodic"
+        built = publish(client, tmp_path, repository)
+        layer = built.layers[1].digest
+        flip_one_byte(blob_data(client, layer))
+        wait_until(lambda: blob_view(client, repository, layer).quarantined, 30, f"{layer[:19]} quarantined")
+        assert pull(client, repository, tmp_path / "pulled") == built.digest
+        metrics = parse_prometheus_text(fetch(f"{client.info.updater_url}/metrics").body.decode())
+        assert metrics.get('geo_route_verifications_total{cause="pass",result="mismatch"}', 0) >= 1, metrics
