@@ -105,6 +105,12 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append("updater.signing_key is empty: the updater cannot resolve tags, so no tag is served locally")
     if routing.tag_policy == "pinned" and routing.max_tag_age == 0:
         warnings.append("routing.max_tag_age is 0: a tag whose notifications are lost may be served stale forever")
+    if settings.updater.verify_bytes_per_second == 0:
+        warnings.append(
+            "updater.verify_bytes_per_second is 0: a corrupted local copy is served until a client refetches it"
+        )
+    elif not settings.updater.signing_key:
+        warnings.append("updater.signing_key is empty: the updater cannot read local content back (no verification)")
     return warnings
 
 

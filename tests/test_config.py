@@ -160,3 +160,14 @@ def test_check_config_warns_when_the_staleness_bound_is_left_to_chance(site_file
     bounded = load_settings(site_file(), environ={"GEO_ROUTE_UPDATER__SIGNING_KEY": "/k.pem"})
     assert config_warnings(bounded) == []
     assert bounded.routing.max_tag_age > 0 and bounded.updater.reconcile_interval > 0, "bounded by default"
+
+
+def test_check_config_warns_when_local_content_is_never_verified(site_file: Callable[..., Path]) -> None:
+    from geo_route.cli import config_warnings
+
+    keyed = {"GEO_ROUTE_UPDATER__SIGNING_KEY": "/k.pem"}
+    off = load_settings(site_file(), environ={**keyed, "GEO_ROUTE_UPDATER__VERIFY_BYTES_PER_SECOND": "0"})
+    assert any("verify_bytes_per_second is 0" in w for w in config_warnings(off))
+    unkeyed = load_settings(site_file(), environ={})
+    assert any("cannot read local content back" in w for w in config_warnings(unkeyed))
+    assert load_settings(site_file(), environ=keyed).updater.verify_bytes_per_second > 0, "on by default"
