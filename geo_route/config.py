@@ -154,9 +154,10 @@ class RoutingSettings:
     # client address, each blob or manifest by digest it served whole from the local registry for
     # refetch_window seconds (0 = off); a client fetching it again within that time (a client that
     # rejected the bytes retries) is sent to the primary until the updater has verified the local
-    # copy, which then serves such refetches for refetch_trust seconds before they verify it again.
+    # copy, which then serves such refetches for refetch_trust seconds before they verify it again
+    # (a refetch waiting for its verification is still served here when the primary is unreachable).
     refetch_window: int = _checked(check_not_negative, default=600)
-    refetch_trust: int = _checked(check_positive, default=60)
+    refetch_trust: int = _checked(check_positive, default=600)
 
     @property
     def refresh_after(self) -> float:
@@ -199,6 +200,9 @@ class UpdaterSettings:
     verify_bytes_per_second: int = _checked(check_not_negative, default=33_554_432)
     # A pass starts at most this often (seconds): a small site is not re-read without pause.
     verify_interval: int = _checked(check_positive, default=60)
+    # What a refetch queued (a client fetched content again) is read at, apart from the pass: 128 MiB/s
+    # (a 1 GB layer in 8 s, while the refetches of it go to the primary); 0 = no limit.
+    verify_refetch_bytes_per_second: int = _checked(check_not_negative, default=134_217_728)
     signing_key: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

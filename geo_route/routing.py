@@ -122,7 +122,9 @@ class Decision:
     route: Route | None = None
     upstream_path: str = ""
     www_authenticate: str = ""
-    stale_path: str = ""  # PRIMARY for a tag: served from here instead if the primary is unreachable
+    # PRIMARY: served from here instead if the primary is unreachable (a tag's last pin within
+    # stale_if_error; a refetched blob or manifest waiting for its verification)
+    stale_path: str = ""
 
 
 def primary(reason: str) -> Decision:
@@ -190,17 +192,17 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
     if not view.available:
         return primary(Reason.INDEX_UNAVAILABLE)
     if kind is Kind.BLOB:
-        return _route_content(
-            view, Reason.BLOB_LOCAL, Reason.BLOB_NOT_LOCAL, Reason.BLOB_QUARANTINED, Reason.BLOB_VERIFYING
-        )
+        reasons = (Reason.BLOB_LOCAL, Reason.BLOB_NOT_LOCAL, Reason.BLOB_QUARANTINED, Reason.BLOB_VERIFYING)
+        return _route_content(view, f"/v2/{operation.repository}/blobs/{operation.digest}", *reasons)
     if kind is Kind.MANIFEST_BY_DIGEST:
-        return _route_content(
-            view,
+        path = f"/v2/{operation.repository}/manifests/{operation.digest}"
+        reasons = (
             Reason.MANIFEST_LOCAL,
             Reason.MANIFEST_NOT_LOCAL,
             Reason.MANIFEST_QUARANTINED,
             Reason.MANIFEST_VERIFYING,
         )
+        return _route_content(view, path, *reasons)
     if kind is Kind.MANIFEST_BY_TAG:
         decision = _route_pinned_tag(operation, view, policy, now, accept)
         if decision.route is Route.PRIMARY:
@@ -209,12 +211,18 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
     return primary(Reason.UNRECOGNIZED)  # pragma: no cover - every kind is handled above
 
 
-def _route_content(view: IndexView, here: str, absent: str, quarantined: str, verifying: str) -> Decision:
+def _route_content(
+    view: IndexView, local_path: str, here: str, absent: str, quarantined: str, verifying: str
+) -> Decision:
+    """A blob or manifest by digest. A refetch waiting for verification goes to the primary, but
+    the local copy (not known to be bad) stays the answer if the primary cannot be reached."""
     if view.present:
         return local(here)
     if view.quarantined:
         return primary(quarantined)
-    return primary(verifying if view.verifying else absent)
+    if view.verifying:
+        return replace(primary(verifying), stale_path=local_path)
+    return primary(absent)
 
 
 def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:

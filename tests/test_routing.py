@@ -459,3 +459,14 @@ def test_only_a_get_by_digest_is_asked_as_a_refetch(method: str, uri: str, asks_
     assert query is not None
     assert query.refetch is asks_refetch
     assert not index_query(classify_request(method, uri), PINNED).refetch  # type: ignore[union-attr]
+
+
+def test_a_refetch_waiting_for_verification_keeps_the_local_copy_if_the_primary_is_down() -> None:
+    """Promise 2: the refetch goes to the primary, but a primary that cannot be reached must not
+    fail it (a NATed fleet refetches all the time): NGINX serves the local copy instead."""
+    blob = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, IndexView(verifying=True), PINNED, NOW)
+    assert (blob.route, blob.stale_path) == (Route.PRIMARY, f"/v2/app/blobs/{D1}")
+    listed = decide(classify_request("GET", f"/v2/app/manifests/{D1}"), PULL, IndexView(verifying=True), PINNED, NOW)
+    assert listed.stale_path == f"/v2/app/manifests/{D1}"
+    quarantined = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, IndexView(quarantined=True), PINNED, NOW)
+    assert quarantined.stale_path == "", "a copy known to be bad is never the answer"

@@ -59,14 +59,15 @@ class BackgroundLoops:
 
 
 def start_verification(settings: Settings, registries: Registries, observe: Observer | None) -> VerifyLoop:
-    """The pass and the suspects each read at most ``updater.verify_bytes_per_second``."""
-    rate, trust = settings.updater.verify_bytes_per_second, settings.routing.refetch_trust
+    """The pass reads at most ``updater.verify_bytes_per_second``, what refetches queued at most
+    ``updater.verify_refetch_bytes_per_second``."""
+    updater, trust = settings.updater, settings.routing.refetch_trust
     store = open_store(settings)
 
-    def verifier() -> Verifier:
+    def verifier(rate: int) -> Verifier:
         return Verifier(store, registries.local, RateLimiter(rate), trust=trust, observe=observe)
 
-    updater = settings.updater
-    loop = VerifyLoop(store, verifier(), verifier(), lease=updater.reconcile_lease, interval=updater.verify_interval)
+    passes, refetches = verifier(updater.verify_bytes_per_second), verifier(updater.verify_refetch_bytes_per_second)
+    loop = VerifyLoop(store, passes, refetches, lease=updater.reconcile_lease, interval=updater.verify_interval)
     loop.start()
     return loop
