@@ -158,6 +158,9 @@ class RoutingSettings:
     # (a refetch waiting for its verification is still served here when the primary is unreachable).
     refetch_window: int = _checked(check_not_negative, default=600)
     refetch_trust: int = _checked(check_positive, default=600)
+    # A refetch of content whose last verification is older than this (within its trust) is still
+    # served here, and asks for the content to be verified again: a retrying client's bound.
+    refetch_recheck: int = _checked(check_positive, default=60)
 
     @property
     def refresh_after(self) -> float:

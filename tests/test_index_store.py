@@ -450,3 +450,19 @@ def test_the_verify_cursor_is_kept(store: RedisIndexStore) -> None:
     assert store.verify_cursor() == ""
     store.set_verify_cursor("team/app")
     assert store.verify_cursor() == "team/app"
+
+
+def test_a_refetch_of_trusted_content_is_served_here_and_rechecked_after_a_while(store: RedisIndexStore) -> None:
+    """Machines behind one NAT address refetch all the time: trusted content stays local, but a
+    refetch more than ``recheck_after`` after its last verification asks for another one (a copy
+    that went bad after it was verified is found within that)."""
+    store.apply([BlobPresence("k/a", D1, True), ContentVerified("k/a", D1, intact=True, trust=600.0)])
+    query = dataclasses.replace(refetch(blob("k/a", D1)), recheck_after=0.3)
+    assert store.lookup(query) == IndexView(present=True)
+    assert store.claim_suspects(10) == [], "verified just now: nothing to ask"
+    time.sleep(0.4)
+    assert store.lookup(query) == IndexView(present=True), "still served here meanwhile"
+    assert store.claim_suspects(10) == [("k/a", D1, False)]
+    store.apply([ContentVerified("k/a", D1, intact=True)])  # the pass read it too: that counts
+    assert store.lookup(query).present
+    assert store.claim_suspects(10) == []

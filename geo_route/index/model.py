@@ -28,6 +28,9 @@ class IndexQuery:
     # that rejected the bytes retries): present only if verified within routing.refetch_trust,
     # else queued for verification first (``IndexView.verifying``).
     refetch: bool = False
+    # BLOB/MANIFEST with ``refetch``: a verification older than this is asked for again (the content
+    # is still served here meanwhile); 0: never.
+    recheck_after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
                                    once per digest) until a later verification matches
     P verify:suspects        ZSET  "R DIGEST blob|manifest" -> due time: content to verify before anything else (a
                                    client fetched it again: it may have rejected the bytes)
-    P verify:trusted:DIGEST  STRING (expires) verified after a refetch: refetches are served here
+    P verify:trusted:DIGEST  STRING (expires) stamp of the last verification since a refetch asked for
+                                   one: refetches are served here meanwhile
     P verify:cursor          STRING the repository the verification pass finished last
     P resolve                ZSET  M -> due time: tags to ask the primary about
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
@@ -216,19 +217,23 @@ return {pinned or '', present, epoch, string.format('%.6f', now)}
 """
 )
 # A blob or manifest by digest: 0 not here, 1 here, 2 quarantined, 3 a refetch queued for verification.
+# A refetch of content verified (on suspicion) within its trust is here, and queued for verification
+# again once that verification is older than the recheck.
 # KEYS: present, quarantined, trusted, suspects, deleted ('' for a blob)
-# ARGV: digest, refetch 1/0, suspect member, now, suspects max
+# ARGV: digest, refetch 1/0, suspect member, now, suspects max, recheck seconds
 CONTENT_SCRIPT = (
     LUA_COMMON
     + """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 2 end
 if KEYS[5] ~= '' and redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return 0 end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return 0 end
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then
-  if redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
-    redis.call('ZADD', KEYS[4], 'NX', clock(ARGV[4]), ARGV[3])
+if ARGV[2] == '1' then
+  local now = clock(ARGV[4])
+  local verified = tonumber(redis.call('GET', KEYS[3]) or '')
+  if not verified or now - verified > tonumber(ARGV[6]) then
+    if redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then redis.call('ZADD', KEYS[4], 'NX', now, ARGV[3]) end
   end
-  return 3
+  if not verified then return 3 end
 end
 return 1
 """
@@ -241,7 +246,12 @@ redis.call('ZREM', KEYS[3], ARGV[5])
 if ARGV[2] == '1' then
   redis.call('HDEL', KEYS[1], ARGV[1])
   local trust = math.floor(tonumber(ARGV[4]) * 1000)
-  if trust > 0 then redis.call('SET', KEYS[2], '1', 'PX', trust) end
+  local stamp = string.format('%.6f', clock(ARGV[6]))
+  if trust > 0 then
+    redis.call('SET', KEYS[2], stamp, 'PX', trust)
+  elseif redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('SET', KEYS[2], stamp, 'KEEPTTL')
+  end
 else
   redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', clock(ARGV[6])) .. ' ' .. ARGV[3])
   redis.call('DEL', KEYS[2])
@@ -557,7 +567,8 @@ class RedisIndexStore:
         deleted = "" if blob else keys.primary_deleted(repository)
         script_keys = (present, keys.quarantined, keys.trusted(digest), keys.suspects, deleted)
         member = suspect_member(repository, digest, manifest=not blob)
-        args = (digest, "1" if query.refetch else "0", member, self._now_arg(), str(SUSPECTS_MAX))
+        recheck = f"{query.recheck_after:.6f}" if query.recheck_after > 0 else "1e18"
+        args = (digest, "1" if query.refetch else "0", member, self._now_arg(), str(SUSPECTS_MAX), recheck)
         answer = int(self._lookups.run_script(CONTENT_SCRIPT, script_keys, args))
         return IndexView(present=answer == 1, quarantined=answer == 2, verifying=answer == 3)
 
