@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +60,7 @@ from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import RunningStack, bring_up
+from geo_route.index.model import IndexQuery, QueryKind
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -1000,3 +1003,76 @@ def test_blob_deleted_behind_the_index(matrix: Matrix) -> None:
     matrix.expected.present[(repository, layer)] = False
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
     assert "fallback/200" in outcome.routes_during_fault
+
+
+# -- local content that goes bad
+
+
+CORRUPTED = "faults/corrupted:v1"
+VERIFY_COMMAND = (sys.executable, "-m", "geo_route.cli", "reconcile", "--once", "--verify", "-c")
+
+
+def test_a_corrupted_local_blob(matrix: Matrix) -> None:
+    """One byte of a replicated layer flipped in the local registry's storage (same size) before
+    anyone pulled it: the first pull from an address gets the bad copy and fails (nothing can fall
+    back after a 200), its next pull is a refetch: sent to the primary at once, and the verifier,
+    asked by it, quarantines the layer for everyone. Repaired by hand (the file restored, then
+    ``reconcile --once --verify``), the layer is served here again."""
+    outcome = Outcome(
+        "corrupted-blob",
+        "one byte of a replicated layer flipped in the local registry's storage (same size), before any pull",
+    )
+    repository = CORRUPTED.rsplit(":", 1)[0]
+    image = matrix.image("corrupted")
+    matrix.publish(CORRUPTED, image, replicated=True)
+    layer = image.layers[1].digest
+    storage = matrix.stack.processes["secondary"].log_path.parent / "storage"
+    data = storage / "docker/registry/v2/blobs/sha256" / layer[7:9] / layer[7:] / "data"
+    original = data.read_bytes()
+    corrupted = bytearray(original)
+    corrupted[len(corrupted) // 2] ^= 0x01
+    data.write_bytes(bytes(corrupted))
+    view = IndexQuery(QueryKind.BLOB, repository, layer)
+    since = matrix.client.access_log_offset()
+    corrupted_at = time.monotonic()
+    quarantined_at = 0.0
+    with PullLoad(matrix.client, [CORRUPTED], matrix.root / outcome.cell) as load:
+        deadline = corrupted_at + 60
+        while not quarantined_at and time.monotonic() < deadline:
+            if matrix.client.index.lookup(view).quarantined:
+                quarantined_at = time.monotonic()
+            time.sleep(0.02)
+        assert quarantined_at, "the site never learnt that the layer is corrupt"
+        load.wait_for_pulls(3, started_after=quarantined_at)
+        until = matrix.client.access_log_offset()
+        outcome.fault_ended = time.monotonic()
+        data.write_bytes(original)
+        result = subprocess.run(
+            [*VERIFY_COMMAND, matrix.client.info.site_file], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        load.wait_for_pulls(3, started_after=time.monotonic())
+    pulls = load.snapshot()
+
+    def got_the_bad_copy(pull: Pull) -> bool:
+        return "Digest did not match" in pull.error and pull.started < quarantined_at
+
+    judge_pulls(outcome, pulls, matrix.published, got_the_bad_copy)
+    outcome.routes_during_fault = routes_between(matrix.client, since, until)
+    layer_reads = [
+        e for e in matrix.client.access_log(since) if e.uri == f"/v2/{repository}/blobs/{layer}" and e.method == "GET"
+    ]
+    by_reason: dict[str, int] = {}
+    for entry in layer_reads:
+        key = f"{entry.route}:{entry.reason}/{entry.status}"
+        by_reason[key] = by_reason.get(key, 0) + 1
+    outcome.notes.append(
+        f"the layer was quarantined {quarantined_at - corrupted_at:.1f} s after it was corrupted "
+        f"({outcome.allowed_failures} pull(s) got the bad copy first, each from a puller whose next pull was "
+        f"a refetch); the layer's GETs: {', '.join(f'{k} {v}' for k, v in sorted(by_reason.items()))}; "
+        "restored and lifted by reconcile --verify"
+    )
+    assert_ok(recovered(matrix, outcome, "file restored, reconcile --once --verify"))
+    assert outcome.allowed_failures <= 3, "one bad copy per puller at most: its next pull is a refetch"
+    assert any(":blob-verifying/" in key or ":blob-quarantined/" in key for key in by_reason), by_reason
+    assert not matrix.client.index.lookup(view).quarantined
