@@ -161,3 +161,22 @@ def test_a_resumed_pass_starts_after_the_last_finished_repository(store: RedisIn
     verifier.run_pass(threading.Event(), resume=True)
     assert [repository for repository, _, _ in registry.reads] == ["r/2", "r/3"]
     assert store.verify_cursor() == "", "a finished pass starts the next one from the beginning"
+
+
+def test_stopping_ends_a_read_in_progress_without_a_verdict() -> None:
+    registry = Registry()
+    digest = registry.put(b"z" * 10_000)
+    stop = threading.Event()
+    chunks = 0
+
+    def take(count: int) -> None:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 2:
+            stop.set()  # SIGTERM in the middle of a large blob
+
+    limiter = RateLimiter(0)
+    limiter.take = take  # type: ignore[method-assign]
+    check = check_content(registry, "a", digest, manifest=False, limiter=limiter, stop=stop)
+    assert (check.result, check.size) == (Result.ERROR, 2048), "the read ends at the chunk after the stop"
+    assert chunks == 2

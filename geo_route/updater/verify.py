@@ -109,10 +109,21 @@ class Check:
     problem: str = ""  # ERROR, SKIPPED
 
 
+class Cancelled(GeoRouteError):
+    """The verifier was asked to stop in the middle of a read."""
+
+
 def check_content(
-    reader: ContentReader, repository: str, digest: str, *, manifest: bool, limiter: RateLimiter
+    reader: ContentReader,
+    repository: str,
+    digest: str,
+    *,
+    manifest: bool,
+    limiter: RateLimiter,
+    stop: threading.Event | None = None,
 ) -> Check:
-    """Read one blob or manifest back and compare its digest (pure but for the reader and the limiter)."""
+    """Read one blob or manifest back and compare its digest (pure but for the reader and the
+    limiter). ``stop`` set: the read ends at the next chunk, as an error (nothing is concluded)."""
     algorithm, _, expected = digest.partition(":")
     new_hash = HASHES.get(algorithm)
     if new_hash is None or not expected:
@@ -122,13 +133,15 @@ def check_content(
 
     def sink(chunk: bytes) -> None:
         nonlocal size
+        if stop is not None and stop.is_set():
+            raise Cancelled("stopped")
         limiter.take(len(chunk))
         hasher.update(chunk)
         size += len(chunk)
 
     try:
         found = reader.stream_content(repository, digest, manifest=manifest, sink=sink)
-    except RegistryError as exc:
+    except (RegistryError, Cancelled) as exc:
         return Check(Result.ERROR, size, problem=str(exc))
     if not found:
         return Check(Result.MISSING)
@@ -200,18 +213,20 @@ class Verifier:
         *,
         trust: float,
         observe: Observer | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.store = store
         self.reader = reader
         self.limiter = limiter
         self.trust = trust
         self.observe = observe
+        self.stop = stop  # set: a read in progress ends at its next chunk
 
     def verify(
         self, repository: str, digest: str, manifest: bool, *, suspect: bool = False, quarantined: bool = False
     ) -> Check:
         """Read one digest back and apply the verdict; ``quarantined``: it already was (logged quietly)."""
-        check = check_content(self.reader, repository, digest, manifest=manifest, limiter=self.limiter)
+        check = check_content(self.reader, repository, digest, manifest=manifest, limiter=self.limiter, stop=self.stop)
         if check.result in (Result.INTACT, Result.MISMATCH):
             intact = check.result is Result.INTACT
             trust = self.trust if suspect else 0.0
@@ -304,6 +319,7 @@ class VerifyLoop:
         self.lease = lease
         self.last_report: VerifyReport | None = None
         self._stop = threading.Event()
+        pass_verifier.stop = suspect_verifier.stop = self._stop  # stopping ends a long read at once
         self._thread = threading.Thread(target=self.run_until_stopped, name="geo-route-verify", daemon=True)
 
     def start(self) -> None:
