@@ -115,8 +115,7 @@ def _classify_route(route: str, method: str, name: str, ref: str, query: str) ->
     if route == "base":
         return Operation(Kind.BASE, method) if method in READ_METHODS else Operation(Kind.UNRECOGNIZED, method)
     if route == "gitlab-repository":  # GitLab's API belongs to the primary; a PATCH renames (unless a dry run)
-        dry_run = parse_qs(query).get("dry_run", ["false"])[-1].lower() == "true"
-        renames = method == "PATCH" and not dry_run
+        renames = method == "PATCH" and not is_dry_run(query)
         return Operation(Kind.REPOSITORY_RENAME if renames else Kind.UNRECOGNIZED, method, name)
     if route == "catalog":
         catalog = Operation(Kind.CATALOG, method, required=(Access("registry", "catalog", "*"),))
@@ -187,6 +186,17 @@ def required_access(method: str, repository: str, mount_from: str = "") -> tuple
     if mount_from:
         required += (Access("repository", mount_from, "pull"),)
     return required
+
+
+GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # Go's strconv.ParseBool
+
+
+def is_dry_run(query: str) -> bool:
+    """A ``dry_run`` GitLab's registry certainly reads as true. Go reads the first value and
+    ``ParseBool`` accepts only these spellings; every value must be one of them, so a rename is
+    never taken for a dry run (the other way round costs one extra invalidation)."""
+    values = parse_qs(query, keep_blank_values=True).get("dry_run", [])
+    return bool(values) and all(value in GO_TRUE for value in values)
 
 
 def _single(params: dict[str, list[str]], key: str) -> str | None:

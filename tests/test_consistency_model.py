@@ -1,14 +1,17 @@
 """The consistency model (docs/consistency.md), checked against generated histories.
 
 Hypothesis generates histories of a primary registry and a site: pushes, tag moves, tag deletes and
-digest deletes (with or without the tag events GitLab's database mode leaves out) and renames at
-the primary; manifest PUTs and DELETEs through the site; notifications delivered late, twice, out
-of order, never, or stamped by a clock an hour off; resolutions and reconciliations started at one
-step and finished at any later one; Redis restarted empty or from an older snapshot; time moving
-on. The index is the real ``RedisIndexStore`` on a real ``redis-server``; events go through the
-real ``interpret_event``; resolutions use the real ``judge`` and reconciliation's real
-``pin_update``; every answer is computed with the real ``index_query``/``route``. The primary is an
-in-memory model (a double of the ``TagSource`` protocol only).
+digest deletes (with or without the tag events GitLab's database mode leaves out) and GitLab renames
+(of a name, taking the repositories under it along, and of a namespace; ``from``/``to`` spelled as
+full paths, as GitLab's sample does, or bare) at the primary; manifest PUTs and DELETEs and GitLab
+renames (``PATCH /gitlab/v1/repositories/<path>/``) through the site; notifications delivered late,
+twice, out of order, never (GitLab drops them after its retries), or stamped by a clock an hour off;
+resolutions and reconciliations started at one step and finished at any later one; Redis restarted
+empty or from an older snapshot; time moving on. The index is the real ``RedisIndexStore`` on a real
+``redis-server``; events go through the real ``interpret_event``; resolutions use the real ``judge``
+and reconciliation's real ``pin_update``; every answer is computed with the real
+``index_query``/``route``. The primary is an in-memory model (a double of the ``TagSource`` protocol
+only).
 
 After every step, for every tag and every ``Accept`` a client may send, the site's answer is a
 route to the primary, or a local manifest that is the digest the primary published for that tag at
@@ -65,8 +68,15 @@ from geo_route.updater.resolver import judge
 HISTORIES = int(os.environ.get("MODEL_HISTORIES", "500"))
 MAX_TAG_AGE = 300.0
 FENCE = 30.0
-REPOS = ("g/app", "g/web")
+REPOS = ("g/app", "g/web", "g/app/web")  # g/app/web: under g/app, so a rename of g/app takes it along
 TAGS = ("v1",)  # one tag per repository: histories collide on it more often
+# GitLab's renames: a name (g/app → g/web, g/app/web → g/web/web with it) and a namespace (g/app/web →
+# g/web), each as the event may spell ``from``/``to``: full paths (GitLab's sample) or bare.
+RENAMES = {
+    "name": ("g/app", "g/web", (("g/app", "g/web"), ("app", "web"))),
+    "namespace": ("g/app/web", "g/web", (("g/app/web", "g/web"), ("g/app", "g"))),
+}
+EVENT_IDS = itertools.count()
 DIGESTS = tuple(f"sha256:{n:064x}" for n in range(1, 5))
 MEDIA_TYPES = {
     d: t for d, t in zip(DIGESTS, (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST), strict=True)
@@ -119,6 +129,23 @@ class ModelPrimary:
             found.add(before[-1])  # what it named at ``since`` itself
         return found
 
+    def rename(self, old: str, new: str) -> None:
+        """GitLab's rename: ``old`` and every repository under it move to ``new`` (what lands
+        outside the model's repositories is gone from it); what the new paths held is replaced."""
+        moved = {r: new + r[len(old) :] for r in REPOS if r == old or r.startswith(old + "/")}
+        tags = {(r, tag): self.tags.get((r, tag), "") for r in moved for tag in TAGS}
+        digests = {r: set(self.digests[r]) for r in moved}
+        for r in moved:
+            for tag in TAGS:
+                self.set_tag(r, tag, "")
+            self.digests[r] = set()
+        for r, target in moved.items():
+            if target in REPOS:
+                for tag in TAGS:
+                    self.set_tag(target, tag, tags[(r, tag)])
+                self.digests[target] = digests[r]
+                self.gained.update({(target, d): self.now for d in digests[r]})
+
     def head(self, repository: str, reference: str) -> ManifestHead | None:
         digest = self.tags.get((repository, reference))
         return ManifestHead(digest, MEDIA_TYPES[digest]) if digest else None
@@ -132,7 +159,7 @@ def named_types(accept: str) -> set[str]:
 def envelope_event(action: str, repository: str, skew: float, **target: Any) -> dict[str, Any]:
     stamp = "2030-01-01T00:00:00Z" if skew > 0 else ("2020-01-01T00:00:00Z" if skew < 0 else "2026-12-04T00:00:00Z")
     return {
-        "id": f"e{id(target)}",
+        "id": f"e{next(EVENT_IDS)}",
         "timestamp": stamp,
         "action": action,
         "target": {"repository": repository, **target},
@@ -158,6 +185,8 @@ class SiteHistory(RuleBasedStateMachine):
         self.in_flight: list[tuple[TagResolution, ManifestHead | None]] = []
         self.reconciling: list[tuple[float, str, list[tuple[str, str, ManifestHead | None, str | None]]]] = []
         self.writes: dict[tuple[str, str], tuple[float, str]] = {}  # started site writes: (started, digest)
+        self.site_renames: list[tuple[float, str]] = []  # renames through the site in flight: (started, kind)
+        self.renamed: dict[str, set[str]] = {}  # a rename event's id -> the repositories it concerns
         self.read_your_writes: dict[tuple[str, str], float] = {}  # completed in the fence: completed at
         # When the index was told of each digest's latest delete (a later push at the primary supersedes it).
         self.deletes_applied: dict[tuple[str, str], float] = {}
@@ -217,16 +246,15 @@ class SiteHistory(RuleBasedStateMachine):
             for tag in tagged:
                 self.emit(envelope_event("delete", repository, 0.0, tag=tag))
 
-    @rule()
-    def rename_at_the_primary(self) -> None:
-        moved = {tag: d for (repo, tag), d in self.primary.tags.items() if repo == "g/app"}
-        for tag in TAGS:
-            self.primary.set_tag("g/web", tag, moved.get(tag, ""))
-            self.primary.set_tag("g/app", tag, "")
-        self.primary.digests["g/web"] = set(self.primary.digests["g/app"])
-        self.primary.gained.update({("g/web", d): self.primary.now for d in self.primary.digests["g/web"]})
-        self.primary.digests["g/app"] = set()
-        self.emit(envelope_event("rename", "g/app", 0.0, rename={"type": "name", "from": "app", "to": "web"}))
+    @rule(kind=st.sampled_from(sorted(RENAMES)), spelling=st.sampled_from((0, 0, 1)))  # 0: GitLab's own spelling
+    def rename_at_the_primary(self, kind: str, spelling: int) -> None:
+        old, new, spellings = RENAMES[kind]
+        self.primary.rename(old, new)
+        given_from, given_to = spellings[spelling]
+        event = envelope_event("rename", old, 0.0, rename={"type": kind, "from": given_from, "to": given_to})
+        event["actor"] = {"name": "root", "user_type": "personal_access_token", "user": "eyJhbGciOi.e30.sig"}
+        self.renamed[event["id"]] = {r for r in REPOS for path in (old, new) if r == path or r.startswith(path + "/")}
+        self.emit(event)
 
     # ---- notifications: late, twice, out of order, never --------------------------------------------
 
@@ -244,8 +272,8 @@ class SiteHistory(RuleBasedStateMachine):
                 self.deletes_applied[(target["repository"], target["digest"])] = now
             elif target.get("tag"):
                 self.acknowledge(target["repository"], target["tag"], now)
-            elif event["action"] == "rename":
-                for repository, tag in itertools.product(REPOS, TAGS):
+            elif event["action"] == "rename":  # every tag under the old path and under the new one
+                for repository, tag in itertools.product(self.renamed[event["id"]], TAGS):
                     self.acknowledge(repository, tag, now)
 
     def acknowledge(self, repository: str, tag: str, stamp: float) -> None:
@@ -279,6 +307,28 @@ class SiteHistory(RuleBasedStateMachine):
         if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
             self.deletes_applied[(repository, digest)] = self.clock[0]
         self.delete_digest_at_the_primary(repository, digest, True)
+
+    @rule(kind=st.sampled_from(sorted(RENAMES)))
+    def start_a_rename_through_the_site(self, kind: str) -> None:
+        """GitLab's ``PATCH /gitlab/v1/repositories/<path>/`` passes the auth service: the site
+        knows the old path (the new one is in the body, which the auth service never sees)."""
+        operation = classify_request("PATCH", f"/gitlab/v1/repositories/{RENAMES[kind][0]}/")
+        if self.apply(list(invalidations_for_write(operation, PUSHER, POLICY))):
+            self.site_renames.append((self.clock[0], kind))
+        else:  # the index could not be told: the rename still happens, read-your-writes is not promised
+            self.rename_at_the_primary(kind, 0)
+
+    @precondition(lambda self: self.site_renames)
+    @rule(data=st.data(), spelling=st.sampled_from((0, 1)))
+    def finish_a_rename_through_the_site(self, data: st.DataObject, spelling: int) -> None:
+        started, kind = self.site_renames.pop(data.draw(st.integers(0, len(self.site_renames) - 1)))
+        self.rename_at_the_primary(kind, spelling)
+        if self.clock[0] - started <= FENCE:  # landed within its fence: nothing under the old path is local
+            old = RENAMES[kind][0]
+            for repository in (r for r in REPOS if r == old or r.startswith(old + "/")):
+                for tag in TAGS:
+                    self.read_your_writes[(repository, tag)] = self.clock[0]
+                    self.acknowledge(repository, tag, self.clock[0])
 
     # ---- resolution and reconciliation, interleaved anywhere ---------------------------------------
 
@@ -344,6 +394,7 @@ class SiteHistory(RuleBasedStateMachine):
             (Path(self.server.directory) / "dump.rdb").unlink(missing_ok=True)
         self.server.restart()
         self.writes = {key: (-FENCE * 10, digest) for key, (_, digest) in self.writes.items()}  # fences may be lost
+        self.site_renames = [(-FENCE * 10, kind) for _, kind in self.site_renames]
         had_snapshot = from_snapshot and self.snapshot_deletes is not None
         self.deletes_applied = dict(self.snapshot_deletes or {}) if had_snapshot else {}
         presence: list[IndexUpdate] = [ManifestPresence(r, d, True) for r in REPOS for d in DIGESTS]
@@ -351,7 +402,11 @@ class SiteHistory(RuleBasedStateMachine):
 
     # ---- the promise ----------------------------------------------------------------------------------
 
-    def decide(self, kind: QueryKind, repository: str, reference: str, accept: str) -> tuple[Route | None, str, float]:
+    def decide(
+        self, kind: QueryKind, repository: str, reference: str, accepts: tuple[str, ...]
+    ) -> list[tuple[Route | None, str, float]]:
+        """The site's answer for each ``Accept``: one index lookup (an ``Accept`` does not change
+        what the index is asked), then the real routing for each."""
         method_uri = f"/v2/{repository}/manifests/{reference}"
         operation = classify_request("GET", method_uri)
         query = index_query(operation, POLICY)
@@ -360,8 +415,11 @@ class SiteHistory(RuleBasedStateMachine):
             view = self.store.lookup(query)
         except IndexUnavailable:
             view = UNAVAILABLE
-        decision = route(operation, view, POLICY, self.clock[0], accept)
-        return decision.route, decision.upstream_path.rsplit("/", 1)[-1], view.confirmed_at
+        answers = []
+        for accept in accepts:
+            decision = route(operation, view, POLICY, self.clock[0], accept)
+            answers.append((decision.route, decision.upstream_path.rsplit("/", 1)[-1], view.confirmed_at))
+        return answers
 
     @invariant()
     def check_every_answer_and_tick(self) -> None:
@@ -373,8 +431,9 @@ class SiteHistory(RuleBasedStateMachine):
         now = self.clock[0]
         for repository in REPOS:
             for tag in TAGS:
-                for accept in ACCEPTS:
-                    where, digest, asked_at = self.decide(QueryKind.TAG, repository, tag, accept)
+                for accept, (where, digest, asked_at) in zip(
+                    ACCEPTS, self.decide(QueryKind.TAG, repository, tag, ACCEPTS), strict=True
+                ):
                     if where is not Route.LOCAL:
                         continue
                     allowed = self.primary.published_since(repository, tag, now - MAX_TAG_AGE)
@@ -385,7 +444,7 @@ class SiteHistory(RuleBasedStateMachine):
                     if completed is not None:
                         assert digest in self.primary.named_from(repository, tag, completed), "read-your-writes"
             for digest in DIGESTS:
-                where, _, _ = self.decide(QueryKind.MANIFEST, repository, digest, "")
+                ((where, _, _),) = self.decide(QueryKind.MANIFEST, repository, digest, ("",))
                 deleted_at = self.deletes_applied.get((repository, digest))
                 superseded = (
                     deleted_at is not None and self.primary.gained.get((repository, digest), -1.0) >= deleted_at
@@ -417,3 +476,40 @@ def test_every_answer_the_site_gives_keeps_the_promise(model_redis: RedisServer,
         ),
     )
     assert SiteHistory.histories >= HISTORIES
+
+
+class Always:
+    """Draws the first choice (a scripted history instead of a generated one)."""
+
+    def draw(self, strategy: Any) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("kind", "spelling"), [(kind, spelling) for kind in sorted(RENAMES) for spelling in (0, 1)])
+def test_a_gitlab_rename_event_takes_the_new_paths_pins_off(
+    model_redis: RedisServer, redis_settings: Settings, kind: str, spelling: int
+) -> None:
+    """One history, scripted: g/web is pinned, then a rename moves another repository onto it and
+    its event arrives. No pin asked before the event may answer for g/web or the old path."""
+    SiteHistory.server = model_redis
+    SiteHistory.redis_settings = dataclasses.replace(
+        redis_settings, redis=dataclasses.replace(redis_settings.redis, url=model_redis.url, unavailable_cooldown=0.0)
+    )
+    history = SiteHistory()
+    try:
+        history.replicate_everything()
+        for repository in REPOS:
+            history.push_at_the_primary(repository, "v1", DIGESTS[REPOS.index(repository)], 0.0)
+        history.check_every_answer_and_tick()  # the reads queue every tag's resolution
+        history.claim_a_resolution()
+        while history.in_flight:
+            history.finish_a_resolution(Always(), then_snapshot=False)
+        pinned = history.decide(QueryKind.TAG, "g/web", "v1", (ACCEPTS[3],))
+        assert pinned[0][0] is Route.LOCAL, "the scripted history starts with g/web served here"
+        history.pending.clear()
+        history.time_passes(1.0)
+        history.rename_at_the_primary(kind, spelling)
+        history.deliver_an_event(Always(), "delivered")
+        history.check_every_answer()
+    finally:
+        history.teardown()

@@ -33,6 +33,7 @@ from geo_route.index.model import (
     DigestDeleted,
     DigestRestored,
     IndexUpdate,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     PrimaryTag,
@@ -51,6 +52,7 @@ BLOB = "application/octet-stream"
 OCI = "application/vnd.oci.image.manifest.v1+json"
 DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
 EVENTS_TYPE = "application/vnd.docker.distribution.events.v1+json"
+EVENTS_V2_TYPE = "application/vnd.docker.distribution.events.v2+json"  # Distribution 3.0
 
 
 def digest(n: int) -> str:
@@ -124,6 +126,12 @@ class IndexModel:
             self.invalidate_pinned(names, stamp, "")
         elif isinstance(update, DigestRestored):
             self.hashes[f"{prefix}primary:deleted:{repository}"].pop(update.digest, None)
+        elif isinstance(update, LocalRepositoryDropped):
+            under = [n for n in self.sets[f"{prefix}repos"] if update.subtree and n.startswith(repository + "/")]
+            for name in (repository, *under):
+                for kind in ("blobs", "manifests"):
+                    self.sets.pop(f"{prefix}local:{kind}:{name}", None)
+                self.hashes.pop(f"{prefix}local:tags:{name}", None)
 
     def pin(self, update: PrimaryTag) -> None:
         tags = self.hashes[f"{self.prefix}primary:tags:{update.repository}"]
@@ -220,7 +228,7 @@ class Updater:
         self.model.strings = strings
         self.model.now = self.now
         self.model.apply(SEED)
-        self.seen_ids: set[str] = set()
+        self.seen_ids: set[tuple[str, str]] = set()
         app = create_updater_app(self.settings, index=self.store, clock=lambda: self.now)
         self.client: FlaskClient = app.test_client()
 
@@ -251,9 +259,10 @@ class Updater:
             return 200, {"status": "ignored"}
         outcomes = interpret_events(raw_events, Source(delivery.source), self.now)
         self.model.now = self.now
-        fresh = [o for o in outcomes if o.event is None or not o.event.id or o.event.id not in self.seen_ids]
+        source = delivery.source  # event ids are remembered per endpoint
+        fresh = [o for o in outcomes if o.event is None or not o.event.id or (source, o.event.id) not in self.seen_ids]
         self.model.apply(update for outcome in fresh for update in outcome.updates)
-        self.seen_ids.update(o.event.id for o in fresh if o.event is not None and o.event.id)
+        self.seen_ids.update((source, o.event.id) for o in fresh if o.event is not None and o.event.id)
         counts = Counter(outcome.status for outcome in fresh)
         tally = {status: counts[status] for status in ("applied", "ignored", "malformed")}
         return 200, {"status": "ok", **tally, "duplicates": len(outcomes) - len(fresh)}
@@ -334,9 +343,46 @@ plausible_targets = st.fixed_dictionaries(
     },
     optional={"tag": st.sampled_from(("v1", "v1", "v2", "latest")), "size": st.integers(0, 10**6)},
 )
-plausible_events = st.fixed_dictionaries(
-    {"action": st.sampled_from(("push", "push", "push", "mount", "delete", "pull")), "target": plausible_targets},
-    optional={"id": st.sampled_from(("e1", "e2", "e3")), "timestamp": st.sampled_from(TIMESTAMPS)},
+# Distribution 3.0: every target field present, "" and 0 where there is no value (a DELETE by tag).
+tag_deletes_v3 = st.fixed_dictionaries(
+    {
+        "repository": st.sampled_from(("group/app", "x/y")),
+        "tag": st.sampled_from(("v1", "v2")),
+        "digest": st.just(""),
+        "mediaType": st.just(""),
+        "size": st.just(0),
+    }
+)
+# GitLab: a rename (its sample's full paths, or bare names), with actor.user and meta around it.
+renames = st.fixed_dictionaries(
+    {
+        "repository": st.sampled_from(("group/app", "group", "x/y")),
+        "rename": st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(("name", "namespace", "other")),
+                "from": st.sampled_from(("group/app", "app", "group", "")),
+                "to": st.sampled_from(("group/web", "web", "team", "team/app", "")),
+            }
+        ),
+    }
+)
+plausible_events = st.one_of(
+    st.fixed_dictionaries(
+        {"action": st.sampled_from(("push", "push", "push", "mount", "delete", "pull")), "target": plausible_targets},
+        optional={"id": st.sampled_from(("e1", "e2", "e3")), "timestamp": st.sampled_from(TIMESTAMPS)},
+    ),
+    st.fixed_dictionaries(
+        {"action": st.just("delete"), "target": tag_deletes_v3},
+        optional={"id": st.sampled_from(("e1", "e4")), "timestamp": st.sampled_from(TIMESTAMPS)},
+    ),
+    st.fixed_dictionaries(
+        {"action": st.just("rename"), "target": renames},
+        optional={
+            "id": st.sampled_from(("e1", "e5")),
+            "actor": st.just({"name": "root", "user_type": "personal_access_token", "user": "eyJhbGciOi.e30.sig"}),
+            "meta": json_values,
+        },
+    ),
 )
 odd_targets = st.fixed_dictionaries(
     {"repository": mostly(*REPOSITORIES), "digest": mostly(*DIGESTS), "mediaType": mostly(BLOB, OCI, DOCKER, "")},
@@ -427,7 +473,11 @@ def deliveries(draw: st.DrawFn) -> Delivery:
         source=source,
         authorization=draw(authorizations(source)),
         body=draw(bodies),
-        content_type=draw(st.sampled_from((EVENTS_TYPE, EVENTS_TYPE, "application/json", "text/plain", ""))),
+        content_type=draw(
+            st.sampled_from(
+                (EVENTS_TYPE, EVENTS_TYPE, EVENTS_V2_TYPE, EVENTS_V2_TYPE, "application/json", "text/plain", "")
+            )
+        ),
     )
 
 
@@ -473,6 +523,8 @@ def envelope(source: str) -> dict[str, Any]:
             event(5, "push", repository="x/y", digest=digest(6), mediaType=DOCKER, tag="v2"),
             event(6, "push", repository="group/app", digest=digest(7), mediaType=OCI, tag="caf\u00e9"),
             event(7, "pull", repository="group/app", digest=digest(5), mediaType=OCI, tag="v1"),
+            event(8, "delete", repository="x/y", digest="", mediaType="", size=0, tag="v2"),
+            event(9, "rename", repository="x/y", rename={"type": "name", "from": "x/y", "to": "x/z"}),
         ]
     }
 

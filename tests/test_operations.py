@@ -239,3 +239,42 @@ def test_writes_are_never_local_candidates(name: str, method: str, suffix: str) 
         assert push(name) in operation.required
     if method == "DELETE" and operation.kind is not Kind.UNRECOGNIZED:
         assert operation.required == (delete(name),)
+
+
+@pytest.mark.parametrize(
+    ("query", "renames"),
+    [
+        ("", True),
+        ("dry_run=false", True),
+        ("dry_run=true", False),
+        ("dry_run=1", False),  # Go's strconv.ParseBool, as GitLab's registry reads it
+        ("dry_run=True", False),
+        ("dry_run=%74rue", False),
+        # Go reads the first value: a later "true" must not hide a rename from the index
+        ("dry_run=false&dry_run=true", True),
+        ("dry_run=true&dry_run=false", True),  # a dry run to the registry: one invalidation too many
+        ("dry_run=tRuE", True),  # ParseBool refuses it (no rename): an invalidation too many, never too few
+        ("dry_run=", True),
+    ],
+)
+def test_a_gitlab_rename_is_a_dry_run_only_when_the_registry_certainly_reads_one(query: str, renames: bool) -> None:
+    """``PATCH /gitlab/v1/repositories/<path>/`` goes to the primary; unless it is certainly a dry
+    run it is a rename, and the site takes the path's tags off the index first."""
+    operation = classify_request("PATCH", f"/gitlab/v1/repositories/group/app/?{query}".rstrip("?"))
+    assert operation.kind is (Kind.REPOSITORY_RENAME if renames else Kind.UNRECOGNIZED)
+    assert operation.repository == "group/app"
+
+
+@pytest.mark.parametrize(
+    ("method", "uri"),
+    [
+        ("GET", "/gitlab/v1/"),
+        ("GET", "/gitlab/v1/repositories/group/app/"),
+        ("GET", "/gitlab/v1/repositories/group/app/tags/list/"),
+        ("GET", "/gitlab/v1/repository-paths/group/repositories/list/"),
+        ("PATCH", "/gitlab/v1/repositories/group/app"),  # no trailing slash: the registry's 404
+        ("PUT", "/gitlab/v1/repositories/group/app/"),
+    ],
+)
+def test_the_rest_of_gitlab_api_is_for_the_primary(method: str, uri: str) -> None:
+    assert classify_request(method, uri).kind is Kind.UNRECOGNIZED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,23 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from support import RedisServer
+from test_notifications import (
+    APP,
+    CAPTURED,
+    DIGESTS,
+    EVENTS_V1,
+    EVENTS_V2,
+    OTHER,
+    USER_JWT,
+    captured,
+    expected_updates,
+    gitlab_event,
+)
 
 from geo_route.config import Settings, load_settings
 from geo_route.index.model import IndexQuery, PrimaryTag, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.updater.notifications import Source
 from geo_route.web.updater import RecentEventIds, create_updater_app
 
 LOCAL_SECRET = "Bearer local-secret-0123456789"
@@ -203,3 +217,126 @@ def test_the_dedupe_window_is_bounded() -> None:
         recent.remember([f"event-{n}" for n in range(start, start + 500)])
     assert len(recent) == 1_000
     assert recent.seen("event-99999") and not recent.seen("event-98999")
+
+
+# -- every dialect's real envelopes, posted with their own Content-Type -----------------------------------
+
+
+@pytest.mark.parametrize("dialect", sorted(CAPTURED))
+def test_captured_envelopes_are_accepted_with_their_media_type_and_applied(
+    client: FlaskClient, updater_settings: Settings, dialect: str
+) -> None:
+    """Each file as the registry delivered it (2.8: ``events.v1+json``, 3.0: ``events.v2+json``), to
+    both endpoints: every event is applied (or deliberately ignored), and the index ends as the
+    captured sequence leaves the registry."""
+    content_type, files = CAPTURED[dialect]
+    d = DIGESTS[dialect]
+    for name, operation in files:
+        _, body = captured(dialect, name)
+        for source in ("local", "primary"):
+            secret = LOCAL_SECRET if source == "local" else PRIMARY_SECRET
+            headers = {"Content-Type": content_type, "Authorization": secret}
+            response = client.post(f"/events/{source}", data=body, headers=headers)
+            expected = expected_updates(dialect, operation, Source(source))
+            counts = {"applied": 1 if expected else 0, "ignored": 0 if expected else 1, "malformed": 0}
+            assert response.status_code == 200, (name, source)
+            assert response.get_json() == {"status": "ok", **counts, "duplicates": 0}, (name, source)
+    store = RedisIndexStore(updater_settings.redis)
+    assert store.local_snapshot(APP) == ({d["config"]}, {d["untagged"]}), "the layer and the v1/v2 manifest deleted"
+    assert store.local_snapshot(OTHER) == ({d["layer"]}, set()), "mounted, never deleted there"
+    assert store.local_tags(APP) == {}, "v1 and v2 untagged (3.0: one by DELETE by tag, one by the digest delete)"
+    assert store.deleted_digests(APP) == {d["tagged"], d["layer"]}, "deleted at the primary"
+    assert store.primary_tags(APP) == {}, "no event is pinned: tombstones only"
+    queued = {(r.repository, r.tag) for r in store.claim_resolutions(10)}
+    assert queued == {(APP, "v1"), (APP, "v2")}, "every tag an event named is re-resolved at the primary"
+    assert store.lookup(IndexQuery(QueryKind.MANIFEST, APP, d["untagged"])).present
+    assert not store.lookup(IndexQuery(QueryKind.MANIFEST, APP, d["tagged"])).present
+    store.close()
+
+
+@pytest.mark.parametrize("content_type", [EVENTS_V1, EVENTS_V2, "application/json", "text/plain", ""])
+def test_the_content_type_is_not_what_decides(
+    client: FlaskClient, updater_settings: Settings, content_type: str
+) -> None:
+    """A registry that sends v2 (or a proxy that rewrites the type) is neither refused nor ignored."""
+    body = json.dumps({"events": [push("group/app", 1, tag="v1")]}).encode()
+    response = client.post(
+        "/events/local", data=body, headers={"Content-Type": content_type, "Authorization": LOCAL_SECRET}
+    )
+    assert (response.status_code, response.get_json()["applied"]) == (200, 1)
+    assert RedisIndexStore(updater_settings.redis).local_tags("group/app") == {"v1": digest(1)}
+
+
+# -- GitLab: rename, actor.user ------------------------------------------------------------------------------
+
+
+def test_a_local_rename_drops_presence_under_the_old_path_and_below(
+    client: FlaskClient, updater_settings: Settings
+) -> None:
+    """GitLab's registry at the site renamed foo/foo/project (and foo/foo/project/cache with it): the
+    index must stop sending those paths' digests and tags to it; other paths keep theirs."""
+    blob = "application/octet-stream"
+    setup = [
+        push("foo/foo/project", 1, media_type=blob),
+        push("foo/foo/project", 2, tag="v1"),
+        push("foo/foo/project/cache", 3, tag="c1"),
+        push("foo/foo/project-other", 4, tag="v1"),
+        push("foo/bar/project", 5, tag="new"),  # pushed under the new path before the event arrived
+    ]
+    assert send(client, "local", {"events": setup})[1]["applied"] == 5
+    rename = gitlab_event(
+        "rename", "foo/foo/project", rename={"type": "namespace", "from": "foo/foo/project", "to": "foo/bar/project"}
+    )
+    assert send(client, "local", {"events": [rename]})[1]["applied"] == 1
+    store = RedisIndexStore(updater_settings.redis)
+    for path in ("foo/foo/project", "foo/foo/project/cache"):
+        assert store.local_snapshot(path) == (set(), set()) and store.local_tags(path) == {}, path
+    assert not store.lookup(IndexQuery(QueryKind.BLOB, "foo/foo/project", digest(1))).present
+    assert store.local_tags("foo/foo/project-other") == {"v1": digest(4)}, "a sibling is not under the path"
+    assert store.local_tags("foo/bar/project") == {"new": digest(5)}, "the new path keeps what its events said"
+    store.close()
+
+
+def test_a_primary_rename_invalidates_pins_under_both_paths(client: FlaskClient, updater_settings: Settings) -> None:
+    store = RedisIndexStore(updater_settings.redis)
+    now = store.now()
+    pins = [("foo/foo/project", "v1"), ("foo/foo/project/cache", "c1"), ("foo/bar/project", "old")]
+    store.apply([PrimaryTag(repository, tag, digest(9), now) for repository, tag in pins])
+    store.apply([PrimaryTag("foo/foo/project-other", "v1", digest(9), now)])
+    rename = gitlab_event(
+        "rename", "foo/foo/project", rename={"type": "namespace", "from": "foo/foo/project", "to": "foo/bar/project"}
+    )
+    assert send(client, "primary", {"events": [rename]})[1]["applied"] == 1
+    for repository, tag in pins:
+        assert store.primary_tag(repository, tag) is None, (repository, tag)
+    assert store.primary_tag("foo/foo/project-other", "v1") is not None
+    store.close()
+
+
+def test_actor_user_is_never_logged_or_stored(
+    client: FlaskClient, updater_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GitLab's ``actor.user`` is a JWT the registry signed: after envelopes carrying it in every
+    event (applied, malformed, unknown, not an envelope at all) it is in no log line (at any level),
+    no Redis key or value, no answer and no metric."""
+    caplog.set_level(logging.DEBUG)
+    events = [
+        gitlab_event("push", "foo/project", mediaType=EVENTS_V1, digest=digest(1), tag="v1"),
+        gitlab_event("delete", "foo/project", digest=digest(1)),
+        gitlab_event("rename", "foo/project", rename={"type": "name", "from": "project", "to": "renamed"}),
+        gitlab_event("rename", "foo/project", rename={"type": "teleport", "from": "a", "to": "b"}),  # malformed
+        gitlab_event("push", "Foo/Project", digest=digest(1)),  # malformed
+        gitlab_event("teleport", "foo/project", digest=digest(1)),  # unknown
+        gitlab_event("push", "foo/project", digest="sha256:short", tag="v1"),  # malformed
+    ]
+    answers = []
+    for source in ("local", "primary"):
+        answers.append(send(client, source, {"events": events}))
+        answers.append(send(client, source, json.dumps({"events": events}).encode()[:-3]))  # not an envelope
+    answers.append((0, {"metrics": client.get("/metrics").get_data(as_text=True)}))
+    assert all(USER_JWT not in json.dumps(answer) for answer in answers)
+    assert USER_JWT not in caplog.text
+    assert any("malformed" in record.getMessage() for record in caplog.records), "the bad events were logged"
+    with redis.Redis.from_url(updater_settings.redis.url) as raw:
+        dump = repr(sorted((key, raw.dump(key)) for key in raw.scan_iter(match="*")))
+    assert USER_JWT.encode() not in dump.encode() and "eyJ" not in dump

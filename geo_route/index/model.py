@@ -144,6 +144,16 @@ class ContentVerified:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalRepositoryDropped:
+    """The local registry has nothing under ``repository`` any more (GitLab renamed it away): its
+    blobs, manifests and tags are forgotten, with ``subtree`` those of every repository under it
+    too. Reconciliation finds the content under its new path."""
+
+    repository: str
+    subtree: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class LocalTag:
     """The local registry's tag → digest; ``digest`` empty removes the tag."""
 
@@ -173,6 +183,7 @@ IndexUpdate = (
     | ManifestPresence
     | PrimaryTag
     | LocalTag
+    | LocalRepositoryDropped
     | TagInvalidated
     | DigestDeleted
     | DigestRestored

@@ -68,6 +68,7 @@ from geo_route.index.model import (
     IndexQuery,
     IndexUpdate,
     IndexView,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     PrimaryTag,
@@ -192,6 +193,22 @@ end
 return count
 """
 )
+# Forget what the local registry held in a repository (and, with subtree, every repository under it).
+# ARGV: prefix, repository, subtree 0/1
+DROP_LOCAL_SCRIPT = """
+local prefix, repository = ARGV[1], ARGV[2]
+local names = {repository}
+if ARGV[3] == '1' then
+  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
+    if string.sub(name, 1, #repository + 1) == repository .. '/' then table.insert(names, name) end
+  end
+end
+for _, name in ipairs(names) do
+  local here = prefix .. 'local:'
+  redis.call('DEL', here .. 'blobs:' .. name, here .. 'manifests:' .. name, here .. 'tags:' .. name)
+end
+return #names
+"""
 # KEYS: tags, manifests, epoch, queue, quarantined   ARGV: tag, member, now, refresh_after, queue max
 PINNED_TAG_SCRIPT = (
     LUA_COMMON
@@ -626,6 +643,9 @@ class RedisIndexStore:
             verdict = (update.digest, "1" if update.intact else "0", repository, f"{update.trust:.3f}")
             more = (suspect_member(repository, update.digest, update.manifest), self._now_arg())
             return [eval_command(VERIFIED_SCRIPT, verified_keys, verdict, more)]
+        if isinstance(update, LocalRepositoryDropped):
+            drop = (keys.prefix, repository, "1" if update.subtree else "0")
+            return [eval_command(DROP_LOCAL_SCRIPT, (), drop)]
         if isinstance(update, LocalTag):
             key = keys.local_tags(repository)
             if not update.digest:

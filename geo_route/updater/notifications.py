@@ -1,11 +1,18 @@
 """Docker Distribution notification envelopes → typed index updates (pure: no I/O, no clock reads).
 
-Semantics as registry 2.8 really emits them (protocol notes §1.3):
+Every dialect's envelope reads the same (registry dialects §2): Distribution 2.8 and GitLab send
+``…events.v1+json``, 3.0 ``…events.v2+json`` with the same JSON; 3.0 writes every target field
+even when it has no value (``"digest": ""``, ``"size": 0``), so an empty string is read as absent,
+never as a value. GitLab adds ``rename``, ``actor.user`` (a JWT: never read, logged or stored) and
+``meta`` (ignored). Semantics as the registries really emit them (protocol notes §1.3):
 
 * ``push``/``mount`` of a blob (mediaType ``application/octet-stream``) → the blob is present;
 * ``push`` of a manifest → the manifest is present, and tag → digest when a tag is given;
 * ``delete`` with a digest → removed as blob *and* as manifest (2.8 sends the same target for both);
-* ``delete`` with a tag (no digest) → the tag is removed;
+* ``delete`` with a tag (no digest; 3.0's ``DELETE`` by tag, and the tags a digest delete took) →
+  the tag is removed;
+* ``rename`` (GitLab) → nothing is present under the old path (and the repositories under it) any
+  more: the local registry moved it; reconciliation finds it under the new path;
 * ``pull`` and unknown actions are ignored; a malformed event is reported, never raised.
 
 From the primary's registry an event is a hint, never a fact to pin (docs/consistency.md): events
@@ -16,7 +23,8 @@ queues its resolution at the primary, which pins what the primary then answers:
 * ``push`` of a manifest with a tag → that tag (with the pushed digest as a hint);
 * ``delete`` with a tag → that tag; ``delete`` with a digest → the digest is deleted at the primary
   (not served by digest here) and every tag pinned to it (GitLab's database mode sends no tag events);
-* ``rename`` (GitLab) → every tag of the repository and everything under it, at both paths;
+* ``rename`` (GitLab) → every tag of the repository and everything under it, at the old path and
+  at the new one (``from`` and ``to``, however GitLab spells them);
 * an event that cannot be read but names a valid repository → every tag of that repository.
 """
 
@@ -34,6 +42,7 @@ from geo_route.index.model import (
     DigestDeleted,
     DigestRestored,
     IndexUpdate,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     RepositoryInvalidated,
@@ -63,7 +72,8 @@ class Event:
     digest: str
     tag: str
     media_type: str
-    renamed: tuple[str, ...] = ()  # rename: the other paths the repository's tags now live under
+    renamed_from: tuple[str, ...] = ()  # rename: the paths it moved away from (``repository`` included)
+    renamed_to: tuple[str, ...] = ()  # rename: the paths it now lives under
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +131,7 @@ def unreadable_primary_event(raw: Any) -> tuple[IndexUpdate, ...]:
 
 def read_event(raw: Any) -> Event:
     if not isinstance(raw, dict):
-        raise ValueError("event is not an object")
+        raise ValueError("event is not an object")  # actor, request, source and meta are never read
     target = raw.get("target")
     if not isinstance(target, dict):
         raise ValueError("event has no target object")
@@ -138,6 +148,7 @@ def read_event(raw: Any) -> Event:
             raise ValueError(f"invalid tag {tag[:80]!r}")
         if not digest and not (action == "delete" and tag) and action != "rename":
             raise ValueError(f"{action} event without a digest")
+    renamed_from, renamed_to = read_rename(target, repository) if action == "rename" else ((), ())
     return Event(
         id=text_field(raw, "id"),
         action=action,
@@ -146,27 +157,45 @@ def read_event(raw: Any) -> Event:
         digest=digest,
         tag=tag,
         media_type=text_field(target, "mediaType"),
-        renamed=read_rename(target, repository) if action == "rename" else (),
+        renamed_from=renamed_from,
+        renamed_to=renamed_to,
     )
 
 
-def read_rename(target: dict[str, Any], repository: str) -> tuple[str, ...]:
-    """The paths a GitLab ``rename`` names besides ``repository``: ``target.rename = {type, from,
-    to}`` with ``type`` ``name`` (the last path component changes) or ``namespace`` (the repository
-    moves under another namespace). Every reading of ``from``/``to`` that makes a valid path is
-    returned: invalidating a path too many costs a resolution, one too few serves a stale tag."""
+def read_rename(target: dict[str, Any], repository: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(old paths, new paths) of a GitLab ``rename``: ``target.rename = {type, from, to}`` with
+    ``type`` ``name`` (the last path component changes) or ``namespace`` (the repository moves
+    under another namespace); ``target.repository`` is the old path. GitLab's own sample sends full
+    paths (``"from": "foo/foo/project", "to": "foo/bar/project"``); a bare name, or a bare
+    namespace, is read too. Every reading that makes a valid path is returned: invalidating a path
+    too many costs a resolution, one too few serves a stale tag."""
     rename = target.get("rename")
     if not isinstance(rename, dict):
         raise ValueError("rename event without a rename object")
     kind, old, new = (text_field(rename, key) for key in ("type", "from", "to"))
-    parent, _, last = repository.rpartition("/")
-    if kind == "name":  # a bare new name replaces the last component; a full path stands as it is
-        candidates = {name if "/" in name else (f"{parent}/{name}" if parent else name) for name in (old, new) if name}
-    elif kind == "namespace":
-        candidates = {f"{namespace}/{last}" for namespace in (old, new) if namespace}
-    else:
+    if kind not in ("name", "namespace"):
         raise ValueError(f"unknown rename type {kind[:40]!r}")
-    return tuple(sorted(path for path in candidates if path and path != repository and is_valid_name(path)))
+    old_paths = outermost({repository, *rename_readings(kind, old, repository)})
+    new_paths = outermost(rename_readings(kind, new, repository)) - old_paths
+    return tuple(sorted(old_paths)), tuple(sorted(new_paths))
+
+
+def outermost(paths: set[str]) -> set[str]:
+    """``paths`` without those under another of them (a rename takes every path under it along)."""
+    return {path for path in paths if not any(path.startswith(f"{other}/") for other in paths)}
+
+
+def rename_readings(kind: str, value: str, repository: str) -> set[str]:
+    """The valid paths ``value`` (a rename's ``from`` or ``to``) may stand for. Never a parent of
+    ``repository`` (the old path itself): that reading would take a whole namespace along."""
+    if not value:
+        return set()
+    parent, _, last = repository.rpartition("/")
+    if kind == "name":  # a full path as it is, a bare name in place of the last component
+        readings = {value if "/" in value or not parent else f"{parent}/{value}"}
+    else:  # a namespace takes the last component with it; a full path ends with it
+        readings = {f"{value}/{last}"} | ({value} if value == last or value.endswith(f"/{last}") else set())
+    return {path for path in readings if is_valid_name(path) and not repository.startswith(f"{path}/")}
 
 
 def text_field(mapping: dict[str, Any], key: str) -> str:
@@ -196,32 +225,36 @@ def read_timestamp(value: Any) -> float | None:
 
 def updates_for_local(event: Event) -> list[IndexUpdate]:
     repository, digest = event.repository, event.digest
-    if event.action == "rename":
-        return []  # the local registry's own paths are rebuilt by its push events and reconciliation
+    if event.action == "rename":  # moved away: nothing is here under the old paths; the new ones are
+        # left to the local registry's later events and to reconciliation (absent is the safe side)
+        return [LocalRepositoryDropped(path, subtree=True) for path in event.renamed_from]
     if event.action == "delete":
+        updates: list[IndexUpdate] = []
         if digest:  # gone here too: a later copy of it (the primary has it again) may be served
-            return [
+            updates += [
                 BlobPresence(repository, digest, False),
                 ManifestPresence(repository, digest, False),
                 DigestRestored(repository, digest),
             ]
-        return [LocalTag(repository, event.tag, "")]
+        if event.tag:
+            updates.append(LocalTag(repository, event.tag, ""))
+        return updates
     if event.media_type == BLOB_MEDIA_TYPE:
         return [BlobPresence(repository, digest, True)]
-    updates: list[IndexUpdate] = [ManifestPresence(repository, digest, True)]
+    pushed: list[IndexUpdate] = [ManifestPresence(repository, digest, True)]
     if event.tag:
-        updates.append(LocalTag(repository, event.tag, digest))
-    return updates
+        pushed.append(LocalTag(repository, event.tag, digest))
+    return pushed
 
 
 def updates_for_primary(event: Event) -> list[IndexUpdate]:
     repository = event.repository
     if event.action == "rename":
-        return [RepositoryInvalidated(path, subtree=True) for path in (repository, *event.renamed)]
-    if event.action == "delete" and event.digest:
-        return [DigestDeleted(repository, event.digest)]
-    if event.action == "delete" and event.tag:
-        return [TagInvalidated(repository, event.tag)]
+        paths = (*event.renamed_from, *event.renamed_to)
+        return [RepositoryInvalidated(path, subtree=True) for path in paths]
+    if event.action == "delete":  # a digest, a tag, or (no dialect sends it, but either is safe) both
+        deleted: list[IndexUpdate] = [DigestDeleted(repository, event.digest)] if event.digest else []
+        return deleted + ([TagInvalidated(repository, event.tag)] if event.tag else [])
     if event.action == "push" and event.tag and event.media_type != BLOB_MEDIA_TYPE:
         return [TagInvalidated(repository, event.tag, hint=event.digest)]
     return []

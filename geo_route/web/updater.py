@@ -1,5 +1,10 @@
 """The index updater's HTTP side: ``POST /events/local`` and ``POST /events/primary``.
 
+Every dialect's envelope is accepted whatever its ``Content-Type`` says (2.8 and GitLab send
+``application/vnd.docker.distribution.events.v1+json``, 3.0 ``…events.v2+json``): the body is read
+as JSON either way, and one that is not an envelope is acknowledged and ignored. Nothing of an
+event but its target is read, so GitLab's ``actor.user`` (a JWT) is never logged or stored.
+
 Answers as the registry's retry loop needs them (protocol notes §1.4): 200 for everything accepted
 or deliberately ignored (a malformed event is logged and counted, never bounced back forever), 401
 for a wrong secret, 413 for an oversized body, 503 only when the index is unavailable, so the
@@ -98,7 +103,7 @@ class EventsEndpoint:
             log.warning("%s: index unavailable, asking the registry to retry: %s", self.source.value, exc)
             return self.refuse(503, "index-unavailable", "index unavailable; retry later")
         self._metrics.apply_seconds.observe(time.perf_counter() - started)
-        self._recent.remember([o.event.id for o in fresh if o.event is not None and o.event.id])
+        self._recent.remember([self.dedupe_key(o) for o in fresh if o.event is not None and o.event.id])
         self.count(fresh, duplicates, received_at)
         return jsonify(summary(fresh, duplicates))
 
@@ -110,8 +115,12 @@ class EventsEndpoint:
         duplicates: list[Outcome] = []
         for outcome in outcomes:
             event_id = outcome.event.id if outcome.event is not None else ""
-            (duplicates if event_id and self._recent.seen(event_id) else fresh).append(outcome)
+            (duplicates if event_id and self._recent.seen(self.dedupe_key(outcome)) else fresh).append(outcome)
         return fresh, duplicates
+
+    def dedupe_key(self, outcome: Outcome) -> str:
+        """Ids are remembered per endpoint: two registries' events never shadow each other."""
+        return f"{self.source.value} {outcome.event.id if outcome.event is not None else ''}"
 
     def count(self, fresh: list[Outcome], duplicates: list[Outcome], received_at: float) -> None:
         source = self.source.value
