@@ -111,18 +111,44 @@ def config_warnings(settings: Settings) -> list[str]:
         )
     elif not settings.updater.signing_key:
         warnings.append("updater.signing_key is empty: the updater cannot read local content back (no verification)")
+    warnings.extend(signing_certificate_warnings(settings))
     return warnings
+
+
+def signing_certificate_warnings(settings: Settings) -> list[str]:
+    """Minted tokens carry ``x5c`` only when the signing key's certificate is in the bundle."""
+    from geo_route.updater.pull_tokens import SigningKeyError, load_signing_key, signing_certificate
+
+    try:
+        key = load_signing_key(settings.updater.signing_key)
+    except SigningKeyError:
+        return []  # empty: warned above; unusable: reconcile and the updater say so themselves
+    try:
+        signing_certificate(key, settings.token.rootcertbundle)
+    except SigningKeyError as exc:
+        return [str(exc)]
+    except KeyBundleError:
+        return []  # load_validated reports the bundle itself
+    return []
 
 
 def load_validated(path: str, environ: Mapping[str, str] | None = None) -> Settings:
     """Settings plus the checks that need the filesystem (the certificate bundle), as one error."""
-    from geo_route.tokens import load_trusted_keys
+    from geo_route.trusted_keys import load_certificates, load_jwks
 
     settings = load_settings(path, environ)
+    problems = []
     try:
-        load_trusted_keys(settings.token.rootcertbundle)
+        load_certificates(settings.token.rootcertbundle)
     except KeyBundleError as exc:
-        raise ConfigError([f"token.rootcertbundle: {exc}"]) from None
+        problems.append(f"token.rootcertbundle: {exc}")
+    try:
+        if settings.token.jwks:
+            load_jwks(settings.token.jwks)
+    except KeyBundleError as exc:
+        problems.append(f"token.jwks: {exc}")
+    if problems:
+        raise ConfigError(problems)
     return settings
 
 

@@ -24,8 +24,11 @@ from geo_route.errors import ConfigError
 
 ENV_PREFIX = "GEO_ROUTE_"
 ENV_SEPARATOR = "__"
-SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+# Every asymmetric algorithm some registry dialect verifies (Distribution 3 adds PS* and EdDSA).
+# Never none or HS*: a registry's key is public, so an HMAC "signature" with it proves nothing.
+SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA")
 TagPolicy = Literal["pinned", "primary"]
+Dialect = Literal["distribution-2.8", "distribution-3", "gitlab"]
 Check = Callable[[Any], "str | None"]
 
 
@@ -80,9 +83,10 @@ def check_non_empty(value: str) -> str | None:
 
 
 def check_algorithms(value: tuple[str, ...]) -> str | None:
+    """A registry's ``signingalgorithms`` maps onto this list, less HS* (never with public keys)."""
     bad = [a for a in value if a not in SUPPORTED_ALGORITHMS]
     if bad:
-        return f"unsupported {bad}; allowed are {list(SUPPORTED_ALGORITHMS)} (never none, HS* or PS*)"
+        return f"unsupported {bad}; allowed are {list(SUPPORTED_ALGORITHMS)} (never none or HS*)"
     return None if value else "must list at least one algorithm"
 
 
@@ -112,13 +116,17 @@ class UpstreamSettings:
 
 @dataclass(frozen=True)
 class TokenSettings:
-    """How bearer tokens from the primary's token service are verified (registry 2.8 semantics)."""
+    """How bearer tokens are verified: every form a registry dialect accepts (README "Token
+    verification"); ``dialect`` only picks the challenge text the site's registries answer with."""
 
     realm: str = _checked(check_non_empty)
     service: str = _checked(check_non_empty)
     issuer: str = _checked(check_non_empty)
     rootcertbundle: str = _checked(check_non_empty)
+    jwks: str = ""  # Distribution 3's auth.token.jwks: more trusted keys, by their kid as written
     algorithms: tuple[str, ...] = _checked(check_algorithms, default=SUPPORTED_ALGORITHMS)
+    dialect: Dialect = "distribution-2.8"
+    accept_v3_0_ec_quirk: bool = False  # Distribution 3.0.0's one kid per EC curve (its bug)
     leeway: int = _checked(check_not_negative, default=60)
     cache_size: int = _checked(check_not_negative, default=10_000)
     max_token_bytes: int = _checked(check_positive, default=16_384)
@@ -422,6 +430,9 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
     if not bundle.is_absolute():
         token = dataclasses.replace(settings.token, rootcertbundle=str(base_dir / bundle))
         settings = dataclasses.replace(settings, token=token)
+    jwks = settings.token.jwks
+    if jwks and not Path(jwks).is_absolute():
+        settings = dataclasses.replace(settings, token=dataclasses.replace(settings.token, jwks=str(base_dir / jwks)))
     key = settings.updater.signing_key
     if key and not Path(key).is_absolute():
         settings = dataclasses.replace(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from geo_route.access import Grants, format_scope
-from geo_route.config import Settings, TagPolicy
+from geo_route.config import Dialect, Settings, TagPolicy
 from geo_route.index.model import (
     DigestDeleted,
     IndexQuery,
@@ -98,6 +98,7 @@ class Policy:
     write_fence: float = 0.0  # a write through the site keeps its tags off the index this long
     cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about a blob
     stale_if_error: float = 0.0  # a pin at most this old may be served if the primary is unreachable (0: never)
+    dialect: Dialect = "distribution-2.8"  # the registries' challenge text (token.dialect)
     refetch_recheck: float = 0.0  # a refetch of content verified longer ago asks for another verification
 
     @classmethod
@@ -111,6 +112,7 @@ class Policy:
             write_fence=settings.routing.write_fence,
             cache_digest_seconds=settings.routing.cache_digest_seconds,
             stale_if_error=settings.routing.stale_if_error,
+            dialect=settings.token.dialect,
             refetch_recheck=settings.routing.refetch_recheck,
         )
 
@@ -154,10 +156,9 @@ def authorize(operation: Operation, credential: Credential, policy: Policy) -> D
         return None
     scope = format_scope(operation.required)
     if isinstance(credential, TokenProblem):
-        invalid = credential is TokenProblem.INVALID
-        error = "invalid_token" if invalid else ""
-        reason = Reason.INVALID_TOKEN if invalid else Reason.NO_TOKEN
-        return Decision(401, reason, www_authenticate=format_challenge(policy, scope, error))
+        reason = Reason.NO_TOKEN if credential is TokenProblem.MISSING else Reason.INVALID_TOKEN
+        challenge = format_challenge(policy, scope, challenge_error(policy, credential))
+        return Decision(401, reason, www_authenticate=challenge)
     if not credential.allows_all(operation.required):
         challenge = format_challenge(policy, scope, "insufficient_scope")
         return Decision(401, Reason.INSUFFICIENT_SCOPE, www_authenticate=challenge)
@@ -311,8 +312,19 @@ def cache_seconds(operation: Operation, decision: Decision, credential: Credenti
     return max(0, int(min(policy.cache_digest_seconds, credential.expires_at - now)))
 
 
+def challenge_error(policy: Policy, problem: TokenProblem) -> str:
+    """The challenge's ``error`` for a refused token, as the site's registry dialect writes it:
+    Distribution 3 passes go-jose's own error for a bad signature or undecodable claims, and its
+    challenge then has no ``error`` at all; 2.8 and GitLab say ``invalid_token`` for every refusal."""
+    if problem is TokenProblem.MISSING:
+        return ""
+    if problem is TokenProblem.UNVERIFIABLE and policy.dialect == "distribution-3":
+        return ""
+    return "invalid_token"
+
+
 def format_challenge(policy: Policy, scope: str, error: str = "") -> str:
-    """``WWW-Authenticate`` exactly as registry 2.8 builds it (realm, service, scope, error)."""
+    """``WWW-Authenticate`` exactly as the registries build it (realm, service, scope, error)."""
     challenge = f"Bearer realm={_quote(policy.realm)},service={_quote(policy.service)}"
     if scope:
         challenge += f",scope={_quote(scope)}"

@@ -1,78 +1,56 @@
-"""Bearer-token verification with Docker Distribution 2.8 semantics.
+"""Bearer-token verification: what any configured registry dialect accepts, and nothing else.
 
-Keys come only from the configured PEM certificate bundle, loaded once as key objects and keyed by
-their libtrust fingerprint (the JWT ``kid``). ``x5c``/``jwk``/``jku`` headers are ignored: a token
-without a ``kid`` of a trusted key is invalid. The header ``alg`` must be allowed by the settings and
-match the key type (RSA: RS256/384/512; EC: exactly the ES* of its curve). ``iss`` and ``aud`` are
-compared exactly (``aud`` must be a string, as in 2.8), ``exp``/``nbf`` with leeway.
+The union of Distribution 2.8, 3.x and GitLab's registry (shared/registry-dialects.md §1): the
+signing key is found as ``geo_route.trusted_keys`` describes (x5c chain to the bundle, jwk of a
+trusted key, or a ``kid`` that names a trusted key as libtrust fingerprint, RFC 7638 thumbprint or
+JWKS id). The header ``alg`` must be allowed by ``token.algorithms`` and fit the key (RSA: RS*/PS*;
+EC: the ES* of its curve; Ed25519: EdDSA). Then, in Distribution 3's order: the claims must decode
+into the registry's Go types, ``iss`` must equal ``token.issuer``, ``aud`` must be ``token.service``
+or a list holding it, ``exp`` (required) and ``nbf`` are checked with ``token.leeway``. A token
+without ``iss``/``aud`` (GitLab's nested ``user`` token) is therefore never accepted.
 Nothing here ever logs or embeds a token in an error message.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import re
+import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.types import SigOptions
 
 from geo_route.access import Grants, parse_access_claim
 from geo_route.config import TokenSettings
-from geo_route.errors import KeyBundleError, TokenError
+from geo_route.errors import TokenError
+from geo_route.trusted_keys import Candidate, PublicKey, TrustedKeys, libtrust_kid, load_certificates, load_jwks
 
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-KID_PATTERN = re.compile(r"[A-Z2-7]{4}(?::[A-Z2-7]{4}){11}")
-RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512"})
+__all__ = ["PublicKey", "TokenProblem", "TokenVerifier", "TrustedKeys", "libtrust_kid", "load_trusted_keys"]
+
+RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
+LIBTRUST_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512"})
+# In Distribution 3's default signingalgorithms: with a public key they fail as a bad signature.
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 EC_ALGORITHM_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-DECODE_OPTIONS = {
-    "require": ["exp"],
-    "verify_signature": True,
-    "verify_exp": True,
-    "verify_nbf": True,
-    "verify_iat": False,  # the registry ignores iat
-    "verify_aud": False,  # checked exactly below: 2.8 accepts only a string
-    "verify_iss": False,  # checked exactly below
-    "verify_sub": False,  # GitLab sends sub: null for deploy tokens; the registry accepts it
-    "verify_jti": False,
-}
+INT64 = range(-(2**63), 2**63)
+SIGNATURE_ONLY: SigOptions = {"verify_signature": True}
 
 
-def libtrust_kid(key: PublicKey) -> str:
-    """The libtrust key ID: SHA-256 of the DER SubjectPublicKeyInfo, 30 bytes, base32, 4-char groups."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    encoded = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode("ascii")
-    return ":".join(encoded[i : i + 4] for i in range(0, 48, 4))
+class UnverifiableToken(TokenError):
+    """The signature does not verify with the trusted key, or the claims do not decode into the
+    registry's types: Distribution 3 answers these without ``error=`` in its challenge."""
 
 
-def load_trusted_keys(bundle: str | Path) -> dict[str, PublicKey]:
-    """Public keys of every certificate in a PEM bundle, keyed by libtrust kid (like ``rootcertbundle``)."""
-    try:
-        pem = Path(bundle).read_bytes()
-    except OSError as exc:
-        raise KeyBundleError(f"cannot read certificate bundle {bundle}: {exc.strerror}") from None
-    try:
-        certificates = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise KeyBundleError(f"certificate bundle {bundle} is not PEM certificates: {exc}") from None
-    keys: dict[str, PublicKey] = {}
-    for certificate in certificates:
-        key = certificate.public_key()
-        if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-            keys[libtrust_kid(key)] = key
-    if not keys:
-        raise KeyBundleError(f"certificate bundle {bundle} holds no RSA or EC public key")
-    return keys
+def load_trusted_keys(bundle: str | Path, jwks: str | Path = "", *, v3_0_ec_quirk: bool = False) -> TrustedKeys:
+    """Keys of ``token.rootcertbundle`` (and ``token.jwks``), under every accepted ``kid``."""
+    return TrustedKeys.build(load_certificates(bundle), load_jwks(jwks) if jwks else None, v3_0_ec_quirk=v3_0_ec_quirk)
 
 
 class TokenProblem(Enum):
@@ -80,6 +58,8 @@ class TokenProblem(Enum):
 
     MISSING = "missing"
     INVALID = "invalid"
+    # Bad signature or claims the registry cannot decode: no ``error=`` in Distribution 3's challenge.
+    UNVERIFIABLE = "unverifiable"
 
 
 Credential = Grants | TokenProblem
@@ -89,12 +69,16 @@ Credential = Grants | TokenProblem
 class AlgorithmCheck:
     allowed: frozenset[str]
 
-    def accepts(self, algorithm: str, key: PublicKey) -> bool:
-        if algorithm not in self.allowed:
+    def fits(self, algorithm: str, candidate: Candidate) -> bool:
+        """Whether ``algorithm`` is one the key can verify (allowed or not) when named this way."""
+        key = candidate.key
+        if candidate.libtrust and algorithm not in LIBTRUST_ALGORITHMS:
             return False
         if isinstance(key, rsa.RSAPublicKey):
             return algorithm in RSA_ALGORITHMS
-        return EC_ALGORITHM_BY_CURVE.get(key.curve.name) == algorithm
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            return EC_ALGORITHM_BY_CURVE.get(key.curve.name) == algorithm
+        return isinstance(key, ed25519.Ed25519PublicKey) and algorithm == "EdDSA"
 
 
 class TokenCache:
@@ -136,13 +120,13 @@ class TokenVerifier:
     def __init__(
         self,
         settings: TokenSettings,
-        keys: Mapping[str, PublicKey],
+        keys: TrustedKeys,
         *,
         clock: Callable[[], float] = time.time,
         on_cache: Callable[[bool], None] | None = None,
     ) -> None:
         self._settings = settings
-        self._keys = dict(keys)
+        self._keys = keys
         self._algorithms = AlgorithmCheck(frozenset(settings.algorithms))
         self._clock = clock
         self._cache = TokenCache(settings.cache_size, clock)
@@ -150,7 +134,8 @@ class TokenVerifier:
 
     @classmethod
     def from_settings(cls, settings: TokenSettings, **kwargs: Any) -> TokenVerifier:
-        return cls(settings, load_trusted_keys(settings.rootcertbundle), **kwargs)
+        keys = load_trusted_keys(settings.rootcertbundle, settings.jwks, v3_0_ec_quirk=settings.accept_v3_0_ec_quirk)
+        return cls(settings, keys, **kwargs)
 
     def authenticate(self, authorization: str | None) -> Credential:
         """Registry rule: anything but ``Bearer <token>`` counts as no token at all."""
@@ -159,6 +144,8 @@ class TokenVerifier:
             return TokenProblem.MISSING
         try:
             return self.verify(token)
+        except UnverifiableToken:
+            return TokenProblem.UNVERIFIABLE
         except TokenError:
             return TokenProblem.INVALID
 
@@ -174,64 +161,111 @@ class TokenVerifier:
     def _verify_uncached(self, token: str) -> Grants:
         if len(token) > self._settings.max_token_bytes:
             raise TokenError("token too large")
-        key, algorithm = self._select_key(token)
-        try:
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=[algorithm],
-                options=DECODE_OPTIONS,  # type: ignore[arg-type]
-                leeway=self._settings.leeway,
-            )
-        except jwt.PyJWTError as exc:
-            raise TokenError(f"token rejected: {type(exc).__name__}") from None
-        return self._grants_from(claims)
-
-    def _select_key(self, token: str) -> tuple[PublicKey, str]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise TokenError("malformed token header") from None
-        kid, algorithm = header.get("kid"), header.get("alg")
-        if not isinstance(kid, str) or not KID_PATTERN.fullmatch(kid):
-            raise TokenError("token has no libtrust kid")
-        key = self._keys.get(kid)
-        if key is None:
-            raise TokenError("token signed by an untrusted key")
-        if not isinstance(algorithm, str) or not self._algorithms.accepts(algorithm, key):
-            raise TokenError("token algorithm not allowed for its key")
-        return key, algorithm
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or not (
+            algorithm in self._algorithms.allowed or algorithm in HMAC_ALGORITHMS
+        ):
+            raise TokenError("token algorithm not allowed")
+        claims, candidate = self._verified_claims(token, algorithm, self._signing_keys(header))
+        try:
+            return self._grants_from(claims, libtrust_only=candidate.libtrust)
+        except UnverifiableToken as exc:
+            if candidate.libtrust:  # Distribution 3 would not have found this key: its invalid_token
+                raise TokenError(str(exc)) from None
+            raise
 
-    def _grants_from(self, claims: dict[str, Any]) -> Grants:
-        if claims.get("iss") != self._settings.issuer:
-            raise TokenError("token issuer mismatch")
-        audience = claims.get("aud")
-        if not isinstance(audience, str) or audience != self._settings.service:
-            raise TokenError("token audience mismatch")
-        expires = claims["exp"]
+    def _signing_keys(self, header: dict[str, Any]) -> tuple[Candidate, ...]:
+        """The registries' order: ``x5c``, else ``jwk``, else ``kid``; the first present decides."""
+        if header.get("x5c"):
+            return (Candidate(self._keys.for_chain(header["x5c"], self._clock())),)
+        if header.get("jwk") is not None:
+            return self._keys.for_jwk(header["jwk"], self._clock())
+        return self._keys.for_kid(header.get("kid"))
+
+    def _verified_claims(
+        self, token: str, algorithm: str, candidates: tuple[Candidate, ...]
+    ) -> tuple[dict[str, Any], Candidate]:
+        """The claims, once one candidate key verifies the signature. A failure with a key that
+        Distribution 3 would also have found is its bad-signature case (``UnverifiableToken``)."""
+        unverifiable = False
+        for candidate in candidates:
+            unverifiable = unverifiable or not candidate.libtrust
+            if not self._algorithms.fits(algorithm, candidate):
+                continue  # HS* never fits: a public key is no shared secret
+            try:
+                payload = jwt.api_jws.decode_complete(token, candidate.key, [algorithm], SIGNATURE_ONLY)["payload"]
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError:
+                raise TokenError("malformed token") from None
+            try:
+                claims = json.loads(payload)
+            except ValueError:
+                claims = None
+            if not isinstance(claims, dict):
+                raise (TokenError if candidate.libtrust else UnverifiableToken)("token claims are not an object")
+            return claims, candidate
+        if unverifiable:
+            raise UnverifiableToken("token signature does not verify with its trusted key")
+        raise TokenError("token signature does not verify with its trusted key")
+
+    def _grants_from(self, claims: dict[str, Any], *, libtrust_only: bool) -> Grants:
+        """``libtrust_only``: the key was found the way only 2.8 and GitLab find it, and they decode
+        ``aud`` as a string."""
         check_go_types(claims)
         try:
             actions = parse_access_claim(claims.get("access"))
         except ValueError as exc:
-            raise TokenError(f"token access claim malformed: {exc}") from None
+            raise UnverifiableToken(f"token access claim malformed: {exc}") from None
+        if claims.get("iss") != self._settings.issuer:
+            raise TokenError("token issuer mismatch")
+        audience = claims.get("aud")
+        if libtrust_only and isinstance(audience, list):
+            raise TokenError("token aud is a list, which registries naming keys the libtrust way refuse")
+        if not audience_matches(audience, self._settings.service):
+            raise TokenError("token audience mismatch")
+        now, leeway = self._clock(), self._settings.leeway
+        expires = claims.get("exp") or 0  # Go: absent or null is 0, long past
+        if now > expires + leeway:
+            raise TokenError("token expired (or has no exp)")
+        if now < (claims.get("nbf") or 0) - leeway:
+            raise TokenError("token not yet valid")
         subject = claims.get("sub")
         return Grants(subject=subject if isinstance(subject, str) else "", expires_at=float(expires), actions=actions)
 
 
-INTEGER_CLAIMS = ("exp", "nbf", "iat")  # int64 in registry 2.8's ClaimSet
+def audience_matches(audience: object, service: str) -> bool:
+    """2.8 and GitLab: a string; Distribution 3 also a list, any element matching."""
+    if isinstance(audience, str):
+        return audience == service
+    return isinstance(audience, list) and service in audience
+
+
+INTEGER_CLAIMS = ("exp", "nbf", "iat")  # int64 in the registries' ClaimSet (null decodes to 0)
 STRING_CLAIMS = ("iss", "sub", "jti")  # string (JSON null decodes to "")
 
 
 def check_go_types(claims: dict[str, Any]) -> None:
-    """Registry 2.8 decodes the claims into Go types and refuses a token whose claim does not fit
-    (``exp: 1.5`` or ``sub: 42`` is a malformed token there): refuse the same ones."""
+    """The registries decode the claims into Go types and refuse a token whose claim does not fit
+    (``exp: 1.5``, ``sub: 42``, ``aud: 7``, ``aud: [7]`` are malformed there): refuse the same ones."""
     for name in INTEGER_CLAIMS:
         value = claims.get(name)
-        if name in claims and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TokenError(f"token {name} is not an integer")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value not in INT64):
+            raise UnverifiableToken(f"token {name} is not an integer")
     for name in STRING_CLAIMS:
         if claims.get(name) is not None and not isinstance(claims[name], str):
-            raise TokenError(f"token {name} is not a string")
+            raise UnverifiableToken(f"token {name} is not a string")
+    audience = claims.get("aud")
+    if not (
+        audience is None
+        or isinstance(audience, str)
+        or (isinstance(audience, list) and all(isinstance(item, str) for item in audience))
+    ):
+        raise UnverifiableToken("token aud is neither a string nor a list of strings")
 
 
 def bearer_token(authorization: str | None) -> str | None:

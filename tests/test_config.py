@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,65 @@ def test_check_config_warns_when_local_content_is_never_verified(site_file: Call
     unkeyed = load_settings(site_file(), environ={})
     assert any("cannot read local content back" in w for w in config_warnings(unkeyed))
     assert load_settings(site_file(), environ=keyed).updater.verify_bytes_per_second > 0, "on by default"
+
+
+class TestTokenSettings:
+    def test_defaults_accept_every_asymmetric_registry_algorithm(self, settings: Settings) -> None:
+        assert set(settings.token.algorithms) == {f"{f}{n}" for f in ("RS", "ES", "PS") for n in (256, 384, 512)} | {
+            "EdDSA"
+        }
+        assert settings.token.dialect == "distribution-2.8" and settings.token.jwks == ""
+        assert settings.token.accept_v3_0_ec_quirk is False
+
+    @pytest.mark.parametrize("algorithms", ["[HS256]", "[RS256, none]", "[HS512, PS256]", "[]"])
+    def test_symmetric_and_none_are_never_accepted(self, site_file: Callable[..., Path], algorithms: str) -> None:
+        with pytest.raises(ConfigError) as caught:
+            load_settings(site_file(), environ={"GEO_ROUTE_TOKEN__ALGORITHMS": algorithms})
+        assert [p.split(":", 1)[0] for p in caught.value.problems] == ["token.algorithms"]
+
+    def test_a_registrys_signingalgorithms_map_onto_algorithms(self, site_file: Callable[..., Path]) -> None:
+        settings = load_settings(site_file(), environ={"GEO_ROUTE_TOKEN__ALGORITHMS": "[PS256, EdDSA]"})
+        assert settings.token.algorithms == ("PS256", "EdDSA")
+
+    def test_dialect_is_one_of_the_known_registries(self, site_file: Callable[..., Path]) -> None:
+        for dialect in ("distribution-2.8", "distribution-3", "gitlab"):
+            environ = {"GEO_ROUTE_TOKEN__DIALECT": dialect}
+            assert load_settings(site_file(), environ=environ).token.dialect == dialect
+        with pytest.raises(ConfigError, match=r"token\.dialect"):
+            load_settings(site_file(), environ={"GEO_ROUTE_TOKEN__DIALECT": "distribution-3.1"})
+
+    def test_relative_jwks_path_is_relative_to_the_file(self, site_file: Callable[..., Path]) -> None:
+        path = site_file(extra="")
+        settings = load_settings(path, environ={"GEO_ROUTE_TOKEN__JWKS": "keys/jwks.json"})
+        assert settings.token.jwks == str(path.parent / "keys/jwks.json")
+
+    def test_unreadable_jwks_is_a_check_config_problem(
+        self, site_file: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+    ) -> None:
+        (tmp_path / "jwks.json").write_text("{}")
+        monkeypatch.setenv("GEO_ROUTE_TOKEN__JWKS", str(tmp_path / "jwks.json"))
+        assert main(["check-config", "-c", str(site_file())]) == 1
+        assert "token.jwks: JWKS file" in capsys.readouterr().err
+
+
+def test_check_config_warns_when_the_signing_key_has_no_certificate_in_the_bundle(
+    site_file: Callable[..., Path], tmp_path: Path, rsa_key: Any
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from geo_route.cli import config_warnings
+
+    def key_file(key: Any, name: str) -> str:
+        path = tmp_path / name
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.write_bytes(pem)
+        return str(path)
+
+    in_bundle = load_settings(site_file(), environ={"GEO_ROUTE_UPDATER__SIGNING_KEY": key_file(rsa_key.private, "a")})
+    assert config_warnings(in_bundle) == []
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    outside = load_settings(site_file(), environ={"GEO_ROUTE_UPDATER__SIGNING_KEY": key_file(stranger, "b")})
+    assert [w for w in config_warnings(outside) if "no certificate in token.rootcertbundle" in w]

@@ -1,8 +1,10 @@
 """The sites' shared token-signing key: an RSA-2048 private key and its self-signed certificate.
 
 The token service signs with the key; every registry (primary and secondary) and the geo-route auth
-service trust the certificate as their ``rootcertbundle``. Tokens name the key by its libtrust
-fingerprint (``kid``), as GitLab's do.
+service trust the certificate as their ``rootcertbundle``. The token service's tokens name the key by
+its libtrust fingerprint (``kid``), as GitLab's do; geo-route's own reconcile tokens add this
+certificate as ``x5c`` (a CA certificate, so it also verifies as a one-certificate chain), the form
+every registry dialect accepts.
 """
 
 from __future__ import annotations
