@@ -6,14 +6,18 @@ site's default edge settings except the descriptor limit (the devstack's hard li
 pushed through the site and replicated, so its pulls are served locally. Then, for each phase, a
 puller measures whole replicated pulls through the site, one after another on a fresh connection
 each (a manifest GET by tag, then every blob GET, with a pull token), while ``wrk`` floods the site
-with requests that carry no token (each one a 401 from the auth service, or NGINX's 429 once one
-address has more than ``nginx.per_address_connections`` requests in progress):
+with requests that carry no token: each one a 401 decided by the auth service until the address has
+had ``nginx.per_address_denials_burst`` of them (500), then at most ``nginx.per_address_denials`` a
+second (50); the rest NGINX answers 429 itself, after a 1 s pause, without asking the service (and
+429 at once past ``nginx.per_address_connections`` requests in progress):
 
 * no flood;
-* flood: ``--connections`` wrk connections (default 64, under the per-address cap: every request
-  reaches the auth service);
-* flood past the cap: ``--over-cap`` connections (default 2,000 > 1,024: NGINX answers the excess
-  with 429 before asking the auth service).
+* flood: ``--connections`` wrk connections (default 64, under the per-address cap);
+* flood past the cap: ``--over-cap`` connections (default 2,000 > 1,024).
+
+``--denials 0`` turns the denial limit off (the edge before it: every request of the flood cost an
+auth subrequest, and past the cap its 1,024 requests in progress were as many decisions queued ahead
+of every other client's).
 
 The puller connects from 127.0.0.2, the flood from 127.0.0.1: two clients, each with its own cap.
 
@@ -21,7 +25,8 @@ Printed per phase: pulls, p50/p99/max pull time, failed pulls, and the flood's r
 mix (from NGINX's counters). Exit status 0 when every pull succeeded, 1 otherwise.
 
 Usage:
-    .venv/bin/python benchmarks/flood.py [--quick] [--seconds S] [--connections C] [--over-cap C] [--json FILE]
+    .venv/bin/python benchmarks/flood.py [--quick] [--seconds S] [--connections C] [--over-cap C]
+        [--per-address C] [--denials N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64, help="flood connections (under the cap)")
     parser.add_argument("--over-cap", type=int, default=2000, help="flood connections past the per-address cap")
     parser.add_argument("--per-address", type=int, help="nginx.per_address_connections (default: the site default)")
+    parser.add_argument("--denials", type=int, help="nginx.per_address_denials (default: the site default; 0: off)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--layer-kib", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="5 s phases")
@@ -164,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is not installed (script/bootstrap installs it)", file=sys.stderr)
         return 2
     seconds = 5.0 if args.quick else args.seconds
-    overrides = {"nginx": {"per_address_connections": args.per_address}} if args.per_address is not None else {}
+    nginx: dict[str, int] = {}
+    if args.per_address is not None:
+        nginx["per_address_connections"] = args.per_address
+    if args.denials is not None:
+        nginx["per_address_denials"] = args.denials
+    overrides = {"nginx": nginx} if nginx else {}
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # wrk inherits it: --over-cap connections need as many descriptors
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

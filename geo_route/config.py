@@ -236,8 +236,10 @@ class NginxSettings:
     limit, so set it at most to that hard limit where NGINX cannot raise it) and ``worker_connections``
     is derived from it. A client that has not sent its whole request header within
     ``client_header_timeout`` seconds is reset; ``per_address_connections`` caps the requests in
-    progress per client address (0: no cap); ``metrics_listen`` serves NGINX's own counters
-    (empty: off).
+    progress per client address (0: no cap); ``per_address_denials`` (per second, after a burst of
+    ``per_address_denials_burst``) caps the 401/403 answers per client address, past which NGINX
+    answers 429 itself without asking the auth service (0: no cap); ``metrics_listen`` serves NGINX's
+    own counters (empty: off).
     """
 
     listen: tuple[str, ...] = ("127.0.0.1:5080",)
@@ -265,6 +267,8 @@ class NginxSettings:
     send_timeout: int = _checked(check_positive, default=30)
     keepalive_timeout: int = _checked(check_not_negative, default=20)
     per_address_connections: int = _checked(check_not_negative, default=1024)
+    per_address_denials: int = _checked(check_not_negative, default=50)
+    per_address_denials_burst: int = _checked(check_positive, default=500)
     metrics_listen: str = _checked(check_metrics_listen, default="127.0.0.1:9145")
 
     @property

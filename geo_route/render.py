@@ -41,6 +41,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # The client's Accept, passed to the auth service (web/auth.py reads it for tag negotiation), and
 # the longest joined value NGINX passes (gunicorn refuses a header field over 8190 bytes).
 AUTH_ACCEPT_MAX_BYTES = 4096
+# Seconds NGINX holds a request past nginx.per_address_denials before its 429 (a timer): a flood on
+# N connections gets N answers a second at most, not as many as NGINX's workers could produce.
+DENIED_429_PAUSE = 1
 
 
 class RenderError(GeoRouteError):
@@ -81,6 +84,13 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "geo_headers": list(contract.ROUTING_HEADERS),
         "reuse_header": contract.REUSE_SECONDS,
         "route_local": "local",
+        # nginx.per_address_denials as GCRA: seconds one request moves its address on, and how far
+        # ahead an address may be (burst/rate) before NGINX answers 429 itself.
+        "denials_interval": f"{1 / nginx.per_address_denials:g}" if nginx.per_address_denials else "",
+        "denials_tolerance": f"{nginx.per_address_denials_burst / nginx.per_address_denials:g}"
+        if nginx.per_address_denials
+        else "",
+        "denials_pause": DENIED_429_PAUSE,
     }
 
 

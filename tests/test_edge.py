@@ -16,7 +16,9 @@ import errno
 import http.client
 import resource
 import selectors
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +222,75 @@ def request(address: str, method: str, path: str, headers: dict[str, str], *, so
         return HttpAnswer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
     finally:
         connection.close()
+
+
+# -- a flood of unauthorized requests from one address (nginx.per_address_denials)
+
+FLOOD_CONNECTIONS = 1000  # under nginx.per_address_connections: only the denial limit can answer it
+FLOOD_PATH = f"/v2/{REPOSITORY}/manifests/v1"  # no token: a 401 decided by the auth service each time
+FLOOD_SETTLE = 3.0  # seconds: the flood has spent its burst of denials
+PULLS, PULL_BOUND = 5, 2.0  # whole pulls from another address, each within PULL_BOUND seconds
+MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_a_flood_of_unauthorized_requests_from_one_address_does_not_stop_anothers_pulls(tmp_path: Path) -> None:
+    """Before nginx.per_address_denials every request of the flood cost an auth subrequest: its 1,000
+    requests in progress were 1,000 decisions queued ahead of everyone else's (a pull took ~10 s, its
+    decisions timing out to the primary). Now past 500 denials, then 50 a second, NGINX answers the
+    address's requests 429 itself, after a 1 s pause (a timer), and other addresses' pulls are served
+    locally in their usual tens of milliseconds."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        pytest.skip("wrk is not installed (script/bootstrap installs it)")
+    raise_descriptor_limit(FLOOD_CONNECTIONS + 1024)
+    with started_stack(tmp_path / "stack") as client:
+        built = build_oci_image(tmp_path / "image", "v1", variant="flood", layer_count=2)
+        client.push(built, REPOSITORY, "v1")
+        client.replicate(REPOSITORY, ["v1"])
+        token = client.token(f"repository:{REPOSITORY}:pull")
+        paths = [f"/v2/{REPOSITORY}/manifests/v1", *(f"/v2/{REPOSITORY}/blobs/{d}" for d in built.blob_digests)]
+        argv = [wrk, "-t", "2", "-c", str(FLOOD_CONNECTIONS), "-d", "60s", "--timeout", "10s"]
+        flood = subprocess.Popen([*argv, f"http://{client.secondary}{FLOOD_PATH}"], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(FLOOD_SETTLE)
+            since = client.access_log_offset()
+            for _ in range(PULLS):
+                started = time.monotonic()
+                statuses = pull_from(client.secondary, paths, token, source="127.0.0.2")
+                took = time.monotonic() - started
+                assert statuses == [200] * len(paths) and took < PULL_BOUND, f"a pull took {took:.1f}s: {statuses}"
+            # The flood's own requests: a rate, not a ban (one may find a free slot between its waves).
+            answers = (get(client.secondary, FLOOD_PATH, source="127.0.0.1") for _ in range(20))
+            refused = next((answer for answer in answers if answer.status != 401), None)
+            assert refused is not None, "the flood's address was never refused"
+            assert refused.status == 429 and b"too many unauthorized requests" in refused.body, refused
+            assert refused.headers.get("docker-distribution-api-version") == "registry/2.0"
+            assert get(client.secondary, FLOOD_PATH, source="127.0.0.2").status == 401  # another address
+        finally:
+            flood.terminate()
+            flood.wait(timeout=10)
+        entries = client.access_log(since)
+        pulled = [entry for entry in entries if entry.status == 200]
+        # Each decided by the auth service in time (a repeated blob goes to the primary until verified:
+        # routing.refetch_window), none sent round it for want of an answer ("auth-unavailable").
+        assert len(pulled) == PULLS * len(paths) and {entry.route for entry in pulled} <= {"local", "primary"}
+        assert all(entry.reason for entry in pulled)
+        limited = [entry for entry in entries if entry.status == 429]
+        assert limited and {entry.reason for entry in limited} == {"too-many-denials"}
+
+
+def pull_from(address: str, paths: list[str], token: str, *, source: str) -> list[int]:
+    """GET each path on one fresh connection from ``source`` with the pull token; the statuses."""
+    host, port = address.rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=15, source_address=(source, 0))
+    headers = {"Authorization": f"Bearer {token}", "Accept": MANIFEST_TYPES}
+    statuses = []
+    try:
+        for path in paths:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        connection.close()
+    return statuses

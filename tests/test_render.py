@@ -203,6 +203,14 @@ def test_the_edge_is_sized_from_the_descriptor_limit_and_times_out_slow_clients(
         block = block[: block.index("\n}")]
         assert "limit_conn geo_route_per_address 1024;" in block and "limit_conn_status 429;" in block
         assert "error_page 429 = @geo_route_too_many_requests;" in block
+        # 50 denials a second after a burst of 500 (1/50 s each, 10 s ahead at most): then 429
+        # before the subrequest; a request the service lets through gives its 1/50 s back.
+        assert block.index("rewrite_by_lua_block {") < block.index("auth_request /_geo_route/auth;")
+        assert "if due - now > 10 then" in block and "denials:set(address, due + 0.02," in block
+        assert "access_by_lua_block {\n        ngx.shared.geo_route_denials:incr(" in block
+    assert "lua_shared_dict geo_route_denials 10m;" in text
+    log_block = server[server.index("log_by_lua_block {") :]
+    assert 'ngx.var.status ~= "401" and ngx.var.status ~= "403" then' in log_block
     conf = tmp_path / "nginx.conf"
     conf.write_text(text)
     check_with_nginx(conf)
@@ -211,6 +219,7 @@ def test_the_edge_is_sized_from_the_descriptor_limit_and_times_out_slow_clients(
 def test_no_per_address_cap_and_no_metrics_server_when_off(tmp_path: Path) -> None:
     environ = {
         "GEO_ROUTE_NGINX__PER_ADDRESS_CONNECTIONS": "0",
+        "GEO_ROUTE_NGINX__PER_ADDRESS_DENIALS": "0",
         "GEO_ROUTE_NGINX__METRICS_LISTEN": "",
         "GEO_ROUTE_ROUTING__REFETCH_WINDOW": "0",
     }
@@ -221,6 +230,9 @@ def test_no_per_address_cap_and_no_metrics_server_when_off(tmp_path: Path) -> No
         "log_by_lua",
         "@geo_route_too_many_requests",
         "geo_route_fetched",
+        "geo_route_denials",
+        "geo_route_limit",
+        "rewrite_by_lua",
     ):
         assert absent not in text, absent
 
