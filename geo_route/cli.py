@@ -33,6 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--no-check", action="store_true", help="skip `nginx -t` on the written file")
     render.set_defaults(handler=run_render_nginx)
 
+    registry_config = commands.add_parser(
+        "registry-config", help="print the notification and token sections of a registry's configuration"
+    )
+    registry_config.add_argument("-c", "--config", required=True, help="the YAML site file")
+    registry_config.add_argument(
+        "--dialect",
+        choices=("distribution-2.8", "distribution-3", "gitlab"),
+        help="the registry's dialect (default token.dialect): YAML for Distribution, gitlab.rb Ruby for GitLab",
+    )
+    registry_config.add_argument(
+        "--for",
+        dest="target",
+        choices=("local", "primary"),
+        default="local",
+        help="this site's registry (default) or the primary's",
+    )
+    registry_config.add_argument(
+        "--updater-url", help="where the registry reaches the updater (default http://<updater.bind>)"
+    )
+    registry_config.add_argument("--jwks-path", help="Distribution 3: the JWKS file's path on the registry's host")
+    registry_config.set_defaults(handler=run_registry_config)
+
+    jwks = commands.add_parser("jwks", help="write the JWKS file a Distribution 3 registry needs for libtrust kids")
+    jwks.add_argument("-c", "--config", required=True, help="the YAML site file")
+    jwks.add_argument("-o", "--output", help="write here (atomically) instead of standard output")
+    jwks.set_defaults(handler=run_jwks)
+
     devstack = commands.add_parser("devstack", help="the development stack (every real component on loopback)")
     devstack_commands = devstack.add_subparsers(dest="devstack_command", required=True)
     up = devstack_commands.add_parser("up", help="start everything, write DIR/stack.json, leave it running")
@@ -172,6 +199,44 @@ def run_render_nginx(args: argparse.Namespace) -> int:
     except (ConfigError, RenderError) as exc:
         print(exc, file=sys.stderr)
         return 1
+    return 0
+
+
+def run_registry_config(args: argparse.Namespace) -> int:
+    from geo_route.registry_config import render_registry_config
+
+    try:
+        settings = load_settings(args.config)
+        text = render_registry_config(
+            settings,
+            args.dialect or settings.token.dialect,
+            args.target,
+            updater_url=args.updater_url,
+            jwks_path=args.jwks_path,
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    sys.stdout.write(text)  # holds the updater's secret: what the operator pastes; never logged
+    return 0
+
+
+def run_jwks(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.registry_config import jwks_document, jwks_text
+    from geo_route.render import write_atomically
+
+    try:
+        text = jwks_text(jwks_document(load_validated(args.config)))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    write_atomically(Path(args.output), text)
+    print(f"{args.output}: written", file=sys.stderr)
     return 0
 
 

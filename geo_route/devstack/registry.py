@@ -1,21 +1,30 @@
-"""A real Docker Distribution 2.8 registry (Debian's ``docker-registry``) with token auth, on loopback.
+"""A real Docker Distribution registry with token auth, on loopback: Debian's ``docker-registry`` (2.8)
+or the binary ``DEVSTACK_REGISTRY_BINARY`` names (e.g. a Distribution 3 built from source).
 
 ``start_registry`` writes the YAML config next to the filesystem storage and runs
-``docker-registry serve CONFIG`` until ``GET /v2/`` answers 401 with a ``Bearer`` challenge.
-Every site's registry trusts the same signing certificate, so one token works on all of them.
+``REGISTRY serve CONFIG`` until ``GET /v2/`` answers 401 with a ``Bearer`` challenge.
+Every site's registry trusts the same signing certificate, so one token works on all of them. A
+binary whose ``--version`` says 3 or later also gets ``auth.token.jwks``: the bundle's keys under
+their libtrust fingerprints (what ``geo-route jwks`` writes), without which Distribution 3 refuses
+tokens that name their key by libtrust ``kid`` only (the token service's, like GitLab's).
 Notification endpoints follow protocol notes §1.5 (the 2.8 ``ignore.actions`` needs a dummy media type).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+import re
 import secrets
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 
 from geo_route.devstack.keys import write_private
 from geo_route.devstack.processes import (
@@ -26,9 +35,15 @@ from geo_route.devstack.processes import (
     require_binary,
     start_until_ready,
 )
+from geo_route.errors import DevstackError
+from geo_route.registry_config import write_jwks_file
 
 DUMMY_IGNORED_MEDIA_TYPE = "application/x-none"
 ENVIRONMENT_OVERRIDE_PREFIX = "REGISTRY_"  # the registry reads REGISTRY_<SECTION>_<KEY> as config overrides
+# Not GEO_ROUTE_*: the site loader reads every GEO_ROUTE_* variable as a setting and refuses others.
+BINARY_VARIABLE = "DEVSTACK_REGISTRY_BINARY"
+DEFAULT_BINARY = "docker-registry"
+JWKS_FILE = "token.jwks"
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class TokenAuth:
     service: str
     issuer: str
     rootcertbundle: Path
+    jwks: Path | None = None  # Distribution 3's auth.token.jwks
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ def render_registry_config(
                 "service": auth.service,
                 "issuer": auth.issuer,
                 "rootcertbundle": str(auth.rootcertbundle),
+                **({"jwks": str(auth.jwks)} if auth.jwks is not None else {}),
             }
         },
         "health": {"storagedriver": {"enabled": False}},
@@ -144,15 +161,20 @@ def start_registry(
     port: int | None = None,
     notifications: Sequence[NotificationEndpoint] = (),
     timeout: float = 30.0,
+    sections: Mapping[str, Any] | None = None,
 ) -> RegistryProcess:
-    """Run ``docker-registry serve`` with storage in ``directory/storage``; returns once token auth answers."""
-    binary = require_binary("docker-registry")
+    """Run ``REGISTRY serve`` with storage in ``directory/storage``; returns once token auth answers.
+
+    ``sections`` replaces whole top-level sections of the configuration (e.g. a ``notifications``
+    section as ``geo-route registry-config`` prints it)."""
+    binary = registry_binary()
     port = port or free_port()
     storage = directory / "storage"
     storage.mkdir(parents=True, exist_ok=True)
-    config_path = write_registry_config(
-        directory / f"{name}.yml", render_registry_config(storage, port, auth, notifications)
-    )
+    if auth.jwks is None and registry_major_version(binary) >= 3:
+        auth = dataclasses.replace(auth, jwks=bundle_jwks(auth.rootcertbundle, directory / JWKS_FILE))
+    config = {**render_registry_config(storage, port, auth, notifications), **(sections or {})}
+    config_path = write_registry_config(directory / f"{name}.yml", config)
     url = f"http://{LOOPBACK}:{port}"
     argv = [binary, "serve", str(config_path)]
     ready = lambda: challenges_for_token(url)  # noqa: E731
@@ -170,3 +192,31 @@ def challenges_for_token(url: str) -> bool:
 def registry_environment() -> dict[str, str]:
     """Our environment without ``REGISTRY_*``, which the registry would read as config overrides."""
     return {key: value for key, value in os.environ.items() if not key.startswith(ENVIRONMENT_OVERRIDE_PREFIX)}
+
+
+def registry_binary() -> str:
+    """``DEVSTACK_REGISTRY_BINARY`` (an executable's path) if set, else Debian's ``docker-registry``."""
+    chosen = os.environ.get(BINARY_VARIABLE, "")
+    if not chosen:
+        return require_binary(DEFAULT_BINARY)
+    if not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+        raise DevstackError(f"{BINARY_VARIABLE}={chosen} is not an executable file")
+    return os.path.abspath(chosen)
+
+
+@functools.lru_cache(maxsize=8)
+def registry_major_version(binary: str) -> int:
+    """The major version ``BINARY --version`` prints (``... 2.8.2+ds1``, ``... v3.0.0``)."""
+    try:
+        result = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise DevstackError(f"{binary} --version failed: {exc}") from None
+    match = re.search(r"\sv?(\d+)\.\d+", result.stdout + result.stderr)
+    if match is None:
+        raise DevstackError(f"{binary} --version names no version: {(result.stdout + result.stderr)[:200]!r}")
+    return int(match.group(1))
+
+
+def bundle_jwks(bundle: Path, path: Path) -> Path:
+    """The JWKS file of ``bundle`` at ``path``: its keys under libtrust fingerprint and thumbprint."""
+    return write_jwks_file(path, x509.load_pem_x509_certificates(bundle.read_bytes()))

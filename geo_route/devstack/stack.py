@@ -1,8 +1,9 @@
 """The whole development stack of a geo-route site on loopback: what tests, the demo and benchmarks share.
 
 ``bring_up(directory)`` starts, each on a free 127.0.0.1 port and each with its log in ``directory``:
-redis-server, the development token service, two Docker Distribution 2.8 registries (primary and
-secondary, token auth with one shared key), the geo-route auth service under gunicorn and NGINX
+redis-server, the development token service, two Docker Distribution registries (primary and
+secondary, token auth with one shared key; Debian's 2.8, or the binary ``DEVSTACK_REGISTRY_BINARY``
+names), the geo-route auth service under gunicorn and NGINX
 from the rendered site config. It waits until every part answers, writes ``stack.json`` and returns;
 the processes keep running. ``tear_down(directory)`` stops exactly the PIDs in ``stack.json``.
 If start-up fails half-way, what was started is stopped again.
@@ -35,7 +36,7 @@ from geo_route.devstack.processes import (
     stop_pid,
 )
 from geo_route.devstack.redis_server import RedisProcess
-from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, start_registry
+from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, registry_binary, start_registry
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
 from geo_route.devstack.token_service import start_token_service
 from geo_route.errors import DevstackError
@@ -132,8 +133,9 @@ def bring_up(
     """
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    for binary in ("redis-server", "docker-registry", "nginx", "skopeo"):
+    for binary in ("redis-server", "nginx", "skopeo"):
         require_binary(binary)
+    registry_binary()  # DEVSTACK_REGISTRY_BINARY or docker-registry
     processes: dict[str, LoggedProcess] = {}
     try:
         info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides)
