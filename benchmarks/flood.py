@@ -15,7 +15,9 @@ second (50); the rest NGINX answers 429 itself, after a 1 s pause, without askin
 * flood: ``--connections`` wrk connections (default 64, under the per-address cap);
 * flood past the cap: ``--over-cap`` connections (default 2,000 > 1,024).
 
-``--denials 0`` turns the denial limit off (the edge before it: every request of the flood cost an
+``--bad-token`` floods with ``Authorization: Bearer`` and a token that does not verify (each one
+a 401 too; such requests count once denied, or from their start once the address is past half its
+burst). ``--denials 0`` turns the denial limit off (the edge before it: every request of the flood cost an
 auth subrequest, and past the cap its 1,024 requests in progress were as many decisions queued ahead
 of every other client's).
 
@@ -26,7 +28,7 @@ mix (from NGINX's counters). Exit status 0 when every pull succeeded, 1 otherwis
 
 Usage:
     .venv/bin/python benchmarks/flood.py [--quick] [--seconds S] [--connections C] [--over-cap C]
-        [--per-address C] [--denials N] [--json FILE]
+        [--per-address C] [--denials N] [--bad-token] [--json FILE]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ FLOOD_PATH = f"/v2/{REPOSITORY}/manifests/{TAG}"
 # The puller is another client than the flood (wrk connects from 127.0.0.1): the per-address cap
 # is the flood's, not the puller's.
 PULLER_ADDRESS = "127.0.0.2"
+BAD_TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJmbG9vZCJ9.c2lnbmF0dXJl"  # well formed, signed by no trusted key
 MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
 
@@ -116,7 +119,13 @@ def flood_counts(client: StackClient) -> dict[str, float]:
 
 
 def run_phase(
-    client: StackClient, image: OciImage, token: str, phase: str, connections: int, seconds: float
+    client: StackClient,
+    image: OciImage,
+    token: str,
+    phase: str,
+    connections: int,
+    seconds: float,
+    flood_headers: tuple[str, ...] = (),
 ) -> PhaseResult:
     address = client.secondary
     before = flood_counts(client)
@@ -124,6 +133,7 @@ def run_phase(
     if connections:
         threads = str(min(2, connections))
         argv = ["wrk", "-t", threads, "-c", str(connections), "-d", f"{seconds + 2:g}s", "--timeout", "10s"]
+        argv += [argument for header in flood_headers for argument in ("-H", header)]
         flood = subprocess.Popen([*argv, f"http://{address}{FLOOD_PATH}"], stdout=subprocess.PIPE, text=True)
         time.sleep(1.0)  # the flood is at full strength before the first pull
     counted_from = time.monotonic()
@@ -161,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--over-cap", type=int, default=2000, help="flood connections past the per-address cap")
     parser.add_argument("--per-address", type=int, help="nginx.per_address_connections (default: the site default)")
     parser.add_argument("--denials", type=int, help="nginx.per_address_denials (default: the site default; 0: off)")
+    parser.add_argument("--bad-token", action="store_true", help="the flood sends a token that does not verify")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--layer-kib", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="5 s phases")
@@ -190,15 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         client.replicate(REPOSITORY, [TAG])
         token = client.token(f"repository:{REPOSITORY}:pull")
         pull_once(client.secondary, image, token)  # warm: connections, decision paths
+        flood_headers = (f"Authorization: Bearer {BAD_TOKEN}",) if args.bad_token else ()
         print(
             f"replicated pulls of {REPOSITORY}:{TAG} ({args.layers} x {args.layer_kib} KiB) through the site, "
-            f"{seconds:g} s per phase; flood: GET {FLOOD_PATH} without a token (wrk)"
+            f"{seconds:g} s per phase; flood: GET {FLOOD_PATH} "
+            f"{'with a bad' if args.bad_token else 'without a'} token (wrk)"
         )
         print(f"{'phase':<24} {'flood':>6} {'pulls':>6} {'failed':>6} {'p50 ms':>8} {'p99 ms':>8}", end="")
         print(f" {'max ms':>8} {'flood/s':>9}  flood statuses")
         results = []
         for phase, connections in (("no flood", 0), ("flood", args.connections), ("flood past the cap", args.over_cap)):
-            result = run_phase(client, image, token, phase, connections, seconds)
+            result = run_phase(client, image, token, phase, connections, seconds, flood_headers)
             print_result(result)
             results.append(result)
     if args.json:
