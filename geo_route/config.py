@@ -28,6 +28,7 @@ ENV_SEPARATOR = "__"
 # Never none or HS*: a registry's key is public, so an HMAC "signature" with it proves nothing.
 SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA")
 TagPolicy = Literal["pinned", "primary"]
+RefetchRoute = Literal["local", "primary"]
 Dialect = Literal["distribution-2.8", "distribution-3", "gitlab"]
 Check = Callable[[Any], "str | None"]
 
@@ -161,14 +162,19 @@ class RoutingSettings:
     # Verified local content (docs/reliability.md "Corrupted local content"): NGINX remembers, per
     # client address, each blob or manifest by digest it served whole from the local registry for
     # refetch_window seconds (0 = off); a client fetching it again within that time (a client that
-    # rejected the bytes retries) is sent to the primary until the updater has verified the local
-    # copy, which then serves such refetches for refetch_trust seconds before they verify it again
-    # (a refetch waiting for its verification is still served here when the primary is unreachable).
+    # rejected the bytes retries) has the updater verify the local copy at once; refetches of a copy
+    # verified within refetch_recheck need no new verification; refetch_trust bounds how long a
+    # verification lets refetches be served here with refetch_route "primary".
     refetch_window: int = _checked(check_not_negative, default=600)
     refetch_trust: int = _checked(check_positive, default=600)
     # A refetch of content whose last verification is older than this (within its trust) is still
     # served here, and asks for the content to be verified again: a retrying client's bound.
     refetch_recheck: int = _checked(check_positive, default=60)
+    # Where a refetch of content not verified since goes while it is verified: "local" (served here;
+    # the client's next retry, once the verifier has read the copy, goes to the primary if it was
+    # bad: every replicated byte stays local) or "primary" (at once: a retrying client never gets the
+    # same bad copy twice, but a machine pulling the same image twice pays the WAN for it).
+    refetch_route: RefetchRoute = "local"
 
     @property
     def refresh_after(self) -> float:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from geo_route.access import Grants, format_scope
-from geo_route.config import Dialect, Settings, TagPolicy
+from geo_route.config import Dialect, RefetchRoute, Settings, TagPolicy
 from geo_route.index.model import (
     DigestDeleted,
     IndexQuery,
@@ -100,6 +100,7 @@ class Policy:
     stale_if_error: float = 0.0  # a pin at most this old may be served if the primary is unreachable (0: never)
     dialect: Dialect = "distribution-2.8"  # the registries' challenge text (token.dialect)
     refetch_recheck: float = 0.0  # a refetch of content verified longer ago asks for another verification
+    refetch_route: RefetchRoute = "local"  # where a refetch waiting for its verification is served
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -114,6 +115,7 @@ class Policy:
             stale_if_error=settings.routing.stale_if_error,
             dialect=settings.token.dialect,
             refetch_recheck=settings.routing.refetch_recheck,
+            refetch_route=settings.routing.refetch_route,
         )
 
 
@@ -200,7 +202,7 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
         return primary(Reason.INDEX_UNAVAILABLE)
     if kind is Kind.BLOB:
         reasons = (Reason.BLOB_LOCAL, Reason.BLOB_NOT_LOCAL, Reason.BLOB_QUARANTINED, Reason.BLOB_VERIFYING)
-        return _route_content(view, f"/v2/{operation.repository}/blobs/{operation.digest}", *reasons)
+        return _route_content(view, policy, f"/v2/{operation.repository}/blobs/{operation.digest}", *reasons)
     if kind is Kind.MANIFEST_BY_DIGEST:
         path = f"/v2/{operation.repository}/manifests/{operation.digest}"
         reasons = (
@@ -209,7 +211,7 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
             Reason.MANIFEST_QUARANTINED,
             Reason.MANIFEST_VERIFYING,
         )
-        return _route_content(view, path, *reasons)
+        return _route_content(view, policy, path, *reasons)
     if kind is Kind.MANIFEST_BY_TAG:
         decision = _route_pinned_tag(operation, view, policy, now, accept)
         if decision.route is Route.PRIMARY:
@@ -219,14 +221,17 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
 
 
 def _route_content(
-    view: IndexView, local_path: str, here: str, absent: str, quarantined: str, verifying: str
+    view: IndexView, policy: Policy, local_path: str, here: str, absent: str, quarantined: str, verifying: str
 ) -> Decision:
-    """A blob or manifest by digest. A refetch waiting for verification goes to the primary, but
-    the local copy (not known to be bad) stays the answer if the primary cannot be reached."""
+    """A blob or manifest by digest. A refetch waiting for its verification is served where
+    ``refetch_route`` says; sent to the primary, the local copy (not known to be bad) stays the
+    answer if the primary cannot be reached."""
     if view.present:
         return local(here)
     if view.quarantined:
         return primary(quarantined)
+    if view.verifying and policy.refetch_route == "local":
+        return local(verifying)
     if view.verifying:
         return replace(primary(verifying), stale_path=local_path)
     return primary(absent)

@@ -441,8 +441,24 @@ def test_decision_reuse_lifetimes(
 def test_quarantined_or_unverified_refetched_content_goes_to_the_primary(
     uri: str, view: IndexView, route: Route, reason: str
 ) -> None:
-    decision = decide(classify_request("GET", uri), PULL, view, PINNED, NOW)
+    decision = decide(classify_request("GET", uri), PULL, view, REFETCH_TO_PRIMARY, NOW)
     assert (decision.route, decision.reason) == (route, reason)
+
+
+REFETCH_TO_PRIMARY = Policy(PINNED.realm, PINNED.service, "pinned", refetch_route="primary")
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [(f"/v2/app/blobs/{D1}", Reason.BLOB_VERIFYING), (f"/v2/app/manifests/{D1}", Reason.MANIFEST_VERIFYING)],
+)
+def test_by_default_a_refetch_waiting_for_verification_is_served_here(uri: str, reason: str) -> None:
+    """refetch_route "local" (the default): every replicated byte stays local; the verifier's
+    verdict (a quarantine, seconds later) is what sends the client's next retry to the primary."""
+    decision = decide(classify_request("GET", uri), PULL, IndexView(verifying=True), PINNED, NOW)
+    assert (decision.route, decision.reason, decision.stale_path) == (Route.LOCAL, reason, "")
+    quarantined = decide(classify_request("GET", uri), PULL, IndexView(quarantined=True), PINNED, NOW)
+    assert quarantined.route is Route.PRIMARY
 
 
 @pytest.mark.parametrize(
@@ -462,11 +478,13 @@ def test_only_a_get_by_digest_is_asked_as_a_refetch(method: str, uri: str, asks_
 
 
 def test_a_refetch_waiting_for_verification_keeps_the_local_copy_if_the_primary_is_down() -> None:
-    """Promise 2: the refetch goes to the primary, but a primary that cannot be reached must not
-    fail it (a NATed fleet refetches all the time): NGINX serves the local copy instead."""
-    blob = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, IndexView(verifying=True), PINNED, NOW)
+    """Promise 2: with refetch_route "primary" the refetch goes to the primary, but a primary that
+    cannot be reached must not fail it (a NATed fleet refetches all the time): NGINX serves the
+    local copy instead."""
+    verifying = IndexView(verifying=True)
+    blob = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, verifying, REFETCH_TO_PRIMARY, NOW)
     assert (blob.route, blob.stale_path) == (Route.PRIMARY, f"/v2/app/blobs/{D1}")
-    listed = decide(classify_request("GET", f"/v2/app/manifests/{D1}"), PULL, IndexView(verifying=True), PINNED, NOW)
+    listed = decide(classify_request("GET", f"/v2/app/manifests/{D1}"), PULL, verifying, REFETCH_TO_PRIMARY, NOW)
     assert listed.stale_path == f"/v2/app/manifests/{D1}"
     quarantined = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, IndexView(quarantined=True), PINNED, NOW)
     assert quarantined.stale_path == "", "a copy known to be bad is never the answer"

@@ -5,9 +5,10 @@ size) no longer fails every pull of its image forever.
   mismatch, quarantines the digest (exit 1, the report names it); pulls then get that blob from the
   primary (``blob-quarantined``) and succeed. Repaired, the next ``--verify`` lifts the quarantine.
 - The updater finds it by itself (periodic verification), with nothing run by hand.
-- A client that got the corrupted copy and pulls again is sent to the primary for that blob at once
-  (NGINX remembers the complete local answer per client address: ``blob-verifying``), and the
-  updater, asked by that refetch, quarantines the copy for everyone seconds later.
+- A client that got the corrupted copy and pulls again makes the updater read the copy (NGINX
+  remembers the complete local answer per client address: ``blob-verifying``), which quarantines it
+  for everyone seconds later, so the client's next retry succeeds; with ``routing.refetch_route:
+  primary`` the refetch itself goes to the primary.
 
 The stacks run the updater's verification with ``updater.verify_interval`` long (one pass when the
 updater starts, over an empty index) except the periodic test's own stack, so that each test shows
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,7 +117,12 @@ def test_reconcile_verify_quarantines_a_corrupted_blob_and_lifts_it_once_repaire
     assert blob_view(site, repository, layer).present
 
 
-def test_a_client_pulling_again_after_a_mismatch_gets_the_primarys_copy(site: StackClient, tmp_path: Path) -> None:
+def test_a_client_pulling_again_after_a_mismatch_gets_the_primarys_copy_once_the_site_learnt(
+    site: StackClient, tmp_path: Path
+) -> None:
+    """refetch_route "local" (the default): the refetch is still served here (every replicated
+    byte stays local), and asks the updater to read the copy: quarantined within seconds, so the
+    client's next retry gets the primary's copy (docker retries after 5 s, kubelet after 10 s)."""
     repository = "scrub/refetch"
     built = publish(site, tmp_path, repository)
     layer = built.layers[1].digest
@@ -123,23 +130,44 @@ def test_a_client_pulling_again_after_a_mismatch_gets_the_primarys_copy(site: St
     since = site.access_log_offset()
     with pytest.raises(SkopeoError, match=r"(?i)digest"):
         pull(site, repository, tmp_path / "first")
-    assert pull(site, repository, tmp_path / "again") == built.digest, "the retry must not get the same bytes"
-    site.wait_for_quiet_log()
-    first, again = blob_requests(site, since, repository, layer)
-    assert (first.route, first.status) == ("local", 200)
-    assert (again.route, again.reason, again.status) == ("primary", "blob-verifying", 200)
-    # The refetch asked the updater to read the local copy: quarantined for everyone within seconds.
+    asked = time.monotonic()
+    with pytest.raises(SkopeoError, match=r"(?i)digest"):
+        pull(site, repository, tmp_path / "again")  # served here again: the verifier has not read it yet
     wait_until(lambda: blob_view(site, repository, layer).quarantined, 20, f"{layer[:19]} quarantined")
-    since = site.access_log_offset()
-    assert pull(site, repository, tmp_path / "third") == built.digest
+    learnt = time.monotonic() - asked
+    assert pull(site, repository, tmp_path / "retry") == built.digest
     site.wait_for_quiet_log()
-    [third] = blob_requests(site, since, repository, layer)
-    assert (third.route, third.reason) == ("primary", "blob-quarantined")
+    first, again, retry = blob_requests(site, since, repository, layer)
+    assert (first.route, first.reason) == ("local", "blob-local")
+    assert (again.route, again.reason) == ("local", "blob-verifying")
+    assert (retry.route, retry.reason, retry.status) == ("primary", "blob-quarantined", 200)
+    assert learnt < 20
+
+
+def test_with_refetches_to_the_primary_the_first_retry_gets_the_primarys_copy(tmp_path: Path) -> None:
+    """refetch_route "primary": a retrying client never gets the same bad copy twice."""
+    overrides = {"updater": {"verify_interval": 3600}, "routing": {"refetch_route": "primary"}}
+    with started_stack(tmp_path / "stack", site_overrides=overrides) as client:
+        repository = "scrub/refetch-primary"
+        built = publish(client, tmp_path, repository)
+        layer = built.layers[1].digest
+        flip_one_byte(blob_data(client, layer))
+        since = client.access_log_offset()
+        with pytest.raises(SkopeoError, match=r"(?i)digest"):
+            pull(client, repository, tmp_path / "first")
+        assert pull(client, repository, tmp_path / "again") == built.digest, "the retry must not get the same bytes"
+        client.wait_for_quiet_log()
+        first, again = blob_requests(client, since, repository, layer)
+        assert (first.route, first.status) == ("local", 200)
+        assert (again.route, again.reason, again.status) == ("primary", "blob-verifying", 200)
+        # The refetch asked the updater to read the local copy: quarantined for everyone within seconds.
+        wait_until(lambda: blob_view(client, repository, layer).quarantined, 20, f"{layer[:19]} quarantined")
 
 
 def test_a_refetch_of_intact_content_is_served_here_once_verified(site: StackClient, tmp_path: Path) -> None:
-    """The false positive (machines behind one NAT address pulling the same image): the refetch
-    costs one trip to the primary while the updater verifies, then refetches are local again."""
+    """The false positive (machines behind one NAT address pulling the same image): every pull is
+    served here; the refetch only has the updater read the copy once, after which refetches need
+    no verification for routing.refetch_recheck."""
     repository = "scrub/intact"
     built = publish(site, tmp_path, repository)
     layer = built.layers[1].digest
@@ -150,7 +178,7 @@ def test_a_refetch_of_intact_content_is_served_here_once_verified(site: StackCli
     assert pull(site, repository, tmp_path / "three") == built.digest
     site.wait_for_quiet_log()
     routes = [(e.route, e.reason) for e in blob_requests(site, since, repository, layer)]
-    assert routes == [("local", "blob-local"), ("primary", "blob-verifying"), ("local", "blob-local")]
+    assert routes == [("local", "blob-local"), ("local", "blob-verifying"), ("local", "blob-local")]
     assert not blob_view(site, repository, layer).quarantined
 
 

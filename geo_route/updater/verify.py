@@ -41,7 +41,7 @@ from geo_route.updater.registry_client import RegistryError
 
 LOCK_NAME = "verify"
 SUSPECT_BATCH = 16
-IDLE_WAIT = 1.0  # seconds between looks at the suspects queue when there is nothing else to do
+SUSPECTS_POLL = 0.1  # seconds between looks at an empty suspects queue: a retry comes seconds later
 MAX_SAMPLES = 10
 HASHES = {"sha256": hashlib.sha256, "sha512": hashlib.sha512}
 log = logging.getLogger("geo_route.verify")
@@ -367,7 +367,7 @@ class VerifyLoop:
                 log.warning("verify: suspects: %s", exc)
             except Exception:  # keep serving suspects after a bug in one
                 log.exception("verify: suspects: unexpected error")
-            self._stop.wait(IDLE_WAIT)
+            self._stop.wait(SUSPECTS_POLL)
 
 
 class LeaseStore(Protocol):
