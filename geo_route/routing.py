@@ -299,7 +299,10 @@ def invalidations_for_write(operation: Operation, credential: Credential, policy
 
 
 BLOB_CACHEABLE = frozenset({Kind.BASE, Kind.BLOB})
-UNCACHEABLE_REASONS = frozenset({Reason.INDEX_UNAVAILABLE, Reason.INTERNAL_ERROR})
+# An outage answer, or a refetch waiting for its verification (its verdict lands within a second).
+UNCACHEABLE_REASONS = frozenset(
+    {Reason.INDEX_UNAVAILABLE, Reason.INTERNAL_ERROR, Reason.BLOB_VERIFYING, Reason.MANIFEST_VERIFYING}
+)
 
 
 def cache_seconds(operation: Operation, decision: Decision, credential: Credential, policy: Policy, now: float) -> int:

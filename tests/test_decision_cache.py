@@ -17,7 +17,10 @@ from geo_route.devstack.processes import wait_until
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[StackClient]:
-    with started_stack(tmp_path / "stack", decision_cache=True) as client:
+    # Refetch memory off: here the same blob is fetched again and again on purpose, which with it on
+    # is a refetch, decided anew (its own cache key) and not reused while it is verified.
+    overrides = {"routing": {"refetch_window": 0}}
+    with started_stack(tmp_path / "stack", decision_cache=True, site_overrides=overrides) as client:
         yield client
 
 

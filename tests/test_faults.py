@@ -999,7 +999,17 @@ def test_blob_deleted_behind_the_index(matrix: Matrix) -> None:
     storage = matrix.stack.processes["secondary"].log_path.parent / "storage"
     data = storage / "docker/registry/v2/blobs/sha256" / layer[7:9] / layer[7:] / "data"
     assert data.exists(), data
-    under_fault(matrix, outcome, [REPLICATED], data.unlink, matrix.reconcile)
+    window = FaultWindow()
+    # A GET that the registry had begun (size known, headers sent) when the file went is cut (EOF).
+    under_fault(
+        matrix,
+        outcome,
+        [REPLICATED],
+        window.applying(data.unlink),
+        window.lifting(matrix.reconcile),
+        cut_mid_blob(window),
+    )
+    note_cuts(outcome)
     matrix.expected.present[(repository, layer)] = False
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
     assert "fallback/200" in outcome.routes_during_fault

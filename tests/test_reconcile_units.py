@@ -37,7 +37,9 @@ def test_minted_tokens_verify_as_the_registry_would(settings: Settings, tmp_path
     verifier = TokenVerifier.from_settings(settings.token)
     header = tokens.authorization("team/app")
     token = header.removeprefix("Bearer ")
-    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": rsa_key.kid, "typ": "JWT"}
+    fields = jwt.get_unverified_header(token)
+    assert {name: fields[name] for name in ("alg", "kid", "typ")} == {"alg": "RS256", "kid": rsa_key.kid, "typ": "JWT"}
+    assert len(fields["x5c"]) == 1, "the signing key's certificate from the bundle: every dialect accepts that"
     grants = verifier.verify(token)
     assert grants.subject == "geo-route-reconcile"
     assert grants.allows(Access("repository", "team/app", "pull"))

@@ -488,3 +488,13 @@ def test_a_refetch_waiting_for_verification_keeps_the_local_copy_if_the_primary_
     assert listed.stale_path == f"/v2/app/manifests/{D1}"
     quarantined = decide(classify_request("GET", f"/v2/app/blobs/{D1}"), PULL, IndexView(quarantined=True), PINNED, NOW)
     assert quarantined.stale_path == "", "a copy known to be bad is never the answer"
+
+
+def test_a_refetch_waiting_for_verification_is_never_reused() -> None:
+    """Its verdict lands within a second: NGINX must ask again, not reuse "served here"."""
+    caching = Policy(PINNED.realm, PINNED.service, "pinned", cache_digest_seconds=30)
+    operation = classify_request("GET", f"/v2/app/blobs/{D1}")
+    verifying = decide(operation, PULL, IndexView(verifying=True), caching, NOW)
+    assert verifying.route is Route.LOCAL
+    assert cache_seconds(operation, verifying, PULL, caching, NOW) == 0
+    assert cache_seconds(operation, decide(operation, PULL, HERE, caching, NOW), PULL, caching, NOW) == 30
