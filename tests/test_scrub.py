@@ -76,6 +76,18 @@ def pull(client: StackClient, repository: str, layout: Path) -> str:
     return client.pull(repository, "v1", layout)
 
 
+def corrupt_and_pull(client: StackClient, tmp_path: Path, repository: str) -> tuple[OciImage, str, int]:
+    """An image replicated, one byte of its own layer flipped, and a first pull that gets the bad
+    copy and fails: (image, layer, access-log offset before that pull)."""
+    built = publish(client, tmp_path, repository)
+    layer = built.layers[1].digest
+    flip_one_byte(blob_data(client, layer))
+    since = client.access_log_offset()
+    with pytest.raises(SkopeoError, match=r"(?i)digest"):
+        pull(client, repository, tmp_path / "first")
+    return built, layer, since
+
+
 def blob_requests(client: StackClient, since: int, repository: str, digest: str) -> list[AccessLogEntry]:
     return [e for e in client.access_log(since) if e.uri == f"/v2/{repository}/blobs/{digest}" and e.method == "GET"]
 
@@ -124,12 +136,7 @@ def test_a_client_pulling_again_after_a_mismatch_gets_the_primarys_copy_once_the
     byte stays local), and asks the updater to read the copy: quarantined within seconds, so the
     client's next retry gets the primary's copy (docker retries after 5 s, kubelet after 10 s)."""
     repository = "scrub/refetch"
-    built = publish(site, tmp_path, repository)
-    layer = built.layers[1].digest
-    flip_one_byte(blob_data(site, layer))
-    since = site.access_log_offset()
-    with pytest.raises(SkopeoError, match=r"(?i)digest"):
-        pull(site, repository, tmp_path / "first")
+    built, layer, since = corrupt_and_pull(site, tmp_path, repository)
     asked = time.monotonic()
     with pytest.raises(SkopeoError, match=r"(?i)digest"):
         pull(site, repository, tmp_path / "again")  # served here again: the verifier has not read it yet
@@ -149,12 +156,7 @@ def test_with_refetches_to_the_primary_the_first_retry_gets_the_primarys_copy(tm
     overrides = {"updater": {"verify_interval": 3600}, "routing": {"refetch_route": "primary"}}
     with started_stack(tmp_path / "stack", site_overrides=overrides) as client:
         repository = "scrub/refetch-primary"
-        built = publish(client, tmp_path, repository)
-        layer = built.layers[1].digest
-        flip_one_byte(blob_data(client, layer))
-        since = client.access_log_offset()
-        with pytest.raises(SkopeoError, match=r"(?i)digest"):
-            pull(client, repository, tmp_path / "first")
+        built, layer, since = corrupt_and_pull(client, tmp_path, repository)
         assert pull(client, repository, tmp_path / "again") == built.digest, "the retry must not get the same bytes"
         client.wait_for_quiet_log()
         first, again = blob_requests(client, since, repository, layer)
