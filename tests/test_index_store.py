@@ -466,3 +466,68 @@ def test_a_refetch_of_trusted_content_is_served_here_and_rechecked_after_a_while
     store.apply([ContentVerified("k/a", D1, intact=True)])  # the pass read it too: that counts
     assert store.lookup(query).present
     assert store.claim_suspects(10) == []
+
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+
+
+MEDIA_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "application/x-type", ""]
+
+
+@pytest.mark.parametrize("media_type", MEDIA_TYPES)
+def test_a_pin_keeps_its_media_type_however_it_is_stored(
+    store: RedisIndexStore, redis_settings: Settings, media_type: str
+) -> None:
+    """The manifest types are stored as a code (docs/capacity.md), any other type whole."""
+    store.apply([ManifestPresence("m/t", D1, True), PrimaryTag("m/t", "v1", D1, store.now(), f"{media_type}; x=1")])
+    view = store.lookup(tag("m/t", "v1"))
+    assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, media_type, True, True)
+    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
+    stored = str(raw.hget(f"{redis_settings.redis.key_prefix}primary:tags:m/t", "v1"))
+    raw.close()
+    assert len(stored) <= (128 if media_type != "application/x-type" else 200), stored
+
+
+def test_pins_written_before_the_media_type_codes_still_decide(
+    store: RedisIndexStore, redis_settings: Settings
+) -> None:
+    """An upgrade over a populated index: a pin holding the whole media type (the encoding before
+    the codes) reads as it did, current in its epoch, and is served with no re-resolution; a code
+    this version does not know (a newer version's) reads as no media type (the primary answers)."""
+    prefix = redis_settings.redis.key_prefix
+    now, epoch = store.stamp()
+    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
+    raw.hset(f"{prefix}primary:tags:old/pins", "v1", f"{D1} {now:.6f} {DOCKER_MANIFEST} {epoch}")
+    raw.hset(f"{prefix}primary:tags:old/pins", "v2", f"{D1} {now:.6f} zz {epoch}")
+    raw.close()
+    store.apply([ManifestPresence("old/pins", D1, True)])
+    view = store.lookup(tag("old/pins", "v1"))
+    assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, DOCKER_MANIFEST, True, True)
+    assert store.lookup(tag("old/pins", "v2")).media_type == ""
+    assert store.queued_resolutions() == 0, "a current pin of the old encoding is not re-resolved"
+    store.apply([DigestDeleted("old/pins", D1)])  # the scripts read both encodings alike
+    assert store.primary_tags("old/pins") == {}
+
+
+def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
+    tmp_path_factory: pytest.TempPathFactory, redis_settings: Settings
+) -> None:
+    """With ``hash-max-listpack-value 128`` (docs/capacity.md) a repository's pins stay a listpack."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-listpack")).start()
+    try:
+        raw = redis.Redis.from_url(server.url, decode_responses=True)
+        raw.config_set("hash-max-listpack-value", "128")
+        store = RedisIndexStore(dataclasses.replace(redis_settings.redis, url=server.url))
+        now = store.now()
+        pins = [PrimaryTag("big/repo", f"v1.{n}.{n * 7919}", D2, now, DOCKER_LIST) for n in range(100)]
+        store.apply(pins)
+        key = f"{redis_settings.redis.key_prefix}primary:tags:big/repo"
+        assert raw.object("encoding", key) == "listpack"
+        assert store.lookup(tag("big/repo", pins[-1].tag)).media_type == DOCKER_LIST
+        store.close()
+        raw.close()
+    finally:
+        server.stop()
