@@ -116,6 +116,15 @@ end
 local function epoch_now(key)
   return redis.call('GET', key) or '-'
 end
+local function repositories_under(prefix, repository, subtree)
+  local names = {repository}
+  if subtree then
+    for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
+      if string.sub(name, 1, #repository + 1) == repository .. '/' then table.insert(names, name) end
+    end
+  end
+  return names
+end
 local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, stamp, hint)
   local held = stamp_of(redis.call('HGET', tags_key, tag))
   if held and held > stamp then stamp = held end
@@ -179,12 +188,7 @@ if digest ~= '' then
   local marked = tonumber(redis.call('HGET', KEYS[4], digest) or '')
   if not marked or marked < stamp then redis.call('HSET', KEYS[4], digest, string.format('%.6f', stamp)) end
 end
-local names = {repository}
-if ARGV[3] == '1' then
-  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
-    if string.sub(name, 1, #repository + 1) == repository .. '/' then table.insert(names, name) end
-  end
-end
+local names = repositories_under(prefix, repository, ARGV[3] == '1')
 local count = 0
 for _, name in ipairs(names) do
   if digest == '' then
@@ -207,20 +211,18 @@ return count
 )
 # Forget what the local registry held in a repository (and, with subtree, every repository under it).
 # ARGV: prefix, repository, subtree 0/1
-DROP_LOCAL_SCRIPT = """
+DROP_LOCAL_SCRIPT = (
+    LUA_COMMON
+    + """
 local prefix, repository = ARGV[1], ARGV[2]
-local names = {repository}
-if ARGV[3] == '1' then
-  for _, name in ipairs(redis.call('SMEMBERS', prefix .. 'repos')) do
-    if string.sub(name, 1, #repository + 1) == repository .. '/' then table.insert(names, name) end
-  end
-end
+local names = repositories_under(prefix, repository, ARGV[3] == '1')
 for _, name in ipairs(names) do
   local here = prefix .. 'local:'
   redis.call('DEL', here .. 'blobs:' .. name, here .. 'manifests:' .. name, here .. 'tags:' .. name)
 end
 return #names
 """
+)
 # KEYS: tags, manifests, epoch, queue, quarantined   ARGV: tag, member, now, refresh_after, queue max
 PINNED_TAG_SCRIPT = (
     LUA_COMMON
