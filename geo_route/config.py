@@ -24,6 +24,7 @@ from geo_route.errors import ConfigError
 
 ENV_PREFIX = "GEO_ROUTE_"
 ENV_SEPARATOR = "__"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # Every asymmetric algorithm some registry dialect verifies (Distribution 3 adds PS* and EdDSA).
 # Never none or HS*: a registry's key is public, so an HMAC "signature" with it proves nothing.
 SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA")
@@ -50,6 +51,17 @@ def check_redis_url(value: str) -> str | None:
     if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
         return "must be a redis://, rediss:// or unix:// URL"
     return None
+
+
+def check_sentinels(value: tuple[str, ...]) -> str | None:
+    for address in value:
+        if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]\s/]+):\d{1,5}", address):
+            return f"{address!r} is not host:port or [v6]:port"
+    return None
+
+
+def check_absolute_path(value: str) -> str | None:
+    return None if value == "" or Path(value).is_absolute() else f"must be an absolute path, got {value!r}"
 
 
 def check_positive(value: float) -> str | None:
@@ -137,16 +149,42 @@ class TokenSettings:
 class RedisSettings:
     """Where the digest index lives and how long a decision may wait for it."""
 
-    url: str = field(default="redis://127.0.0.1:6379/0", repr=False, metadata={"check": check_redis_url})
+    url: str = field(default=DEFAULT_REDIS_URL, repr=False, metadata={"check": check_redis_url})
     key_prefix: str = "geo-route:"
     socket_timeout: float = _checked(check_positive, default=0.05)
     connect_timeout: float = _checked(check_positive, default=0.1)
     max_connections: int = _checked(check_positive, default=32)
     unavailable_cooldown: float = _checked(check_not_negative, default=1.0)
+    # Redis Sentinel (instead of url): the sentinels' host:port, asked in turn for the current
+    # primary of master_name (redis-py's Sentinel client; every new connection asks again).
+    sentinels: tuple[str, ...] = _checked(check_sentinels, default=())
+    master_name: str = ""
+    sentinel_username: str = ""
+    sentinel_password: str = field(default="", repr=False)
+    sentinel_tls: bool = False
+    # The data nodes under Sentinel (with url, these belong in the URL: user, password, /db, rediss://).
+    username: str = ""
+    password: str = field(default="", repr=False)
+    db: int = _checked(check_not_negative, default=0)
+    tls: bool = False
+    # CA certificates (PEM) that TLS connections verify the server against; empty: the system's.
+    tls_ca_file: str = _checked(check_absolute_path, default="")
 
     @property
     def display_url(self) -> str:
+        if self.sentinels:
+            return f"sentinel {self.master_name} via {','.join(self.sentinels)} db {self.db}"
         return redact_url(self.url)
+
+    def problems(self) -> list[str]:
+        """Problems that involve more than one of its keys."""
+        if not self.sentinels:
+            sentinel_only = ("master_name", "sentinel_username", "sentinel_password", "sentinel_tls", "db", "tls")
+            return [f"redis.{name}: only with redis.sentinels" for name in sentinel_only if getattr(self, name)]
+        problems = [] if self.master_name else ["redis.master_name: required with redis.sentinels"]
+        if self.url != DEFAULT_REDIS_URL:
+            problems.append("redis.url: not used with redis.sentinels (the data nodes' username, password, db, tls)")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -324,6 +362,7 @@ def check_consistency(settings: Settings) -> list[str]:
     nginx = settings.nginx
     if bool(nginx.tls_certificate) != bool(nginx.tls_certificate_key):
         problems.append("nginx.tls_certificate: tls_certificate and tls_certificate_key go together")
+    problems.extend(settings.redis.problems())
     return problems
 
 

@@ -525,3 +525,44 @@ def write_matrix(path: Path, outcomes: Sequence[Outcome], seconds: float) -> Non
     path.write_text(text, encoding="utf-8")
     json_path = path.with_suffix(".faults.json")
     json_path.write_text(json.dumps([o.as_json() for o in outcomes], indent=2) + "\n", encoding="utf-8")
+
+
+class ReasonWatch:
+    """Reads the NGINX access log every ``interval`` while a fault is on and notes when each pull
+    request's decision was logged (the log has no time of its own): how long decisions went to the
+    primary for one reason, e.g. ``index-unavailable`` through a Redis failover."""
+
+    def __init__(self, client: StackClient, interval: float = 0.05) -> None:
+        self.path = Path(client.info.nginx_access_log)
+        self.offset = client.access_log_offset()
+        self.interval = interval
+        self.seen: list[tuple[float, AccessLogEntry]] = []  # (monotonic when read, entry)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.read_forever, daemon=True)
+
+    def __enter__(self) -> ReasonWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+
+    def read_forever(self) -> None:
+        while not self.stopping.wait(self.interval):
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                data = log.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            now = time.monotonic()
+            for line in complete.decode("utf-8", "replace").splitlines():
+                entry = parse_access_log_line(line)
+                if "/manifests/" in entry.uri or "/blobs/" in entry.uri:
+                    self.seen.append((now, entry))
+
+    def span(self, reason: str, since: float) -> tuple[int, float, float]:
+        """(decisions with ``reason`` logged after ``since``, seconds from ``since`` to the first and
+        to the last of them, each to within ``interval``); (0, 0, 0) if there was none."""
+        times = [at - since for at, entry in list(self.seen) if entry.reason == reason and at > since]
+        return (len(times), round(min(times), 2), round(max(times), 2)) if times else (0, 0.0, 0.0)

@@ -32,6 +32,7 @@ from faults import (
     Pull,
     PullLoad,
     RawRedis,
+    ReasonWatch,
     ReconcileRun,
     TagWatch,
     delete_manifest_at_primary,
@@ -60,6 +61,7 @@ from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import RunningStack, bring_up
+from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
@@ -1086,3 +1088,138 @@ def test_a_corrupted_local_blob(matrix: Matrix) -> None:
     assert quarantined_at - corrupted_at < 10, "the first refetch has the layer read within seconds"
     assert any(key.startswith("primary:blob-quarantined/") for key in by_reason), by_reason
     assert not matrix.client.index.lookup(view).quarantined
+
+
+# -- Redis under Sentinel (a stack of its own: a primary, a replica, three sentinels, down-after 1 s)
+
+SENTINEL_BOUND = 10.0  # seconds: index-unavailable decisions must end within this of the fault
+
+
+@pytest.fixture(scope="module")
+def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+    root = tmp_path_factory.mktemp("faults-sentinel")
+    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="sentinel")
+    client = observe_patiently(StackClient(stack.info, stack))
+    try:
+        m = Matrix(client, stack, root, images=matrix.images)
+        m.publish(REPLICATED, m.image("replicated"), replicated=True)
+        m.publish(PRIMARY_ONLY, m.image("primary-only"), replicated=False)
+        yield m
+    finally:
+        client.close()
+        stack.stop()
+
+
+def sentinel_failover(m: Matrix, fault: Callable[[str], object], marks: dict[str, float | str]) -> None:
+    """Apply ``fault`` to the Redis primary and wait until the sentinels have promoted another node."""
+    topology = m.stack.redis_topology
+    assert topology is not None
+    part = marks["part"] = topology.master_part()
+    marks["at"] = time.monotonic()
+    fault(part)
+    deadline = time.monotonic() + 30
+    while topology.master_port() in (None, topology.nodes[part].port):
+        assert time.monotonic() < deadline, "the sentinels promoted no replica within 30 s"
+        time.sleep(0.05)
+    marks["promoted"] = time.monotonic()
+
+
+def wait_for_pin_through_failover(m: Matrix, repository: str, tag: str, digest: str, timeout: float = 60) -> None:
+    """``wait_for_pin``, where the observer's own idle connection may still face the hung old primary
+    (it times out once, is dropped, and the next lookup asks the sentinels)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(IndexUnavailable):
+            if m.client.index.lookup(IndexQuery(QueryKind.TAG, repository, tag)).pinned_digest == digest:
+                return
+        assert time.monotonic() < deadline, f"{repository}:{tag} was not pinned to {digest[:19]} within {timeout} s"
+        time.sleep(0.05)
+
+
+def sentinel_note(outcome: Outcome, watch: ReasonWatch, marks: dict[str, float | str]) -> tuple[int, float]:
+    at = float(marks["at"])
+    count, first, last = watch.span("index-unavailable", at)
+    outcome.notes.append(
+        f"a replica was promoted {float(marks['promoted']) - at:.1f} s after the fault; {count} decisions went to "
+        f"the primary as index-unavailable, from {first:.1f} to {last:.1f} s after it (seen in the access log "
+        f"every 0.05 s); routes meanwhile: {listed(outcome.routes_during_fault)}"
+    )
+    print(f"{outcome.cell}: {outcome.notes[-1]}")
+    return count, last
+
+
+def test_redis_sentinel_primary_killed(sentinel_matrix: Matrix, matrix: Matrix) -> None:
+    m = sentinel_matrix
+    outcome = Outcome(
+        "redis-sentinel-killed",
+        "under Sentinel (down-after 1 s), the Redis primary SIGKILLed: a replica promoted; the old primary "
+        "restarted (empty) and made a replica by the sentinels",
+    )
+    marks: dict[str, float | str] = {}
+    topology = m.stack.redis_topology
+    assert topology is not None
+
+    def restart_the_old_primary() -> None:
+        m.stack.restart_part(str(marks["part"]))
+        marks["settled_s"] = round(topology.wait_until_settled(60), 1)
+
+    with ReasonWatch(m.client) as watch:
+        under_fault(
+            m,
+            outcome,
+            [REPLICATED, PRIMARY_ONLY],
+            lambda: sentinel_failover(m, m.stack.kill_part, marks),
+            restart_the_old_primary,
+        )
+    count, last = sentinel_note(outcome, watch, marks)
+    recovered(m, outcome, "nothing (Sentinel's failover; the old primary restarted as a replica)")
+    matrix.outcomes.append(m.outcomes.pop())
+    print(f"{outcome.cell}: {outcome.as_json()}")
+    assert_ok(outcome)
+    assert count > 0 and last < SENTINEL_BOUND, (count, last)
+
+
+def test_redis_sentinel_primary_stopped_past_down_after(sentinel_matrix: Matrix, matrix: Matrix) -> None:
+    """The primary hangs (SIGSTOP) past down-after: promoted replica; the tag moves meanwhile (its event
+    lands on the new primary); SIGCONT: the old primary, holding the older pin in the epoch it had, is
+    turned into a replica. No pull gets the older digest once the site knew the new one."""
+    m = sentinel_matrix
+    outcome = Outcome(
+        "redis-sentinel-stopped",
+        "under Sentinel, the Redis primary SIGSTOPped past down-after (1 s): a replica promoted, the tag moved "
+        "at the primary meanwhile; SIGCONT: the old primary (with the older pin) comes back and is made a replica",
+    )
+    target, repository = "faults/sentinel:v1", "faults/sentinel"
+    old, new = m.image("sentinel-old"), m.image("sentinel-new")
+    m.publish(target, old, replicated=True)
+    m.client.wait_for_pin(repository, "v1", old.digest)
+    marks: dict[str, float | str] = {}
+    topology = m.stack.redis_topology
+    assert topology is not None
+
+    def stop_and_move() -> None:
+        sentinel_failover(m, lambda part: m.stack.processes[part].pause(), marks)
+        m.publish(target, new, replicated=False, through_site=False)
+        marks["moved"] = time.monotonic()
+        wait_for_pin_through_failover(m, repository, "v1", new.digest)
+
+    def resume() -> None:
+        m.stack.processes[str(marks["part"])].resume()
+        marks["resumed"] = time.monotonic()
+        marks["settled_s"] = round(topology.wait_until_settled(60), 1)
+
+    with ReasonWatch(m.client) as watch, TagWatch(m.client, target) as tags:
+        pulls = under_fault(m, outcome, [target, REPLICATED], stop_and_move, resume)
+    count, last = sentinel_note(outcome, watch, marks)
+    learnt = tags.learnt(float(marks["moved"]), {old.digest})
+    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
+    after = [p for p in pulls if p.target == target and p.started > float(marks["resumed"])]
+    outcome.notes.append(
+        f"the old primary was a replica again {marks['settled_s']} s after SIGCONT; {len(after)} pulls of the tag "
+        f"after it, {sum(1 for p in after if p.digest == old.digest)} with the older digest"
+    )
+    recovered(m, outcome, "SIGCONT, nothing else (the sentinels make the old primary a replica)")
+    matrix.outcomes.append(m.outcomes.pop())
+    print(f"{outcome.cell}: {outcome.as_json()}")
+    assert_ok(outcome)
+    assert count > 0 and last < SENTINEL_BOUND, (count, last)

@@ -1,17 +1,24 @@
-"""The index store contract, against a real redis-server the fixtures start on a free port."""
+"""The index store contract, against a real redis-server the fixtures start on a free port, and
+again on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
+``redis.sentinels``. A test that starts a redis-server of its own (to stop, hang or restart it)
+runs on that one only."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import signal
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from support import RedisServer
 
-from geo_route.config import Settings
+from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
+from geo_route.devstack.redis_server import SentinelTopology
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
@@ -32,6 +39,38 @@ from geo_route.index.redis_store import RedisIndexStore
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_topology" in metafunc.fixturenames:
+        own_server = "tmp_path_factory" in inspect.signature(metafunc.function).parameters
+        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel"])
+
+
+@pytest.fixture(scope="module")
+def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    topology = SentinelTopology(tmp_path_factory.mktemp("sentinel")).start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def redis_settings(redis_topology: str, site_file: Callable[..., Path], request: pytest.FixtureRequest) -> Settings:
+    """Settings with a key prefix of this test's own: on the session's redis-server, or through the
+    sentinels (``url`` then names the primary too, for the tests' own raw clients; the store does
+    not use it)."""
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    if redis_topology == "single":
+        return load_settings(
+            site_file(redis_url=request.getfixturevalue("redis_server").url, prefix=prefix), environ={}
+        )
+    topology: SentinelTopology = request.getfixturevalue("sentinel_topology")
+    sentinels = f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
+    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=sentinels), environ={})
+    primary = topology.nodes[topology.master_part()].url
+    return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis, url=primary))
 
 
 @pytest.fixture

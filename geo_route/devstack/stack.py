@@ -1,7 +1,8 @@
 """The whole development stack of a geo-route site on loopback: what tests, the demo and benchmarks share.
 
 ``bring_up(directory)`` starts, each on a free 127.0.0.1 port and each with its log in ``directory``:
-redis-server, the development token service, two Docker Distribution registries (primary and
+redis-server (or, with ``redis="sentinel"``, a primary, a replica and three sentinels the site
+reaches through ``redis.sentinels``), the development token service, two Docker Distribution registries (primary and
 secondary, token auth with one shared key; Debian's 2.8, or the binary ``DEVSTACK_REGISTRY_BINARY``
 names), the geo-route auth service under gunicorn and NGINX
 from the rendered site config. It waits until every part answers, writes ``stack.json`` and returns;
@@ -20,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,7 +36,7 @@ from geo_route.devstack.processes import (
     start_until_ready,
     stop_pid,
 )
-from geo_route.devstack.redis_server import RedisProcess
+from geo_route.devstack.redis_server import RedisProcess, SentinelTopology
 from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, registry_binary, start_registry
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
 from geo_route.devstack.token_service import start_token_service
@@ -52,7 +53,10 @@ DEVSTACK_WRITE_FENCE = 2
 # NGINX's default nginx.open_files_limit; the devstack's NGINX gets at most the hard limit it runs
 # under (without CAP_SYS_RESOURCE, NGINX cannot raise its workers' limit past it).
 NGINX_OPEN_FILES = 65536
-STOP_ORDER = ("nginx", "auth", "secondary", "primary", "updater", "token-service", "redis")
+STOP_ORDER: tuple[str, ...] = ("nginx", "auth", "secondary", "primary", "updater", "token-service")
+STOP_ORDER += ("sentinel-1", "sentinel-2", "sentinel-3", "redis", "redis-replica")
+RedisTopology = Literal["single", "sentinel"]
+SENTINEL_MASTER = "geo-route"
 
 
 @dataclass(frozen=True)
@@ -66,13 +70,14 @@ class StackInfo:
     token_realm: str
     username: str
     password: str
-    redis_url: str
+    redis_url: str  # the primary's when the stack started (under Sentinel, another node may be it now)
     nginx_access_log: str
     site_file: str
     updater_url: str = ""
     nginx_metrics_url: str = ""  # NGINX's Prometheus counters (nginx.metrics_listen), ".../metrics"
     users: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
+    redis_sentinels: list[str] = field(default_factory=list)  # host:port of each sentinel (redis="sentinel")
 
     def write(self) -> Path:
         path = Path(self.directory) / STACK_FILE
@@ -95,6 +100,7 @@ class RunningStack:
 
     info: StackInfo
     processes: dict[str, LoggedProcess]
+    redis_topology: SentinelTopology | None = None  # redis="sentinel": which node is the primary now
 
     def stop_part(self, name: str) -> None:
         self.processes[name].stop()
@@ -121,8 +127,12 @@ def bring_up(
     decision_cache: bool = False,
     primary_front: Callable[[str], str] | None = None,
     site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    redis: RedisTopology = "single",
 ) -> RunningStack:
     """Start every part in ``directory`` (created if needed); stop them all again if one fails.
+
+    ``redis="sentinel"`` runs the index on a ``SentinelTopology`` (parts ``redis``, ``redis-replica``,
+    ``sentinel-1`` to ``-3``; Debian's redis-sentinel) and the site on ``redis.sentinels``.
 
     ``site_overrides`` merges keys into sections of the generated site file, e.g.
     ``{"routing": {"max_tag_age": 5}}``.
@@ -133,16 +143,17 @@ def bring_up(
     """
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    for binary in ("redis-server", "nginx", "skopeo"):
+    for binary in ("redis-server", "nginx", "skopeo", *(("redis-sentinel",) if redis == "sentinel" else ())):
         require_binary(binary)
     registry_binary()  # DEVSTACK_REGISTRY_BINARY or docker-registry
     processes: dict[str, LoggedProcess] = {}
+    topology = SentinelTopology(directory / "redis", SENTINEL_MASTER) if redis == "sentinel" else None
     try:
-        info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides)
+        info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides, topology)
     except BaseException:
         RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
-    return RunningStack(info, processes)
+    return RunningStack(info, processes, topology)
 
 
 def start_all(
@@ -152,11 +163,10 @@ def start_all(
     processes: dict[str, LoggedProcess],
     primary_front: Callable[[str], str] | None = None,
     site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    redis_topology: SentinelTopology | None = None,
 ) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
-    redis = RedisProcess(directory / "redis").start()
-    assert redis.logged is not None
-    processes["redis"] = redis.logged
+    redis_section, sentinels, redis_url = start_redis(directory, redis_topology, processes)
 
     users = {USERNAME: secrets.token_urlsafe(12), READER: secrets.token_urlsafe(12)}
     token = start_token_service(token_config(str(keys.private_key), users), directory / "token-service")
@@ -172,7 +182,7 @@ def start_all(
         f"http://{LOOPBACK}:{secondary_port}",
         token.realm,
         keys,
-        redis.url,
+        redis_section,
         nginx_port,
         tag_policy,
         decision_cache,
@@ -213,16 +223,32 @@ def start_all(
         token_realm=token.realm,
         username=USERNAME,
         password=users[USERNAME],
-        redis_url=redis.url,
+        redis_url=redis_url,
         nginx_access_log=str(directory / "nginx" / "access.log"),
         site_file=str(site),
         updater_url=updater_url,
         nginx_metrics_url=f"http://{settings.nginx.metrics_listen}/metrics" if settings.nginx.metrics_listen else "",
         users=users,
         pids={name: process.pid for name, process in processes.items()},
+        redis_sentinels=sentinels,
     )
     info.write()
     return info
+
+
+def start_redis(
+    directory: Path, topology: SentinelTopology | None, processes: dict[str, LoggedProcess]
+) -> tuple[dict[str, Any], list[str], str]:
+    """The index's Redis: (the site file's redis section, the sentinels, the primary's URL now)."""
+    if topology is not None:
+        topology.start()  # stops what it started if it fails
+        processes.update(topology.processes())
+        section = {"sentinels": topology.sentinel_addresses, "master_name": topology.master_name}
+        return section, topology.sentinel_addresses, topology.nodes["redis"].url
+    redis = RedisProcess(directory / "redis").start()
+    assert redis.logged is not None
+    processes["redis"] = redis.logged
+    return {"url": redis.url}, [], redis.url
 
 
 def token_config(private_key: str, users: dict[str, str]) -> TokenServiceConfig:
@@ -239,7 +265,7 @@ def write_site_file(
     secondary_url: str,
     realm: str,
     keys: SigningKeyFiles,
-    redis_url: str,
+    redis: Mapping[str, Any],
     nginx_port: int,
     tag_policy: str,
     decision_cache: bool = False,
@@ -251,7 +277,7 @@ def write_site_file(
         "local_registry": {"url": secondary_url},
         "primary": {"url": primary_url},
         "token": {"realm": realm, "service": SERVICE, "issuer": ISSUER, "rootcertbundle": str(keys.certificate)},
-        "redis": {"url": redis_url},
+        "redis": dict(redis),
         # A short write fence: the devstack's writes take milliseconds, and tests wait for pins.
         "routing": {"tag_policy": tag_policy, "write_fence": DEVSTACK_WRITE_FENCE},
         "server": {"bind": [f"{LOOPBACK}:{free_port()}"], "workers": 2, "log_level": "warning"},

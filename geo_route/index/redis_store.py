@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import redis
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -438,6 +439,12 @@ def eval_command(script: str, keys: tuple[str, ...], *args: tuple[str, ...]) -> 
     return ("EVAL", script, str(len(keys)), *keys, *(arg for group in args for arg in group))
 
 
+def sentinel_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (redis.sentinels) as redis-py's pair."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def format_stamp(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
@@ -447,7 +454,8 @@ class LookupConnections:
 
     A decision is a single command, so it skips the client's pool checkout, retry and
     instrumentation layers (about a third of the lookup's CPU): send, read, and on any transport
-    error drop the connection so the next lookup starts clean.
+    error drop the connection so the next lookup starts clean (and, under Sentinel, asks the
+    sentinels where the primary is now).
     """
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
@@ -456,6 +464,7 @@ class LookupConnections:
         self._script_shas: dict[str, str] = {}
         self._opened: list[Any] = []
         self._lock = threading.Lock()
+        self._failures = 0  # transport failures so far, on any thread's connection
 
     def connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
@@ -463,7 +472,20 @@ class LookupConnections:
             connection = self._local.connection = self._pool.make_connection()
             with self._lock:
                 self._opened.append(connection)
+        elif self._local.failures != self._failures:
+            # Another thread's connection failed since this one was last used: start afresh too rather
+            # than wait out the socket timeout on a primary that may be gone (a failover, a restart).
+            connection.disconnect()
+        self._local.failures = self._failures
+        if not connection.is_connected:
+            # connect() itself, not the reconnect inside send_command: under Sentinel, connect() is
+            # where a connection asks the sentinels for the primary's address (after a failover, anew).
+            connection.connect()
         return connection
+
+    def failed(self) -> None:
+        """A connection to the same Redis failed: every thread's connection starts afresh."""
+        self._failures += 1
 
     def run_transaction(self, commands: list[tuple[str, ...]]) -> list[Any]:
         """``MULTI``, the commands, ``EXEC`` in one write and one round trip; all or nothing."""
@@ -483,6 +505,7 @@ class LookupConnections:
             raise
         except BaseException:
             connection.disconnect()
+            self.failed()
             raise
         if queued_errors:
             raise queued_errors[0]
@@ -500,6 +523,7 @@ class LookupConnections:
             raise
         except BaseException:
             connection.disconnect()
+            self.failed()
             raise
 
     def run_script(self, script: str, keys: tuple[str, ...], args: tuple[str, ...]) -> Any:
@@ -529,15 +553,8 @@ class RedisIndexStore:
         index_clock: Callable[[], float] | None = None,
     ) -> None:
         self.keys = KeySchema(settings.key_prefix)
-        self._client = client or redis.Redis.from_url(
-            settings.url,
-            socket_timeout=settings.socket_timeout,
-            socket_connect_timeout=settings.connect_timeout,
-            max_connections=settings.max_connections,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-            redis_connect_func=self._on_connect,
-        )
+        self._sentinel: redis.sentinel.Sentinel | None = None
+        self._client = client or self._connect(settings)
         self._lookups = LookupConnections(self._client.connection_pool)
         self._clock = clock
         self._index_clock = index_clock  # None: the Redis server's TIME
@@ -545,6 +562,40 @@ class RedisIndexStore:
         self._down_until = 0.0
         self._leases: dict[str, str] = {}
         self.epochs_started = 0
+
+    def _connect(self, settings: RedisSettings) -> redis.Redis:
+        """The client: short timeouts, no retries, the epoch check on every new connection; on one
+        URL, or on whichever node Redis Sentinel names the primary when the connection is made."""
+        options: dict[str, Any] = {
+            "socket_timeout": settings.socket_timeout,
+            "socket_connect_timeout": settings.connect_timeout,
+            "max_connections": settings.max_connections,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": True,
+            "redis_connect_func": self._on_connect,
+            **({"username": settings.username} if settings.username else {}),
+            **({"password": settings.password} if settings.password else {}),
+        }
+        tls: dict[str, Any] = {"ssl_ca_certs": settings.tls_ca_file} if settings.tls_ca_file else {}
+        if not settings.sentinels:
+            return redis.Redis.from_url(settings.url, **options, **(tls if settings.url.startswith("rediss:") else {}))
+        self._sentinel = redis.sentinel.Sentinel(
+            [sentinel_address(address) for address in settings.sentinels],
+            sentinel_kwargs={
+                "socket_timeout": settings.socket_timeout,
+                "socket_connect_timeout": settings.connect_timeout,
+                "decode_responses": True,
+                **({"username": settings.sentinel_username} if settings.sentinel_username else {}),
+                **({"password": settings.sentinel_password} if settings.sentinel_password else {}),
+                **({"ssl": True, **tls} if settings.sentinel_tls else {}),
+            },
+        )
+        # Its connections ask the sentinels for the primary's address whenever they connect; one that
+        # meets a demoted primary (READONLY) drops itself, and the next one asks again.
+        client: redis.Redis = self._sentinel.master_for(
+            settings.master_name, db=settings.db, **options, **({"ssl": True, **tls} if settings.tls else {})
+        )
+        return client
 
     def _now_arg(self) -> str:
         return format_stamp(self._index_clock()) if self._index_clock is not None else ""
@@ -809,6 +860,11 @@ class RedisIndexStore:
         try:
             return command()
         except redis.RedisError as exc:
+            if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                # Idle connections may face the same dead or hung primary: every one starts afresh
+                # (under Sentinel, asking where the primary is now) rather than time out in turn.
+                self._client.connection_pool.disconnect(inuse_connections=False)
+                self._lookups.failed()
             raise IndexUnavailable(f"redis read failed: {type(exc).__name__}") from None
 
     _write = _read
@@ -816,3 +872,5 @@ class RedisIndexStore:
     def close(self) -> None:
         self._lookups.close()
         self._client.close()
+        if self._sentinel is not None:
+            self._sentinel.close()
