@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = devstack_commands.add_parser("up", help="start everything, write DIR/stack.json, leave it running")
     up.add_argument("--dir", required=True, help="directory for logs, data and stack.json")
     up.add_argument("--tag-policy", choices=("pinned", "primary"), default="pinned")
+    up.add_argument("--nodes", type=int, default=1, help="auth services and NGINX (each with an updater) on one index")
     up.set_defaults(handler=run_devstack_up)
     down = devstack_commands.add_parser("down", help="stop exactly the processes DIR/stack.json names")
     down.add_argument("--dir", required=True)
@@ -247,11 +248,13 @@ def run_devstack_up(args: argparse.Namespace) -> int:
     from geo_route.errors import GeoRouteError
 
     try:
-        info = bring_up(Path(args.dir), tag_policy=args.tag_policy).info
+        info = bring_up(Path(args.dir), tag_policy=args.tag_policy, nodes=args.nodes).info
     except (GeoRouteError, TimeoutError) as exc:
         print(f"devstack up failed: {exc}", file=sys.stderr)
         return 1
     print(f"secondary (use this URL): {info.secondary_url}")
+    for node in info.nodes[1:]:
+        print(f"  node {node.number}:                {node.secondary_url}  (site file {node.site_file})")
     print(f"primary registry:         {info.primary_url}")
     print(f"local registry:           {info.local_registry_url}")
     print(f"token realm:              {info.token_realm}  (user {info.username}, password in {STACK_FILE})")

@@ -5,7 +5,8 @@ redis-server (or, with ``redis="sentinel"``, a primary, a replica and three sent
 reaches through ``redis.sentinels``), the development token service, two Docker Distribution registries (primary and
 secondary, token auth with one shared key; Debian's 2.8, or the binary ``DEVSTACK_REGISTRY_BINARY``
 names), the geo-route auth service under gunicorn and NGINX
-from the rendered site config. It waits until every part answers, writes ``stack.json`` and returns;
+from the rendered site config (``nodes=N``: N of each, and N updaters; see ``nodes.py``). It waits
+until every part answers, writes ``stack.json`` and returns;
 the processes keep running. ``tear_down(directory)`` stops exactly the PIDs in ``stack.json``.
 If start-up fails half-way, what was started is stopped again.
 """
@@ -17,7 +18,6 @@ import json
 import os
 import resource
 import secrets
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,21 +27,23 @@ import yaml
 
 from geo_route.config import load_settings
 from geo_route.devstack.keys import SigningKeyFiles, generate_signing_key
-from geo_route.devstack.processes import (
-    LOOPBACK,
-    LoggedProcess,
-    free_port,
-    http_get,
-    require_binary,
-    start_until_ready,
-    stop_pid,
+from geo_route.devstack.nodes import (
+    NodeInfo,
+    start_auth_service,
+    start_nginx,
+    start_node,
+    start_updater,
+    write_node_site,
 )
+from geo_route.devstack.nodes import (
+    environment_without_settings as environment_without_settings,  # tests import it from here
+)
+from geo_route.devstack.processes import LOOPBACK, LoggedProcess, free_port, require_binary, stop_pid
 from geo_route.devstack.redis_server import RedisProcess, SentinelTopology
 from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, registry_binary, start_registry
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
 from geo_route.devstack.token_service import start_token_service
 from geo_route.errors import DevstackError
-from geo_route.render import check_with_nginx, render_nginx_conf
 
 STACK_FILE = "stack.json"
 ISSUER = "geo-route-devstack"
@@ -78,6 +80,22 @@ class StackInfo:
     users: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     redis_sentinels: list[str] = field(default_factory=list)  # host:port of each sentinel (redis="sentinel")
+    nodes: list[NodeInfo] = field(default_factory=list)  # every node, node 1 (the fields above) first
+
+    def node(self, number: int) -> StackInfo:
+        """This stack as node ``number`` serves it: its URL, access log, metrics and site file (and its
+        updater, if it runs one), e.g. for a ``StackClient`` that pulls through that node."""
+        node = next((node for node in self.nodes if node.number == number), None)
+        if node is None:
+            raise DevstackError(f"the stack has no node {number} (nodes: {[n.number for n in self.nodes]})")
+        return dataclasses.replace(
+            self,
+            secondary_url=node.secondary_url,
+            nginx_access_log=node.nginx_access_log,
+            nginx_metrics_url=node.nginx_metrics_url,
+            site_file=node.site_file,
+            updater_url=node.updater_url or self.updater_url,
+        )
 
     def write(self) -> Path:
         path = Path(self.directory) / STACK_FILE
@@ -89,7 +107,9 @@ class StackInfo:
     def read(cls, directory: Path) -> StackInfo:
         path = directory / STACK_FILE
         try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+            values = json.loads(path.read_text(encoding="utf-8"))
+            values["nodes"] = [NodeInfo(**node) for node in values.get("nodes", [])]
+            return cls(**values)
         except (OSError, ValueError, TypeError) as exc:
             raise DevstackError(f"no usable {path}: {exc}") from None
 
@@ -106,7 +126,8 @@ class RunningStack:
         self.processes[name].stop()
 
     def kill_part(self, name: str) -> None:
-        """SIGKILL a part and the processes it started (a crash); ``restart_part`` brings it back."""
+        """SIGKILL a part (``nginx``, ``auth-2``, ...) and the processes it started (a crash);
+        ``restart_part`` brings it back."""
         self.processes[name].kill()
 
     def restart_part(self, name: str, timeout: float = 30.0) -> None:
@@ -128,6 +149,8 @@ def bring_up(
     primary_front: Callable[[str], str] | None = None,
     site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     redis: RedisTopology = "single",
+    nodes: int = 1,
+    updaters: int | None = None,
 ) -> RunningStack:
     """Start every part in ``directory`` (created if needed); stop them all again if one fails.
 
@@ -140,7 +163,16 @@ def bring_up(
     ``primary_front``, if given, is called with the primary registry's ``127.0.0.1:PORT`` (before the
     site file is written) and returns the address NGINX and clients use for the primary instead, e.g.
     a simulated WAN in front of it. The registries' notifications and the updater are unaffected.
+
+    ``nodes`` runs that many auth services and NGINX in front of the one index (``nodes.py``: node N's
+    parts are ``auth-N`` and ``nginx-N``, its site file ``site-N.yaml``); ``updaters`` (at most
+    ``nodes``; as many as ``nodes`` by default) runs an updater on the first that many nodes. The
+    registries notify updater 1 only (a notification endpoint is one URL); every updater runs the
+    background loops (tag resolution, reconciliation, verification) on the one index.
     """
+    updaters = nodes if updaters is None else updaters
+    if not 1 <= updaters <= max(nodes, 1):
+        raise DevstackError(f"updaters must be between 1 and nodes ({nodes}), not {updaters}")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for binary in ("redis-server", "nginx", "skopeo", *(("redis-sentinel",) if redis == "sentinel" else ())):
@@ -150,6 +182,7 @@ def bring_up(
     topology = SentinelTopology(directory / "redis", SENTINEL_MASTER) if redis == "sentinel" else None
     try:
         info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides, topology)
+        info = start_more_nodes(info, nodes, updaters, processes)
     except BaseException:
         RunningStack(None, processes).stop()  # type: ignore[arg-type]
         raise
@@ -189,7 +222,7 @@ def start_all(
         site_overrides,
     )
     settings = load_settings(site, environ={})
-    processes["updater"] = start_updater(directory, site)
+    processes["updater"] = start_updater(directory / "updater", site)
 
     auth = TokenAuth(realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate))
     updater_url = f"http://{settings.updater.bind[0]}"
@@ -212,8 +245,8 @@ def start_all(
     )
     processes["secondary"] = secondary.logged
 
-    processes["auth"] = start_auth_service(directory, site)
-    processes["nginx"] = start_nginx(directory, site)
+    processes["auth"] = start_auth_service(directory / "auth", site)
+    processes["nginx"] = start_nginx(directory / "nginx", site)
 
     info = StackInfo(
         directory=str(directory),
@@ -231,7 +264,37 @@ def start_all(
         users=users,
         pids={name: process.pid for name, process in processes.items()},
         redis_sentinels=sentinels,
+        nodes=[
+            NodeInfo(
+                number=1,
+                secondary_url=f"http://{LOOPBACK}:{nginx_port}",
+                nginx_access_log=str(directory / "nginx" / "access.log"),
+                nginx_metrics_url=f"http://{settings.nginx.metrics_listen}/metrics"
+                if settings.nginx.metrics_listen
+                else "",
+                site_file=str(site),
+                auth_url=f"http://{settings.server.bind[0]}",
+                updater_url=updater_url,
+            )
+        ],
     )
+    info.write()
+    return info
+
+
+def start_more_nodes(info: StackInfo, nodes: int, updaters: int, processes: dict[str, LoggedProcess]) -> StackInfo:
+    """Nodes 2 to ``nodes`` (updaters on nodes 2 to ``updaters``); ``stack.json`` lists them all."""
+    directory, site = Path(info.directory), Path(info.site_file)
+    more = [
+        start_node(
+            directory, write_node_site(directory, site, number), number, processes, with_updater=number <= updaters
+        )
+        for number in range(2, nodes + 1)
+    ]
+    if not more:
+        return info
+    pids = {name: process.pid for name, process in processes.items()}
+    info = dataclasses.replace(info, nodes=[*info.nodes, *more], pids=pids)
     info.write()
     return info
 
@@ -314,37 +377,6 @@ def nginx_open_files_limit() -> int:
     return NGINX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(NGINX_OPEN_FILES, hard)
 
 
-def start_auth_service(directory: Path, site: Path) -> LoggedProcess:
-    url = f"http://{load_settings(site, environ={}).server.bind[0]}/healthz"
-    argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
-    ready = lambda: http_get(url)[0] == 200  # noqa: E731
-    return start_until_ready(argv, directory / "auth", "auth", ready, env=environment_without_settings())
-
-
-def start_updater(directory: Path, site: Path) -> LoggedProcess:
-    url = f"http://{load_settings(site, environ={}).updater.bind[0]}/healthz"
-    argv = [sys.executable, "-m", "geo_route.cli", "updater", "-c", str(site)]
-    ready = lambda: http_get(url)[0] == 200  # noqa: E731
-    return start_until_ready(argv, directory / "updater", "updater", ready, env=environment_without_settings())
-
-
-def start_nginx(directory: Path, site: Path) -> LoggedProcess:
-    settings = load_settings(site, environ={})
-    nginx_dir = directory / "nginx"
-    conf = nginx_dir / "nginx.conf"
-    conf.write_text(render_nginx_conf(settings), encoding="utf-8")
-    check_with_nginx(conf)
-    argv = [require_binary("nginx"), "-e", str(nginx_dir / "error.log"), "-g", "daemon off;", "-c", str(conf)]
-    argv += ["-p", str(nginx_dir)]
-    url = f"http://{settings.nginx.listen[0]}/v2/"
-    return start_until_ready(argv, nginx_dir, "nginx-master", lambda: http_get(url)[0] == 401)
-
-
-def environment_without_settings() -> dict[str, str]:
-    """The caller's environment minus GEO_ROUTE_* (the stack's site file must be the whole truth)."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("GEO_ROUTE_")}
-
-
 def tear_down(directory: Path) -> dict[str, bool]:
     """Stop exactly the PIDs ``stack.json`` names; remove nothing. Returns name → stopped."""
     return stop_pids(StackInfo.read(directory.resolve()).pids)
@@ -355,6 +387,14 @@ def stop_pids(pids: dict[str, int]) -> dict[str, bool]:
 
 
 def ordered(names: Iterable[str]) -> list[str]:
-    """Front to back: NGINX first, Redis last."""
-    names = list(names)
-    return [name for name in STOP_ORDER if name in names] + [name for name in names if name not in STOP_ORDER]
+    """Front to back: NGINX first (every node's), Redis last."""
+    return sorted(names, key=stop_rank)
+
+
+def stop_rank(name: str) -> int:
+    """``name``'s place in ``STOP_ORDER``; node N's parts (``nginx-2``) rank as node 1's (``nginx``)."""
+    base, _, number = name.rpartition("-")
+    for candidate in (name, base if number.isdigit() else name):
+        if candidate in STOP_ORDER:
+            return STOP_ORDER.index(candidate)
+    return len(STOP_ORDER)
