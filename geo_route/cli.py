@@ -60,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     jwks.add_argument("-o", "--output", help="write here (atomically) instead of standard output")
     jwks.set_defaults(handler=run_jwks)
 
+    client_config = commands.add_parser(
+        "client-config", help="print the docker, containerd or podman configuration that points clients at the site"
+    )
+    client_config.add_argument("-c", "--config", required=True, help="the YAML site file")
+    client_config.add_argument("--for", dest="client", required=True, choices=("docker", "containerd", "podman"))
+    client_config.add_argument(
+        "--site-url", help="the site as clients reach it (default from nginx.server_name, listen, tls_certificate)"
+    )
+    client_config.add_argument("--registry", help="the primary's name clients use (default primary.url's host)")
+    client_config.set_defaults(handler=run_client_config)
+
+    units = commands.add_parser("systemd-units", help="print or write systemd units for the auth service and updater")
+    units.add_argument("-c", "--config", required=True, help="the YAML site file (its absolute path goes in ExecStart)")
+    units.add_argument("--user", default="geo-route", help="User= and Group= of both services (default geo-route)")
+    units.add_argument("--prefix", default="/opt/geo-route", help="the virtualenv geo-route is installed in")
+    units.add_argument("-o", "--output", metavar="DIR", help="write the unit files here instead of standard output")
+    units.set_defaults(handler=run_systemd_units)
+
     devstack = commands.add_parser("devstack", help="the development stack (every real component on loopback)")
     devstack_commands = devstack.add_subparsers(dest="devstack_command", required=True)
     up = devstack_commands.add_parser("up", help="start everything, write DIR/stack.json, leave it running")
@@ -238,6 +256,47 @@ def run_jwks(args: argparse.Namespace) -> int:
         return 0
     write_atomically(Path(args.output), text)
     print(f"{args.output}: written", file=sys.stderr)
+    return 0
+
+
+def run_client_config(args: argparse.Namespace) -> int:
+    from geo_route.client_config import primary_origin, render_client_config, site_origin
+
+    try:
+        settings = load_settings(args.config)
+        snippet = render_client_config(
+            args.client, site_origin(settings, args.site_url), primary_origin(settings, args.registry)
+        )
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"# {snippet.path}:", file=sys.stderr)
+    for note in snippet.notes:
+        print(f"# {note}", file=sys.stderr)
+    sys.stdout.write(snippet.text)  # only the file's text: `> PATH` installs it
+    return 0
+
+
+def run_systemd_units(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geo_route.render import write_atomically
+    from geo_route.systemd_units import UnitOptions, hidden_path_warnings, render_units
+
+    try:
+        options = UnitOptions(site_file=str(Path(args.config).resolve()), prefix=args.prefix, user=args.user)
+        units = render_units(load_settings(args.config), options)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for warning in hidden_path_warnings(options):
+        print(f"warning: {warning}", file=sys.stderr)
+    for name, text in units.items():
+        if args.output is None:
+            sys.stdout.write(f"# ---- {name}\n{text}")
+        else:
+            write_atomically(Path(args.output) / name, text)
+            print(f"{Path(args.output) / name}: written", file=sys.stderr)
     return 0
 
 
