@@ -47,7 +47,7 @@ PARTIAL_REQUEST = b"GET /v2/ HTTP/1.1\r\nHost: registry\r\nUser-Agent: half-open
 def raise_descriptor_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < needed:
-        pytest.skip(f"holding {HELD} connections needs {needed} descriptors; the hard limit is {hard}")
+        pytest.fail(f"holding {HELD} connections needs {needed} descriptors; the hard limit is {hard} (raise it)")
     if soft != resource.RLIM_INFINITY and soft < needed:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
 
@@ -252,7 +252,7 @@ def test_a_flood_of_unauthorized_requests_from_one_address_does_not_stop_another
     locally in their usual tens of milliseconds."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        pytest.skip("wrk is not installed (script/bootstrap installs it)")
+        pytest.fail("wrk is not installed (script/bootstrap installs it)")
     raise_descriptor_limit(FLOOD_CONNECTIONS + 1024)
     with started_stack(tmp_path / "stack") as client:
         built = build_oci_image(tmp_path / "image", "v1", variant="flood", layer_count=2)
