@@ -686,8 +686,23 @@ def test_the_primary_tag_moves_while_it_is_pulled(matrix: Matrix) -> None:
         matrix.expect_present("faults/moving", second, True)
         matrix.expected.pin_required.add(target)
 
+    # Distribution 2.8 answers a GET of a tag whose link it is rewriting at that moment with its own
+    # 500 ("invalid checksum digest format"): the primary's answer, passed on as it is (the site
+    # routes a moving tag to the primary). Allowed, counted and noted, only while the tag moves.
+    window = FaultWindow()
+
+    def primary_mid_push(pull: Pull) -> bool:
+        return "500 Internal Server Error" in pull.error and window.overlaps(pull)
+
     with TagWatch(matrix.client, target) as watch:
-        pulls = under_fault(matrix, outcome, [target], move, replicate_new)
+        pulls = under_fault(
+            matrix, outcome, [target], window.applying(move), window.lifting(replicate_new), primary_mid_push
+        )
+    if outcome.allowed_failures:
+        outcome.notes.append(
+            f"{outcome.allowed_failures} pull(s) got the primary's own 500 (registry 2.8 reading a tag link "
+            "it was rewriting), passed on as the primary answered it"
+        )
     order = {matrix.image(name).digest: rank for rank, name in enumerate(("moving-0", "moving-1", "moving-2"))}
     # After a push through the site completes, no pull starting later may see an older digest; after
     # a push straight to the primary, none once its notification reached the index (events flowing:
