@@ -12,17 +12,22 @@ from geo_route.config import Settings, load_settings
 from geo_route.errors import ConfigError, KeyBundleError
 
 
+def add_site_file(parser: argparse.ArgumentParser, help: str = "the YAML site file") -> None:
+    """Every command that reads the site file takes it as ``-c``/``--config``."""
+    parser.add_argument("-c", "--config", required=True, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geo-route", description="Serve registry pulls from a secondary site.")
     parser.add_argument("--version", action="version", version=f"geo-route {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check-config", help="validate a site file (and load its keys); exit 0 when valid")
-    check.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(check)
     check.set_defaults(handler=run_check_config)
 
     render = commands.add_parser("render-nginx", help="render the NGINX configuration from the site file")
-    render.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(render)
     render.add_argument("-o", "--output", help="write here (atomically) instead of standard output")
     render.add_argument(
         "--part",
@@ -36,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_config = commands.add_parser(
         "registry-config", help="print the notification and token sections of a registry's configuration"
     )
-    registry_config.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(registry_config)
     registry_config.add_argument(
         "--dialect",
         choices=("distribution-2.8", "distribution-3", "gitlab"),
@@ -56,14 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     registry_config.set_defaults(handler=run_registry_config)
 
     jwks = commands.add_parser("jwks", help="write the JWKS file a Distribution 3 registry needs for libtrust kids")
-    jwks.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(jwks)
     jwks.add_argument("-o", "--output", help="write here (atomically) instead of standard output")
     jwks.set_defaults(handler=run_jwks)
 
     client_config = commands.add_parser(
         "client-config", help="print the docker, containerd or podman configuration that points clients at the site"
     )
-    client_config.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(client_config)
     client_config.add_argument("--for", dest="client", required=True, choices=("docker", "containerd", "podman"))
     client_config.add_argument(
         "--site-url", help="the site as clients reach it (default from nginx.server_name, listen, tls_certificate)"
@@ -72,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_config.set_defaults(handler=run_client_config)
 
     units = commands.add_parser("systemd-units", help="print or write systemd units for the auth service and updater")
-    units.add_argument("-c", "--config", required=True, help="the YAML site file (its absolute path goes in ExecStart)")
+    add_site_file(units, "the YAML site file (its absolute path goes in ExecStart)")
     units.add_argument("--user", default="geo-route", help="User= and Group= of both services (default geo-route)")
     units.add_argument("--prefix", default="/opt/geo-route", help="the virtualenv geo-route is installed in")
     units.add_argument("-o", "--output", metavar="DIR", help="write the unit files here instead of standard output")
@@ -94,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=run_demo)
 
     updater = commands.add_parser("updater", help="run the index updater (registry notifications in) under gunicorn")
-    updater.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(updater)
     updater.set_defaults(handler=run_updater)
 
     reconcile = commands.add_parser("reconcile", help="repair the index from the registries (walk, HEAD, refresh pins)")
-    reconcile.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(reconcile)
     reconcile.add_argument("--once", action="store_true", help="one run, then exit (0 only if it was clean)")
     reconcile.add_argument(
         "--verify",
@@ -114,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.set_defaults(handler=run_reconcile)
 
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
-    serve.add_argument("-c", "--config", required=True, help="the YAML site file")
+    add_site_file(serve)
     serve.add_argument("--bind", action="append", help="listen address host:port (repeatable; overrides server.bind)")
     serve.add_argument("--workers", type=int, help="gunicorn worker processes (overrides server.workers)")
     serve.set_defaults(handler=run_serve)
