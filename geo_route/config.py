@@ -226,7 +226,8 @@ class ServerSettings:
 
     bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8080",))
     workers: int = _checked(check_positive, default=2)
-    worker_class: Literal["sync", "gthread"] = "sync"
+    # asgi: gunicorn's asyncio worker (geo_route/web/asgi.py), NGINX's subrequests on kept-alive connections
+    worker_class: Literal["sync", "gthread", "asgi"] = "asgi"
     threads: int = _checked(check_positive, default=1)
     keepalive: int = _checked(check_not_negative, default=75)
     timeout: int = _checked(check_positive, default=30)

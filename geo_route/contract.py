@@ -53,6 +53,11 @@ def wsgi_environ_key(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
 
 
+def asgi_header_name(header: str) -> bytes:
+    """The name of a header in an ASGI scope's ``headers`` (``X-Original-URI`` → ``b"x-original-uri"``)."""
+    return header.lower().encode("latin-1")
+
+
 CHALLENGE_SCOPE = re.compile(r',scope="((?:[^"\\]|\\.)*)"')
 ESCAPED = re.compile(r"\\(.)")
 

@@ -59,6 +59,13 @@ def upstream_of(url: str) -> dict[str, Any]:
     return {"scheme": parts.scheme, "server": f"{server_host}:{port}", "host": host, "origin": url.rstrip("/")}
 
 
+def auth_address(binds: tuple[str, ...]) -> str:
+    """Where NGINX reaches the auth service: its first ``unix:`` bind if it has one (no TCP handshake
+    or loopback stack per connection), else its first bind. host:port, [v6]:port and unix:PATH read
+    the same in NGINX's ``server`` directive."""
+    return next((bind for bind in binds if bind.startswith("unix:")), binds[0])
+
+
 def nginx_context(settings: Settings) -> dict[str, Any]:
     """Everything the templates use; StrictUndefined makes a missing value an error."""
     nginx = settings.nginx
@@ -67,7 +74,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "listen_tls": bool(nginx.tls_certificate),
         "local": upstream_of(settings.local_registry.url),
         "primary": upstream_of(settings.primary.url),
-        "auth_server": settings.server.bind[0],  # host:port, [v6]:port and unix:PATH read the same in NGINX
+        "auth_server": auth_address(settings.server.bind),
         "auth_timeout": f"{nginx.auth_timeout:g}s",
         "original_method_header": contract.ORIGINAL_METHOD,
         "original_uri_header": contract.ORIGINAL_URI,

@@ -14,6 +14,7 @@ from gunicorn.app.base import BaseApplication
 from geo_route.config import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNIX_SOCKET_UMASK = 0o117  # a unix: bind's socket: 0660
 
 
 def prepare_multiprocess_metrics() -> None:
@@ -53,9 +54,10 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
 def serve(settings: Settings) -> None:
     """The auth service (``geo-route serve``)."""
     prepare_multiprocess_metrics()  # before prometheus_client is imported
-    from geo_route.web import create_app
+    from geo_route.web.app import create_app, create_asgi_app
 
     server = settings.server
+    build = create_asgi_app if server.worker_class == "asgi" else create_app
     options = {
         "bind": list(server.bind),
         "workers": server.workers,
@@ -67,8 +69,11 @@ def serve(settings: Settings) -> None:
         "keepalive": server.keepalive,
         "loglevel": server.log_level,
         "proc_name": "geo-route-auth",
+        # A unix: bind's socket is created srw-rw---- (the service's user and group: NGINX's workers
+        # must run as one of them); the umask applies to gunicorn's socket files only.
+        "umask": UNIX_SOCKET_UMASK,
     }
-    GunicornServer(options, lambda: create_app(settings)).run()
+    GunicornServer(options, lambda: build(settings)).run()
 
 
 def serve_updater(settings: Settings) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,18 @@ from typing import Any
 import yaml
 
 from geo_route.config import load_settings
-from geo_route.devstack.processes import LOOPBACK, LoggedProcess, free_port, http_get, require_binary, start_until_ready
+from geo_route.devstack.processes import (
+    LOOPBACK,
+    LoggedProcess,
+    fetch_from,
+    free_port,
+    http_get,
+    require_binary,
+    start_until_ready,
+)
 from geo_route.render import check_with_nginx, render_nginx_conf
+
+AUTH_SOCKET = "auth.sock"  # a node's Unix socket for NGINX, in its auth/ directory
 
 
 @dataclass(frozen=True)
@@ -44,14 +55,25 @@ def nginx_dir(directory: Path, number: int) -> Path:
     return directory / part_name("nginx", number)
 
 
-def write_node_site(directory: Path, site: Path, number: int) -> Path:
-    """Node ``number``'s site file (node 1's is ``site`` itself): the same site on its own ports and files."""
+def write_node_site(
+    directory: Path, site: Path, number: int, overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> Path:
+    """Node ``number``'s site file (node 1's is ``site`` itself): the same site with ``overrides`` merged
+    into its sections (e.g. another ``server.worker_class``, to compare nodes side by side), on its own
+    ports and files: each ``server.bind`` becomes node N's own, a ``unix:`` one its own socket."""
     if number == 1:
         return site
     values: dict[str, Any] = yaml.safe_load(site.read_text(encoding="utf-8"))
+    for section, changes in (overrides or {}).items():
+        values[section] = {**values.get(section, {}), **changes}
     files = nginx_dir(directory, number)
     (files / "run").mkdir(parents=True, exist_ok=True)
-    values["server"] = {**values["server"], "bind": [f"{LOOPBACK}:{free_port()}"]}
+    socket = directory / part_name("auth", number) / AUTH_SOCKET
+    binds = [
+        f"unix:{socket}" if bind.startswith("unix:") else f"{LOOPBACK}:{free_port()}"
+        for bind in values["server"]["bind"]
+    ]
+    values["server"] = {**values["server"], "bind": binds}
     values["updater"] = {**values["updater"], "bind": [f"{LOOPBACK}:{free_port()}"]}
     values["nginx"] = {
         **values["nginx"],
@@ -83,15 +105,22 @@ def start_node(
         nginx_access_log=str(settings.nginx.access_log),
         nginx_metrics_url=f"http://{metrics}/metrics" if metrics else "",
         site_file=str(site),
-        auth_url=f"http://{settings.server.bind[0]}",
+        auth_url=f"http://{tcp_bind(settings.server.bind)}",
         updater_url=f"http://{settings.updater.bind[0]}" if with_updater else "",
     )
 
 
+def tcp_bind(binds: tuple[str, ...]) -> str:
+    """The first TCP address of ``binds`` (for HTTP clients other than NGINX), else the first bind."""
+    return next((bind for bind in binds if not bind.startswith("unix:")), binds[0])
+
+
 def start_auth_service(log_dir: Path, site: Path) -> LoggedProcess:
-    url = f"http://{load_settings(site, environ={}).server.bind[0]}/healthz"
+    """``geo-route serve``, ready when ``/healthz`` answers 200 on every bind (a Unix socket too)."""
+    binds = load_settings(site, environ={}).server.bind
+    log_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(site)]
-    ready = lambda: http_get(url)[0] == 200  # noqa: E731
+    ready = lambda: all(fetch_from(bind, "/healthz").status == 200 for bind in binds)  # noqa: E731
     return start_until_ready(argv, log_dir, "auth", ready, env=environment_without_settings())
 
 

@@ -8,6 +8,7 @@ process group or a process it was not handed.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
 import shutil
 import signal
@@ -273,3 +274,34 @@ def http_get(url: str, headers: Mapping[str, str] | None = None, timeout: float 
     """GET ``url``: the status and headers."""
     answer = fetch(url, headers, timeout)
     return answer.status, answer.headers
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix domain socket (a ``unix:PATH`` bind, e.g. the auth service's for NGINX)."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def fetch_from(bind: str, path: str, headers: Mapping[str, str] | None = None, timeout: float = 5.0) -> HttpAnswer:
+    """GET ``path`` from a service at one of its binds: ``host:port``, ``[v6]:port`` or ``unix:PATH``."""
+    if not bind.startswith("unix:"):
+        return fetch(f"http://{bind}{path}", headers, timeout)
+    connection = UnixHTTPConnection(bind.removeprefix("unix:"), timeout)
+    try:
+        connection.request("GET", path, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return HttpAnswer(response.status, dict(response.headers), response.read())
+    finally:
+        connection.close()

@@ -28,6 +28,7 @@ import yaml
 from geo_route.config import load_settings
 from geo_route.devstack.keys import SigningKeyFiles, generate_signing_key
 from geo_route.devstack.nodes import (
+    AUTH_SOCKET,
     NodeInfo,
     start_auth_service,
     start_nginx,
@@ -46,6 +47,7 @@ from geo_route.devstack.token_service import start_token_service
 from geo_route.errors import DevstackError
 
 STACK_FILE = "stack.json"
+UNIX_PATH_MAX = 108  # sun_path, with its terminating NUL
 ISSUER = "geo-route-devstack"
 SERVICE = "container_registry"
 USERNAME = "developer"
@@ -135,6 +137,18 @@ class RunningStack:
         self.processes[name] = self.processes[name].restart(timeout)
         self.info = dataclasses.replace(self.info, pids={**self.info.pids, name: self.processes[name].pid})
         self.info.write()
+
+    def add_node(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> NodeInfo:
+        """One more node (an auth service and an NGINX, no updater) on the same index and registries,
+        its site file being node 1's with ``overrides`` merged in (``write_node_site``): e.g. the same
+        site with another ``server`` section, measured side by side with node 1."""
+        directory, number = Path(self.info.directory), max(node.number for node in self.info.nodes) + 1
+        site = write_node_site(directory, Path(self.info.site_file), number, overrides)
+        node = start_node(directory, site, number, self.processes, with_updater=False)
+        pids = {name: process.pid for name, process in self.processes.items()}
+        self.info = dataclasses.replace(self.info, nodes=[*self.info.nodes, node], pids=pids)
+        self.info.write()
+        return node
 
     def stop(self) -> None:
         for name in ordered(self.processes):
@@ -343,7 +357,7 @@ def write_site_file(
         "redis": dict(redis),
         # A short write fence: the devstack's writes take milliseconds, and tests wait for pins.
         "routing": {"tag_policy": tag_policy, "write_fence": DEVSTACK_WRITE_FENCE},
-        "server": {"bind": [f"{LOOPBACK}:{free_port()}"], "workers": 2, "log_level": "warning"},
+        "server": {"bind": auth_binds(directory / "auth"), "workers": 2, "log_level": "warning"},
         "nginx": {
             "listen": [f"{LOOPBACK}:{nginx_port}"],
             "runtime_dir": str(nginx_dir / "run"),
@@ -369,6 +383,14 @@ def write_site_file(
     path.write_text(yaml.safe_dump(site, sort_keys=False), encoding="utf-8")
     load_settings(path, environ={})  # fail here, with every problem listed, rather than in a child process
     return path
+
+
+def auth_binds(directory: Path) -> list[str]:
+    """The auth service's binds: TCP first (tests and scrapers use ``server.bind[0]``), then the Unix
+    socket NGINX uses (``render.auth_address``), unless its path is too long for one (108 bytes)."""
+    socket = directory / AUTH_SOCKET
+    unix = [f"unix:{socket}"] if len(str(socket).encode()) < UNIX_PATH_MAX else []
+    return [f"{LOOPBACK}:{free_port()}", *unix]
 
 
 def nginx_open_files_limit() -> int:

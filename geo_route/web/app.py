@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response
 
@@ -34,11 +35,21 @@ def create_app(
     app.extensions["geo_route"] = {"settings": settings, "index": index, "verifier": verifier, "metrics": metrics}
 
     auth = AuthEndpoint(Policy.from_settings(settings), verifier, index, metrics, clock)
+    app.extensions["geo_route"]["auth"] = auth
     app.wsgi_app = mount_auth(app.wsgi_app, auth)  # type: ignore[method-assign]
     app.add_url_rule("/healthz", "healthz", lambda: Response(b"ok\n", 200, mimetype="text/plain"))
     app.add_url_rule("/readyz", "readyz", lambda: readiness(index))
     app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.render(), 200, content_type=metrics.content_type))
     return app
+
+
+def create_asgi_app(settings: Settings) -> Any:
+    """The auth service for gunicorn's ASGI worker (``server.worker_class: asgi``): ``/auth`` on the
+    event loop, the rest of ``create_app``'s Flask app behind it."""
+    from geo_route.web.asgi import AsgiService
+
+    app = create_app(settings)
+    return AsgiService(app.extensions["geo_route"]["auth"], app)
 
 
 def readiness(index: IndexStore) -> Response:

@@ -62,21 +62,32 @@ class AuthEndpoint:
         self._index_warning = ThrottledWarning(log, interval=10.0)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        status, headers = self.answer(
+            environ.get(ENV_METHOD, ""),
+            environ.get(ENV_URI, ""),
+            environ.get(ENV_AUTHORIZATION),
+            environ.get(ENV_ACCEPT, ""),
+            refetch=environ.get(ENV_REFETCH) == "1",
+        )
+        start_response(STATUS_LINES[status], headers)
+        return EMPTY_BODY
+
+    def answer(
+        self, method: str, uri: str, authorization: str | None, accept: str, *, refetch: bool = False
+    ) -> tuple[int, list[tuple[str, str]]]:
+        """The subrequest's answer from its headers: status and response headers (WSGI and ASGI alike)."""
         started = time.perf_counter()
         operation = Operation(Kind.UNRECOGNIZED, "")
         reuse = 0
         try:
-            operation = classify_request(environ.get(ENV_METHOD, ""), environ.get(ENV_URI, ""))
-            refetch = environ.get(ENV_REFETCH) == "1"
-            decision, reuse = self.decide(
-                operation, environ.get(ENV_AUTHORIZATION), environ.get(ENV_ACCEPT, ""), refetch=refetch
-            )
+            operation = classify_request(method, uri)
+            decision, reuse = self.decide(operation, authorization, accept, refetch=refetch)
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
-        start_response(STATUS_LINES[decision.status], response_headers(decision, reuse))
+        headers = response_headers(decision, reuse)
         self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
-        return EMPTY_BODY
+        return decision.status, headers
 
     def decide(
         self, operation: Operation, authorization: str | None, accept: str = "", *, refetch: bool = False
