@@ -72,6 +72,9 @@ def serve(settings: Settings) -> None:
         # A unix: bind's socket is created srw-rw---- (the service's user and group: NGINX's workers
         # must run as one of them); the umask applies to gunicorn's socket files only.
         "umask": UNIX_SOCKET_UMASK,
+        # asyncio, not uvloop (which gunicorn would pick when installed): a uvloop worker loses a SIGTERM
+        # that arrives while it loads the app (seen: a stop right after a start hung until SIGKILL).
+        "asgi_loop": "asyncio",
     }
     GunicornServer(options, lambda: build(settings)).run()
 

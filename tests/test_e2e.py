@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 import time
 import urllib.error
 import urllib.request
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.processes import wait_until
@@ -157,6 +159,24 @@ def test_auth_service_stopped_pulls_still_succeed(own: StackClient, tmp_path: Pa
     built = published_replicated(own, tmp_path, "e2e/no-auth")
     stop_part(own, "auth")
     entries = assert_pull_succeeds(own, tmp_path, "e2e/no-auth", built)
+    assert {e.route for e in entries} == {"auth-unavailable"}
+
+
+def test_nginx_asks_the_auth_service_on_a_private_unix_socket_and_falls_back_when_it_dies(
+    own: StackClient, tmp_path: Path
+) -> None:
+    binds = load_settings(own.info.site_file, environ={}).server.bind
+    socket = Path(next(bind for bind in binds if bind.startswith("unix:")).removeprefix("unix:"))
+    conf = (Path(own.info.directory) / "nginx" / "nginx.conf").read_text()
+    assert f"server unix:{socket};" in conf
+    mode = socket.stat().st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)  # no access for other users
+    built = published_replicated(own, tmp_path, "e2e/unix")
+    assert {e.route for e in assert_pull_succeeds(own, tmp_path, "e2e/unix", built)} == {"local"}
+    assert own.stack is not None
+    own.stack.kill_part("auth")  # SIGKILL: the socket file stays, nobody accepts on it
+    assert socket.exists()
+    entries = assert_pull_succeeds(own, tmp_path, "e2e/unix", built)
     assert {e.route for e in entries} == {"auth-unavailable"}
 
 

@@ -270,3 +270,15 @@ def test_refetches_are_remembered_per_client_address_and_told_to_the_service(tmp
     assert "proxy_pass_request_headers off;" in auth_location
     assert "proxy_set_header X-Geo-Refetch $geo_route_refetch;" in auth_location
     assert "ngx.shared.geo_route_fetched:get(ngx.var.binary_remote_addr .. path)" in auth_location
+
+
+def test_nginx_reaches_the_auth_service_on_its_first_unix_socket(tmp_path: Path) -> None:
+    socket = tmp_path / "auth.sock"
+    both = {"GEO_ROUTE_SERVER__BIND": f'["127.0.0.1:8080", "unix:{socket}"]'}
+    (tmp_path / "unix").mkdir()
+    text = render_nginx_conf(load_settings(site_for_nginx(tmp_path / "unix"), environ=both))
+    upstream = re.search(r"upstream geo_route_auth \{(.*?)\}", text, re.DOTALL)
+    assert upstream is not None
+    assert f"server unix:{socket};" in upstream.group(1) and "keepalive" in upstream.group(1), upstream.group(1)
+    tcp_only = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={}))
+    assert "server 127.0.0.1:8080;" in tcp_only and "unix:" not in tcp_only
