@@ -22,6 +22,7 @@ import ipaddress
 import json
 import re
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -358,9 +359,11 @@ def test_every_listening_socket_of_the_stack_is_on_loopback(stack: tuple[Running
     inodes = {inode for pid in pids for inode in socket_inodes(pid)}
     listening = {address for inode, address in bound_sockets().items() if inode in inodes}
     settings = load_settings(running.info.site_file, environ={})
-    expected_ports = {
-        int(bind.rsplit(":", 1)[1]) for bind in (*settings.server.bind, *settings.updater.bind, *settings.nginx.listen)
-    }
+    binds = (*settings.server.bind, *settings.updater.bind, *settings.nginx.listen)
+    expected_ports = {int(bind.rsplit(":", 1)[1]) for bind in binds if not bind.startswith("unix:")}
+    sockets = [Path(bind.removeprefix("unix:")) for bind in binds if bind.startswith("unix:")]
+    assert sockets, "the devstack's NGINX reaches its auth service on a Unix socket"
+    assert all(stat.S_IMODE(socket.stat().st_mode) == 0o660 for socket in sockets)  # nobody else may connect
     assert expected_ports <= {port for _, port in listening}
     assert len({port for _, port in listening}) >= len(running.processes)  # one or more per process
     exposed = {(host, port) for host, port in listening if not ipaddress.ip_address(host).is_loopback}

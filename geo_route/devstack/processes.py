@@ -128,6 +128,20 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def cpu_seconds(pid: int, *, with_descendants: bool = True) -> float:
+    """User + system CPU seconds ``pid`` (and the processes below it, e.g. gunicorn's or NGINX's
+    workers) has used so far, from /proc; a process gone meanwhile counts 0."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for each in [pid, *(descendants(pid) if with_descendants else [])]:
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text(encoding="ascii", errors="replace").rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / ticks
+
+
 def start_process(
     argv: Sequence[str],
     log_dir: Path,
