@@ -54,7 +54,7 @@ tag pin is written without an index clock or media type for commits that have ne
 Usage:
     .venv/bin/python benchmarks/auth_bench.py [--request blob|manifest|tag] [--mode both|saturation|paced] [--rate R]
         [--repeat 3] [--duration 10] [--quick] [--connections 32] [--workers N]
-        [--worker-class sync|gthread] [--threads N] [--[no-]reuse-port] [--json FILE] [--profile FILE]
+        [--worker-class asgi|sync|gthread] [--threads N] [--[no-]reuse-port] [--json FILE] [--profile FILE]
 
 Exit status: 0 when every run completed without errors (whether or not the target is met); 1 when
 the load saw errors (non-2xx answers, socket errors, decisions other than the expected one, index errors
@@ -78,7 +78,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib, also when 
 
 from benchlib.common import REQUESTS, TARGET_CONNECTIONS, TARGET_RPS, BenchError
 from benchlib.measure import Phase, RunResult, measure_run, warm_up
-from benchlib.processes import stop_process
 from benchlib.profiling import print_profile, start_profiler
 from benchlib.report import (
     describe_run,
@@ -94,6 +93,7 @@ from benchlib.site import Cleanup, Site, start_site
 from benchlib.wrk import Load, write_wrk_script
 
 from geo_route.config import ServerSettings
+from geo_route.devstack.processes import stop_process
 
 SERVICE_DEFAULTS = ServerSettings()
 WORKER_CLASSES = typing.get_args(typing.get_type_hints(ServerSettings)["worker_class"])
@@ -210,9 +210,9 @@ def run_phase(site: Site, phase: Phase, args: argparse.Namespace) -> bool:
 
 def run_profile(site: Site, phase: Phase, args: argparse.Namespace, cleanup: Cleanup) -> RunResult:
     """One extra run with py-spy on the first worker; it slows that worker, so it stays out of the medians."""
-    pid = site.service.workers[0][0]
+    pid = site.workers[0]
     profiler = start_profiler(pid, max(1, args.duration - 1), args.profile)
-    cleanup.append(lambda: stop_process(profiler, "py-spy"))
+    cleanup.append(lambda: stop_process(profiler))
     print(f"\nprofile run: {phase.load.describe()}, {args.duration} s, py-spy on worker {pid} (not in the medians)")
     run = measure_run(site, phase, args.duration, "profile")
     print(format_run_line(run))

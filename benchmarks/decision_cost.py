@@ -38,19 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib
 
 import redis
 from benchlib.common import REQUESTS, BenchError, BenchRequest, build_auth_headers
-from benchlib.processes import stop_process
-from benchlib.site import (
-    fill_index,
-    find_free_port,
-    generate_signing_key,
-    mint_token,
-    start_redis,
-    wait_for_redis,
-    write_site_config,
-)
+from benchlib.site import fill_index, mint_token, write_site_config
 
 import geo_route
 from geo_route.config import ServerSettings, load_settings
+from geo_route.devstack.keys import generate_signing_key
+from geo_route.devstack.redis_server import RedisProcess
 from geo_route.web.app import create_app
 
 WARM_UP_CALLS = 2000
@@ -59,18 +52,17 @@ WARM_UP_CALLS = 2000
 def run_block(request: BenchRequest, calls: int) -> dict[str, Any]:
     """One block in this process: a private Redis and app, ``calls`` decisions measured."""
     directory = Path(tempfile.mkdtemp(prefix="geo-route-cost-"))
-    redis_port = find_free_port()
-    process = start_redis(directory, redis_port)
+    redis_process = RedisProcess(directory / "redis").start()
     try:
-        wait_for_redis(process, redis_port, directory / "redis.log")
-        key = generate_signing_key(directory / "bundle.pem")
-        settings = load_settings(write_site_config(directory, ServerSettings(), redis_port, 1), environ={})
+        keys = generate_signing_key(directory / "keys")
+        site_file = write_site_config(directory, ServerSettings(), redis_process.url, keys.certificate)
+        settings = load_settings(site_file, environ={})
         fill_index(settings)
         app = create_app(settings)
-        call = make_caller(app, build_auth_headers(mint_token(key), request), request)
+        call = make_caller(app, build_auth_headers(mint_token(keys), request), request)
         for _ in range(WARM_UP_CALLS):
             call()
-        server = redis.Redis(host="127.0.0.1", port=redis_port)
+        server = redis.Redis(host="127.0.0.1", port=redis_process.port)
         redis_before, cpu_before, wall_before = redis_cpu(server), time.thread_time(), time.perf_counter()
         for _ in range(calls):
             call()
@@ -78,7 +70,7 @@ def run_block(request: BenchRequest, calls: int) -> dict[str, Any]:
         redis_seconds = redis_cpu(server) - redis_before
         server.close()
     finally:
-        stop_process(process, "redis-server")
+        redis_process.stop()
         shutil.rmtree(directory, ignore_errors=True)
     return {
         "request": request.name,

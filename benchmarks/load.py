@@ -76,9 +76,9 @@ from typing import Any, TextIO
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib and head_rate, also when imported
 
 from benchlib.common import BenchError
+from benchlib.cpu import sample_cpu_seconds
 from benchlib.event_churn import judge_events, print_events, run_event_phase
 from benchlib.memory import TreeMemory, tree_memory
-from benchlib.processes import sample_cpu_seconds
 from benchlib.pull_mix import (
     WRK_THREADS,
     Target,

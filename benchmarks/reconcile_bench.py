@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # geo_route from the checkout
 
 import redis
-from benchlib.processes import sample_cpu_seconds
+from benchlib.cpu import sample_cpu_seconds
 
 from geo_route.config import Settings, load_settings
 from geo_route.devstack.stack import RunningStack, StackInfo, bring_up

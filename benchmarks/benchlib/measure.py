@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib.common import PACED_RATE_TOLERANCE
-from benchlib.processes import CpuUse, compare_cpu, sample_cpu_seconds
+from benchlib.cpu import CpuUse, compare_cpu, sample_cpu_seconds
 from benchlib.service_metrics import MetricsSnapshot, ServerSide, compare_metrics, read_metrics
 from benchlib.site import Site, ensure_service_alive
 from benchlib.wrk import Load, WrkResult, run_wrk
@@ -89,13 +89,13 @@ def warm_up(site: Site, phase: Phase, seconds: int) -> None:
 def measure_run(site: Site, phase: Phase, duration: int, label: str) -> RunResult:
     """One wrk run of ``phase``'s load with /metrics and the CPU counters read before and after."""
     site.refresh_index()
-    before = read_metrics(site.service.base_url)
+    before = read_metrics(site.base_url)
     pids = site.process_ids()
     cpu_before, started = sample_cpu_seconds(pids), time.monotonic()
     result, output = run_wrk(site.auth_url, phase.script, phase.load, duration)
     cpu = compare_cpu(cpu_before, sample_cpu_seconds(pids), time.monotonic() - started)
     alive = site.is_alive()
-    after = read_metrics(site.service.base_url) if alive else before
+    after = read_metrics(site.base_url) if alive else before
     server = compare_metrics(before, after, phase.expected) if alive else ServerSide()
     errors = judge_errors(result, server, alive, "/".join(phase.expected[:2]))
     return RunResult(label, phase.load, result, server, cpu, errors, output, before, after)

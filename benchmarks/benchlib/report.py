@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.common import PACED_RATE_TOLERANCE, TARGET_CONNECTIONS, TARGET_P99_MS, TARGET_RPS
+from benchlib.cpu import CpuUse
 from benchlib.measure import Phase, RunResult, median_of
-from benchlib.processes import CpuUse
 from benchlib.wrk import Load
 
 TARGET = f">= {TARGET_RPS:,.0f} decisions/s with p99 <= {TARGET_P99_MS:.0f} ms at {TARGET_CONNECTIONS} connections"

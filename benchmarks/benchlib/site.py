@@ -1,28 +1,18 @@
-"""The private site one run needs: signing key, site file, its own redis-server and ``geo-route serve``."""
+"""The private site one auth-service run needs, from ``geo_route.devstack``: its signing key
+(``keys``), its own redis-server (``redis_server``), the site file, and ``geo-route serve`` (``nodes``).
+
+Nothing here starts, waits for or stops a process itself: the devstack does, each by its own PID.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import jwt
-import redis
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from benchlib.common import (
     BLOB,
@@ -38,44 +28,41 @@ from benchlib.common import (
     BenchRequest,
     build_auth_headers,
 )
-from benchlib.processes import ProcessId, kill_survivors, list_children, read_tail, stop_process
 from geo_route.config import ServerSettings, Settings, load_settings
+from geo_route.devstack.keys import SigningKeyFiles, generate_signing_key, load_private_key
+from geo_route.devstack.nodes import start_auth_service
+from geo_route.devstack.processes import LoggedProcess, descendants, fetch, free_port, wait_until
+from geo_route.devstack.redis_server import RedisProcess
+from geo_route.devstack.token_service import TokenService
 from geo_route.index.model import BlobPresence, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.tokens import libtrust_kid
 
 STARTUP_TIMEOUT = 30.0
 Cleanup = list[Callable[[], None]]  # steps run in reverse order when the benchmark ends
 
 
 @dataclass
-class RunningService:
-    process: subprocess.Popen[bytes]
-    base_url: str
-    log_path: Path
-    workers: list[ProcessId]
-
-
-@dataclass
 class Site:
-    """Everything the load needs: the service (with its workers), Redis's PID, a token that was checked
-    and the site's settings (to write the index again)."""
+    """Everything the load needs: the service (and its workers' PIDs), Redis's PID, a token that was
+    checked and the site's settings (to write the index again)."""
 
-    service: RunningService
+    service: LoggedProcess
+    base_url: str
+    workers: list[int]
     redis_pid: int
     token: str
     settings: Settings
 
     @property
     def auth_url(self) -> str:
-        return self.service.base_url + "/auth"
+        return self.base_url + "/auth"
 
     def process_ids(self) -> dict[str, int]:
         """Label → PID of every process whose CPU use is reported."""
-        return {f"worker {pid}": pid for pid, _ in self.service.workers} | {"redis-server": self.redis_pid}
+        return {f"worker {pid}": pid for pid in self.workers} | {"redis-server": self.redis_pid}
 
     def is_alive(self) -> bool:
-        return self.service.process.poll() is None
+        return self.service.is_running()
 
     def refresh_index(self) -> None:
         """Before each run: the tag's pin stamped anew (the refresher's job on a real site), so a run
@@ -84,66 +71,41 @@ class Site:
 
 
 def start_site(directory: Path, server: ServerSettings, cleanup: Cleanup, request: BenchRequest = BLOB) -> Site:
-    """Key, site file, Redis with the blob, manifest and tag indexed, the service up and answering one
-    checked decision of ``request``'s kind."""
-    redis_port, service_port = find_free_port(), find_free_port()
-    key = generate_signing_key(directory / "bundle.pem")
-    config_path = write_site_config(directory, server, redis_port, service_port)
+    """Key, Redis with the blob, manifest and tag indexed, the service up (every worker forked, /readyz
+    200) and answering one checked decision of ``request``'s kind."""
+    keys = generate_signing_key(directory / "keys")
+    redis = RedisProcess(directory / "redis").start()
+    cleanup.append(redis.stop)
+    assert redis.logged is not None
+    config_path = write_site_config(directory, server, redis.url, keys.certificate)
     settings = load_settings(config_path, environ={})
-
-    redis_process = start_redis(directory, redis_port)
-    cleanup.append(lambda: stop_process(redis_process, "redis-server"))
-    wait_for_redis(redis_process, redis_port, directory / "redis.log")
     fill_index(settings)
-
-    service = start_service(directory, config_path, service_port)
-    cleanup.append(lambda: report_service_log(service.log_path))  # runs after the service has stopped
-    cleanup.append(lambda: stop_service(service))
-    wait_for_service(service, server.workers)
-
-    token = mint_token(key)
-    check_decision(service.base_url, token, request)
-    return Site(service, redis_process.pid, token, settings)
-
-
-def find_free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    service = start_auth_service(directory / "auth", config_path)
+    cleanup.append(lambda: report_service_log(service))  # runs after the service has stopped
+    cleanup.append(service.stop)
+    base_url = f"http://{settings.server.bind[0]}"
+    workers = wait_for_workers(service, server.workers)
+    if (status := fetch(base_url + "/readyz").status) != 200:
+        raise BenchError(f"GET /readyz answered {status}: the service cannot reach its Redis")
+    token = mint_token(keys)
+    check_decision(base_url, token, request)
+    return Site(service, base_url, workers, redis.logged.pid, token, settings)
 
 
-def generate_signing_key(bundle_path: Path) -> rsa.RSAPrivateKey:
-    """An RSA-2048 key whose self-signed certificate is written as the PEM ``rootcertbundle``."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "geo-route bench token signer")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    bundle_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    return key
-
-
-def write_site_config(directory: Path, server: ServerSettings, redis_port: int, service_port: int) -> Path:
+def write_site_config(directory: Path, server: ServerSettings, redis_url: str, certificate: Path) -> Path:
+    """The site file: the service on a loopback TCP port (the load generator's target), the rest unused."""
     site = {
-        "local_registry": {"url": f"http://{LOOPBACK}:{find_free_port()}"},
-        "primary": {"url": f"http://{LOOPBACK}:{find_free_port()}"},
+        "local_registry": {"url": f"http://{LOOPBACK}:{free_port()}"},
+        "primary": {"url": f"http://{LOOPBACK}:{free_port()}"},
         "token": {
-            "realm": f"http://{LOOPBACK}:{find_free_port()}/jwt/auth",
+            "realm": f"http://{LOOPBACK}:{free_port()}/jwt/auth",
             "service": SERVICE,
             "issuer": ISSUER,
-            "rootcertbundle": "bundle.pem",
+            "rootcertbundle": str(certificate),
         },
-        "redis": {"url": f"redis://{LOOPBACK}:{redis_port}/0"},
+        "redis": {"url": redis_url},
         "server": {
-            "bind": [f"{LOOPBACK}:{service_port}"],
+            "bind": [f"{LOOPBACK}:{free_port()}"],
             "workers": server.workers,
             "worker_class": server.worker_class,
             "threads": server.threads,
@@ -156,32 +118,10 @@ def write_site_config(directory: Path, server: ServerSettings, redis_port: int, 
     return path
 
 
-def start_redis(directory: Path, port: int) -> subprocess.Popen[bytes]:
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise BenchError("redis-server is not on PATH")
-    command = [
-        redis_server, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
-        "--dir", str(directory),
-    ]  # fmt: skip
-    with open(directory / "redis.log", "wb") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_redis(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    with closing(client):
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchError(f"redis-server exited with {process.returncode}:\n{read_tail(log_path)}")
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                pass
-            time.sleep(0.05)
-    raise BenchError(f"redis-server did not answer PING within {STARTUP_TIMEOUT:.0f} s")
+def wait_for_workers(service: LoggedProcess, workers: int) -> list[int]:
+    """The PIDs of gunicorn's workers, once all ``workers`` are forked."""
+    wait_until(lambda: len(descendants(service.pid)) >= workers, STARTUP_TIMEOUT, "gunicorn's workers", process=service)
+    return descendants(service.pid)
 
 
 def fill_index(settings: Settings) -> None:
@@ -210,106 +150,33 @@ def pin_tag(store: RedisIndexStore) -> PrimaryTag:
     return PrimaryTag(REPOSITORY, TAG, MANIFEST_DIGEST, store.now(), MANIFEST_MEDIA_TYPE)
 
 
-def build_service_command(config_path: Path) -> list[str]:
-    script = Path(sys.executable).parent / "geo-route"
-    if script.exists():
-        return [str(script), "serve", "-c", str(config_path)]
-    return [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(config_path)]
-
-
-def start_service(directory: Path, config_path: Path, port: int) -> RunningService:
-    metrics_dir = directory / "metrics"
-    metrics_dir.mkdir()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("GEO_ROUTE_")}  # the file alone decides
-    environment["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    log_path = directory / "service.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            build_service_command(config_path),
-            cwd=directory,
-            env=environment,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return RunningService(process, f"http://{LOOPBACK}:{port}", log_path, [])
-
-
-def wait_for_service(service: RunningService, workers: int) -> None:
-    """Until /healthz answers 200, /readyz too (Redis reachable), and every worker has been forked."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    while fetch_status(service.base_url + "/healthz") != 200:
-        ensure_service_alive(service)
-        if time.monotonic() > deadline:
-            raise BenchError(f"GET /healthz did not answer 200 within {STARTUP_TIMEOUT:.0f} s")
-        time.sleep(0.1)
-    if (status := fetch_status(service.base_url + "/readyz")) != 200:
-        raise BenchError(f"GET /readyz answered {status}: the service cannot reach its Redis")
-    while len(service.workers) < workers:
-        ensure_service_alive(service)
-        service.workers = list_children(service.process.pid)
-        if time.monotonic() > deadline:
-            raise BenchError(f"only {len(service.workers)} of {workers} gunicorn workers started")
-        time.sleep(0.1)
-
-
-def ensure_service_alive(service: RunningService) -> None:
-    if service.process.poll() is not None:
-        raise BenchError(f"geo-route serve exited with {service.process.returncode}")
-
-
-def fetch_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return None
-
-
-def mint_token(key: rsa.RSAPrivateKey) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": SERVICE,
-        "sub": "bench",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 3600,
-        "access": [{"type": "repository", "name": REPOSITORY, "actions": ["pull"]}],
-    }
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": libtrust_kid(key.public_key())})
+def mint_token(keys: SigningKeyFiles) -> str:
+    """A pull token for the repository, as the devstack's token service issues it (RS256, libtrust kid)."""
+    issuer = TokenService(ISSUER, SERVICE, load_private_key(keys.private_key), {})
+    access = [{"type": "repository", "name": REPOSITORY, "actions": ["pull"]}]
+    return str(issuer.issue("bench", access)["token"])
 
 
 def check_decision(base_url: str, token: str, kind: BenchRequest = BLOB) -> None:
     """One request by hand: it must be 200, routed local because the index says so."""
-    request = urllib.request.Request(base_url + "/auth", headers=build_auth_headers(token, kind))
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            status, headers = int(response.status), response.headers
-    except urllib.error.HTTPError as exc:
-        status, headers = exc.code, exc.headers
-    route, reason = headers.get("X-Geo-Route"), headers.get("X-Geo-Reason")
-    if (status, route, reason) != (200, *kind.decision[:2]):
+    answer = fetch(base_url + "/auth", build_auth_headers(token, kind))
+    route, reason = answer.headers.get("X-Geo-Route"), answer.headers.get("X-Geo-Reason")
+    if (answer.status, route, reason) != (200, *kind.decision[:2]):
         raise BenchError(
-            f"sanity check failed: GET /auth answered {status} X-Geo-Route={route!r} X-Geo-Reason={reason!r}, "
+            f"sanity check failed: GET /auth answered {answer.status} X-Geo-Route={route!r} X-Geo-Reason={reason!r}, "
             f"expected 200 {kind.decision[0]} {kind.decision[1]}"
         )
 
 
-def stop_service(service: RunningService) -> None:
-    workers = service.workers or list_children(service.process.pid)
-    stop_process(service.process, "gunicorn master")
-    kill_survivors(workers, "gunicorn worker")  # normally gone with the master; a SIGKILLed one can leave orphans
+def ensure_service_alive(service: LoggedProcess) -> None:
+    if not service.is_running():
+        raise BenchError(f"geo-route serve exited with {service.popen.returncode}:\n{service.read_log_tail()}")
 
 
-def report_service_log(log_path: Path) -> None:
+def report_service_log(service: LoggedProcess) -> None:
     """gunicorn runs at log level warning, so anything it wrote deserves a look."""
-    text = log_path.read_text(encoding="utf-8", errors="replace").strip() if log_path.exists() else ""
+    text = service.read_log_tail().strip()
     if text:
-        count = len(text.splitlines())
-        print(f"\nservice stderr ({count} lines; last 40):\n{read_tail(log_path)}", file=sys.stderr)
+        print(f"\nservice log (last lines):\n{text[-3000:]}", file=sys.stderr)
     else:
-        print("\nservice stderr: empty (no warnings or errors)")
+        print("\nservice log: empty (no warnings or errors)")
