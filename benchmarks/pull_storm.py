@@ -407,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         document = {
             "config": {k: getattr(args, k) for k in ("clients", "rounds", "layers", "layer_bytes", "processes")},
-            "site": site,
-            "direct": direct,
+            **summaries,  # "site", "direct" and, with --before, "site-before"
             "ratio_p99": ratio,
             "ratio_p50": site["p50"] / direct["p50"] if direct["p50"] else 0.0,
             "target": TARGET_P99_RATIO,
