@@ -29,6 +29,11 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P server                 STRING the Redis run_id the epoch belongs to
     P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
 
+On a Redis Cluster (``redis.cluster_nodes``) every key but ``verify:cursor`` and the leases also
+carries its bucket's hash tag after ``P`` (``KeySchema``): the repository's keys and its bucket's
+``repos``, ``epoch``, ``server``, ``resolve``, ``resolve:hints``, ``quarantined`` (a copy per
+bucket), ``verify:suspects`` and ``verify:trusted:DIGEST``.
+
 Clock: every stamp is the Redis server's ``TIME`` (one clock for every worker and node of a site),
 read inside the script that uses it; ``clock=`` replaces it (tests with a controlled clock).
 
