@@ -30,6 +30,7 @@ from geo_route.index.model import (
     DigestRestored,
     IndexQuery,
     IndexView,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     PrimaryTag,
@@ -364,6 +365,7 @@ def test_a_digest_deleted_at_the_primary_is_not_served_and_its_tags_are_invalida
 
 def test_a_rename_invalidates_every_tag_under_the_path(clocked: tuple[RedisIndexStore, list[float]]) -> None:
     store, _ = clocked
+    in_buckets_of_their_own(store, "g/app", "g/app/sub", "g/apple", "g/other")
     pins = [PrimaryTag(repo, "v1", D1, 990.0) for repo in ("g/app", "g/app/sub", "g/apple", "g/other")]
     store.apply(pins)
     store.apply([RepositoryInvalidated("g/app", subtree=True)])
@@ -459,7 +461,15 @@ def refetch(query: IndexQuery) -> IndexQuery:
     return dataclasses.replace(query, refetch=True)
 
 
+def in_buckets_of_their_own(store: RedisIndexStore, *repositories: str) -> None:
+    """On a cluster, the repositories a test spreads over buckets are in different buckets (so the test
+    crosses them); on one Redis there is one bucket."""
+    buckets = {store.keys.bucket(repository) for repository in repositories}
+    assert len(buckets) == (len(repositories) if store.keys.clustered else 1), buckets
+
+
 def test_a_quarantined_digest_is_not_local_from_any_repository(store: RedisIndexStore) -> None:
+    in_buckets_of_their_own(store, "q/a", "q/b", "q/c")
     store.apply([BlobPresence("q/a", D1, True), BlobPresence("q/b", D1, True), ManifestPresence("q/a", D2, True)])
     store.apply([ContentVerified("q/a", D1, intact=False), ContentVerified("q/a", D2, intact=False, manifest=True)])
     for repository in ("q/a", "q/b"):
@@ -592,3 +602,18 @@ def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
         raw.close()
     finally:
         server.stop()
+
+
+def test_a_dropped_repository_forgets_the_local_content_under_it(store: RedisIndexStore) -> None:
+    """A rename at the local registry (GitLab): the repository and those under its path lose their
+    local content in the index; a sibling sharing the prefix, and the pins, stay."""
+    names = ("d/app", "d/app/sub", "d/apple")
+    in_buckets_of_their_own(store, *names)
+    store.apply([u for name in names for u in (BlobPresence(name, D1, True), LocalTag(name, "v1", D2))])
+    store.apply([PrimaryTag("d/app", "v1", D2, store.now())])
+    store.apply([LocalRepositoryDropped("d/app", subtree=True)])
+    assert [store.lookup(blob(name, D1)).present for name in names] == [False, False, True]
+    assert [bool(store.local_tags(name)) for name in names] == [False, False, True]
+    assert store.primary_tag("d/app", "v1") is not None, "what the primary publishes is not the local registry's"
+    store.apply([BlobPresence("d/apple", D2, True), LocalRepositoryDropped("d/apple")])
+    assert not store.lookup(blob("d/apple", D1)).present and not store.lookup(blob("d/apple", D2)).present
