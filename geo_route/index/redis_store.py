@@ -560,10 +560,15 @@ class LookupConnections:
         if not connection.is_connected:
             # connect() itself, not the reconnect inside send_command: under Sentinel, connect() is
             # where a connection asks the sentinels for the primary's address (after a failover, anew).
-            connection.connect()
-            if self._ensure_epoch is not None:
-                connection.geo_route_run_id = read_run_id(connection)
-                connection.geo_route_buckets = set()
+            try:
+                connection.connect()
+                if self._ensure_epoch is not None:
+                    connection.geo_route_run_id = read_run_id(connection)
+                    connection.geo_route_buckets = set()
+            except BaseException:
+                connection.disconnect()
+                self.failed()  # on a cluster: the node may be gone, ask for the slots again
+                raise
         return connection
 
     def _refresh_slots(self) -> None:
@@ -712,7 +717,7 @@ class RedisIndexStore:
         self._clock = clock
         self._index_clock = index_clock  # None: the Redis server's TIME
         self._cooldown = settings.unavailable_cooldown
-        self._down_until = 0.0
+        self._down_until: dict[str, float] = {}  # per node on a cluster ("" on one Redis)
         self._leases: dict[str, str] = {}
         self._epochs_started = 0
 
@@ -793,13 +798,25 @@ class RedisIndexStore:
         self._cluster.nodes_manager.initialize()
 
     def lookup(self, query: IndexQuery) -> IndexView:
-        if self._clock() < self._down_until:
+        node = self._node_of(query.repository)
+        if self._clock() < self._down_until.get(node, 0.0):
             raise IndexUnavailable("index marked unavailable after a recent failure")
         try:
             return self._lookup(query)
         except (redis.RedisError, RedisClusterException) as exc:
-            self._down_until = self._clock() + self._cooldown
+            self._down_until[node] = self._clock() + self._cooldown
             raise IndexUnavailable(f"redis lookup failed: {type(exc).__name__}") from None
+
+    def _node_of(self, repository: str) -> str:
+        """Which Redis a repository's decisions wait on after a failure: on a cluster, the node that
+        serves its bucket now (the other nodes' buckets keep deciding; a failover names another)."""
+        if self._cluster is None:
+            return ""
+        slot = key_slot(self.keys.epoch(self.keys.bucket(repository)).encode())
+        try:
+            return str(self._cluster.nodes_manager.get_node_from_slot(slot).name)
+        except RedisClusterException:
+            return ""
 
     def _lookup(self, query: IndexQuery) -> IndexView:
         repository, reference = query.repository, query.reference
