@@ -19,7 +19,7 @@ import redis
 import redis.cluster
 from support import RedisServer
 
-from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
+from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
 from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import SentinelTopology
 from geo_route.errors import IndexUnavailable
@@ -617,3 +617,39 @@ def test_a_dropped_repository_forgets_the_local_content_under_it(store: RedisInd
     assert store.primary_tag("d/app", "v1") is not None, "what the primary publishes is not the local registry's"
     store.apply([BlobPresence("d/apple", D2, True), LocalRepositoryDropped("d/apple")])
     assert not store.lookup(blob("d/apple", D1)).present and not store.lookup(blob("d/apple", D2)).present
+
+
+def test_a_cluster_failover_costs_that_node_s_buckets_a_few_seconds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One primary of a cluster SIGKILLed: decisions for its buckets are unavailable (routed to the
+    primary) until its replica is promoted and the store has asked for the slots again; the promoted
+    replica starts the bucket's new epoch (its pins unconfirmed); another primary's buckets never
+    fail. One store, one thread: nothing else makes it refresh."""
+    topology = ClusterTopology(tmp_path_factory.mktemp("failover"), replicas_per_primary=1).start()
+    try:
+        nodes = tuple(topology.addresses)
+        store = RedisIndexStore(RedisSettings(cluster_nodes=nodes, socket_timeout=0.5, unavailable_cooldown=0.2))
+        by_part: dict[str, str] = {}
+        for number in range(100):
+            name = f"f/app{number}"
+            by_part.setdefault(topology.primary_part(store.keys.epoch(store.keys.bucket(name))), name)
+        (killed, doomed), (_, spared) = list(by_part.items())[:2]
+        for name in (doomed, spared):
+            store.apply([ManifestPresence(name, D1, True), PrimaryTag(name, "v1", D1, store.stamp(name)[0])])
+            assert store.lookup(tag(name, "v1")).current
+        topology.nodes[killed].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        killed_at, recovered_at = time.monotonic(), None
+        while time.monotonic() - killed_at < 30 and recovered_at is None:
+            assert store.lookup(tag(spared, "v1")).current, "another primary's bucket kept deciding"
+            try:
+                view = store.lookup(tag(doomed, "v1"))
+            except IndexUnavailable:
+                time.sleep(0.05)
+                continue
+            recovered_at = time.monotonic()
+            assert (view.pinned_digest, view.current) == (D1, False), "the promoted replica starts a new epoch"
+        assert recovered_at is not None, "the store never reached the promoted replica"
+        assert topology.primary_part(store.keys.epoch(store.keys.bucket(doomed))) != killed
+        assert recovered_at - killed_at < 15, recovered_at - killed_at
+        store.close()
+    finally:
+        topology.stop()
