@@ -4,7 +4,9 @@ registry's files itself. Identical status, body and headers; the same outcome fo
 the registry (then the primary) for anything NGINX cannot answer as the registry does.
 
 One stack for the module (refetch memory off: the same address fetches each blob many times here,
-and a refetch is served by the registry while it is verified, by design).
+and a refetch is served by the registry while it is verified, by design). Without the repository
+link check in NGINX, ``test_without_the_repositorys_link_the_file_is_not_sent`` fails (the file is
+sent to a repository the registry refuses it to).
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "local_registry": {"storage_root": str(storage)},
         "routing": {"refetch_window": 0},
         "updater": {"verify_bytes_per_second": 0},
+        # A loaded machine's Redis answering later than 50 ms would route a blob to the primary.
+        "redis": {"socket_timeout": 0.5},
     }
     with started_stack(directory / "stack", site_overrides=overrides) as client:
         image = build_oci_image(directory / "image", "v1", layer_count=3, layer_bytes=300_000)
