@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from test_attacks import ATTACKS, attack_tokens, claims, grant, refusal, send, signed
+from test_attacks import REPO_A as ATTACKED
 
+from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, address_of, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.keys import load_private_key
+from geo_route.devstack.processes import HttpAnswer
 from geo_route.devstack.stack import READER, READER_REPOSITORY
 from geo_route.index.model import BlobPresence, ContentVerified
 from geo_route.storage import blob_files
@@ -87,8 +93,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         other = build_oci_image(directory / "other", "v1", variant="other", layer_count=2, layer_bytes=50_000)
         client.push(image, REPOSITORY, "v1")
         client.push(other, OTHER, "v1")
-        client.replicate(REPOSITORY, ["v1"])
-        client.replicate(OTHER, ["v1"])
+        client.push(image, ATTACKED, "v1")  # test_attacks.py's tokens grant this repository
+        for repository in (REPOSITORY, OTHER, ATTACKED):
+            client.replicate(repository, ["v1"])
         yield Site(client, image, other, storage)
 
 
@@ -285,3 +292,85 @@ def test_a_quarantined_blob_is_not_sent_from_storage(site: Site) -> None:
     assert "sha256:" + hashlib.sha256(direct.body).hexdigest() != digest
     assert "sha256:" + hashlib.sha256(through.body).hexdigest() == digest
     assert (entry.route, entry.reason) == ("primary", "blob-quarantined")
+
+
+# -- test_attacks.py's token attacks and path tricks, against blobs sent from storage
+
+
+@dataclass(frozen=True)
+class Forger:
+    """What ``test_attacks.attack_tokens`` needs: the stack's signing key and its certificate."""
+
+    key: rsa.RSAPrivateKey
+    certificate_pem: bytes
+
+
+@pytest.fixture(scope="module")
+def forger(site: Site) -> Forger:
+    settings = load_settings(site.client.info.site_file, environ={})
+    key = load_private_key(Path(settings.updater.signing_key))
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return Forger(key, Path(settings.token.rootcertbundle).read_bytes())
+
+
+@pytest.fixture(scope="module")
+def forged(forger: Forger) -> dict[str, str]:
+    """Every attack's token, made once (the outsider key is a fresh RSA key)."""
+    return attack_tokens(forger)  # type: ignore[arg-type]
+
+
+def sent(url: str, method: str, uri: str, token: str | None) -> HttpAnswer:
+    return send(None, url, method, uri, token)  # type: ignore[arg-type]  # its site argument is unused
+
+
+def test_a_valid_token_of_the_attacks_repository_gets_the_blob_from_storage(site: Site, forger: Forger) -> None:
+    """The positive control: the attacks below are refused for what they forge, nothing else."""
+    token = signed(forger.key, claims([grant(ATTACKED, "pull")]))
+    offset = site.client.access_log_offset()
+    answer = sent(site.client.info.secondary_url, "GET", f"/v2/{ATTACKED}/blobs/{site.layer}", token)
+    assert answer.status == 200 and "sha256:" + hashlib.sha256(answer.body).hexdigest() == site.layer
+    assert [from_storage(entry) for entry in site.client.access_log(offset)] == [True]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_bad_token_gets_the_local_registrys_refusal(site: Site, forged: dict[str, str], attack: str) -> None:
+    token = forged[attack]
+    uri = f"/v2/{ATTACKED}/blobs/{site.layer}"
+    for method in ("GET", "HEAD"):
+        offset = site.client.access_log_offset()
+        through = refusal(sent(site.client.info.secondary_url, method, uri, token))
+        direct = refusal(sent(site.client.info.local_registry_url, method, uri, token))
+        assert through == direct and through[0] == 401, (attack, through, direct)
+        assert [(e.route, e.upstream) for e in site.client.access_log(offset)] == [("", "")]
+
+
+# A token for ATTACKED; URIs that try to reach a blob only OTHER holds (``{b}``).
+BLOB_TRICKS = [
+    "/v2/{a}/blobs/{b}",  # in storage, not linked to ATTACKED
+    "/v2/{a}/../../v2/{other}/blobs/{b}",
+    "/v2/{a}/blobs/../../{other}/blobs/{b}",
+    "/v2/{a}/blobs/{a_blob}/../../../../{other}/blobs/{b}",
+    "/v2/{a}/blobs/{b};/../../../../{other}/blobs/{b}",
+    "/v2/{a}/blobs/{b}%23/../../../../{other}",
+    "/v2/{a}/blobs/{b}?/../../../../{other}/blobs/{b}",
+    "/v2/{other_escaped}/blobs/{b}",
+    "/v2/{other}/blobs/{b}?scope=repository:{a}:pull",
+    "/v2/{a}/blobs/{b}#/v2/{other}/blobs/{b}",
+]
+
+
+@pytest.mark.parametrize("template", BLOB_TRICKS)
+def test_a_path_trick_never_gets_another_repositorys_blob(site: Site, forger: Forger, template: str) -> None:
+    other_only = site.other.config.digest
+    uri = template.format(
+        a=ATTACKED,
+        other=OTHER,
+        other_escaped=OTHER.replace("/", "%2f"),
+        b=other_only,
+        a_blob=site.layer,
+    )
+    token = signed(forger.key, claims([grant(ATTACKED, "pull")]))
+    offset = site.client.access_log_offset()
+    answer = sent(site.client.info.secondary_url, "GET", uri, token)
+    assert "sha256:" + hashlib.sha256(answer.body).hexdigest() != other_only, f"{uri} served {OTHER}'s blob"
+    assert not any(from_storage(entry) for entry in site.client.access_log(offset)), uri
