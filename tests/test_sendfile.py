@@ -34,6 +34,8 @@ from geo_route.devstack.stack import READER, READER_REPOSITORY
 from geo_route.index.model import BlobPresence, ContentVerified
 from geo_route.storage import blob_files
 
+pytestmark = pytest.mark.integration
+
 REPOSITORY = "group/app"
 OTHER = READER_REPOSITORY  # replicated too, with its own layers (the base layer is shared)
 # Compared as the registry sends them; Date, Server and Connection are NGINX's on every answer.
