@@ -221,7 +221,7 @@ def report(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--image-mb", type=int, default=200)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--json", type=Path)
