@@ -105,8 +105,10 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         ("index_capacity", [python, str(bench / "index_capacity.py"), *INDEX_CAPACITY_ARGS[quick]]),
         ("verify_pass", [python, str(bench / "verify_pass.py"), "--size-gb", "0.2" if quick else "1"]),
     ]
-    for name, module, argv in MODULE_SCENARIOS:
-        steps.append((name, [python, str(bench / "run_all.py"), "--module", module, "--", *argv, *q]))
+    for name, module, argv, quick_argv in MODULE_SCENARIOS:
+        steps.append(
+            (name, [python, str(bench / "run_all.py"), "--module", module, "--", *(quick_argv if quick else argv)])
+        )
     return steps
 
 
@@ -115,12 +117,14 @@ INDEX_CAPACITY_ARGS = {
     False: ["--entries", "1000000", "--pins", "100000", "--repositories", "10000"],
     True: ["--entries", "100000", "--pins", "10000", "--repositories", "1000", "--lookups", "2000"],
 }
-# Benchmarks whose ``main(argv)`` returns a dict of figures (no ``--json``): (scenario name, module in
-# benchmarks/, its arguments). run_all runs each in its own subprocess (``--module``), passes
-# ``--quick`` on with its own, and reports the dict (every key ending in "ratio" goes into the ratio
-# table, with "<prefix>target"/"<prefix>met" when present). The replicated pull served from the local
-# registry's storage (branch sendfile) is to be added here, e.g. ("sendfile_pull", "sendfile_pull", []).
-MODULE_SCENARIOS: list[tuple[str, str, list[str]]] = []
+# Benchmarks whose ``main(argv)`` returns a dict of figures: (scenario name, module in benchmarks/, its
+# arguments, its arguments under --quick). run_all runs each in a subprocess of its own (``--module``)
+# and reports the dict: a top-level "<prefix>ratio" key goes into the ratio table with its
+# "<prefix>target" and "<prefix>met"; sendfile_pull's nested figures are read by ``module_ratio_rows``.
+MODULE_SCENARIOS: list[tuple[str, str, list[str], list[str]]] = [
+    # The replicated pull with blobs sent from the local registry's storage (issue 15, item 1).
+    ("sendfile_pull", "sendfile_pull", ["--rounds", "5"], ["--rounds", "1", "--image-mb", "24", "--layers", "4"]),
+]
 NO_JSON = ("reconcile", "verify_pass")  # their figures come from what they print
 
 
@@ -315,7 +319,7 @@ def render_report(outcomes: list[Outcome], plots: dict[str, str], quick: bool, s
     for outcome in outcomes:  # in the order they ran
         if outcome.name in sections:
             lines += sections[outcome.name](outcome)
-        elif outcome.name in {name for name, _, _ in MODULE_SCENARIOS}:
+        elif outcome.name in {name for name, *_ in MODULE_SCENARIOS}:
             lines += module_section(outcome)
         else:
             lines += generic_section(outcome)
@@ -370,7 +374,27 @@ def ratio_rows(outcomes: list[Outcome]) -> list[tuple[str, float, str, bool | No
                     None,
                 )
             )
-    for name, _, _ in MODULE_SCENARIOS:
+    rows += module_ratio_rows(outcomes)
+    return rows
+
+
+def module_ratio_rows(outcomes: list[Outcome]) -> list[tuple[str, float, str, bool | None]]:
+    rows: list[tuple[str, float, str, bool | None]] = []
+    pull = find(outcomes, "sendfile_pull").data.get("pull", {})
+    for side, ratio in pull.get("ratio_of_medians", {}).items():
+        if side != "direct":
+            data = find(outcomes, "sendfile_pull").data
+            is_target = side == "storage"
+            target = f"<= {data.get('target', 1.0):.2f}x" if is_target else "(blobs proxied)"
+            rows.append(
+                (
+                    f"replicated pull, site ({side}) / direct local registry",
+                    ratio,
+                    target,
+                    data.get("met") if is_target else None,
+                )
+            )
+    for name, *_ in MODULE_SCENARIOS:
         data = find(outcomes, name).data
         for key, value in data.items():
             if key.endswith("ratio") and isinstance(value, (int, float)):
