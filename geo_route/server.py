@@ -15,6 +15,7 @@ from geo_route.config import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNIX_SOCKET_UMASK = 0o117  # a unix: bind's socket: 0660
+GRACEFUL_STOP_SECONDS = 2  # nginx.auth_timeout's default: no decision in flight waits longer
 
 
 def prepare_multiprocess_metrics() -> None:
@@ -75,6 +76,10 @@ def serve(settings: Settings) -> None:
         # asyncio, not uvloop (which gunicorn would pick when installed): a uvloop worker loses a SIGTERM
         # that arrives while it loads the app (seen: a stop right after a start hung until SIGKILL).
         "asgi_loop": "asyncio",
+        # A stopping ASGI worker keeps answering on NGINX's kept-alive connections until they close or
+        # this passes: a decision takes milliseconds, so a stopped service is gone within seconds (then
+        # NGINX routes to the primary, auth-unavailable) rather than gunicorn's default 30 s.
+        "graceful_timeout": GRACEFUL_STOP_SECONDS,
     }
     GunicornServer(options, lambda: build(settings)).run()
 
