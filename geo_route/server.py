@@ -16,6 +16,7 @@ from geo_route.config import Settings
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNIX_SOCKET_UMASK = 0o117  # a unix: bind's socket: 0660
 GRACEFUL_STOP_SECONDS = 2  # nginx.auth_timeout's default: no decision in flight waits longer
+WORKER_CLASSES = {"asgi": "geo_route.asgi_worker.AsgiWorker"}  # server.worker_class -> gunicorn's worker_class
 
 
 def prepare_multiprocess_metrics() -> None:
@@ -63,7 +64,7 @@ def serve(settings: Settings) -> None:
         "bind": list(server.bind),
         "workers": server.workers,
         "threads": server.threads,
-        "worker_class": server.worker_class,
+        "worker_class": WORKER_CLASSES.get(server.worker_class, server.worker_class),
         "timeout": server.timeout,
         "backlog": server.backlog,
         "reuse_port": server.reuse_port,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import socket
 import stat
 import time
 import urllib.error
@@ -16,7 +19,7 @@ import pytest
 from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
-from geo_route.devstack.processes import wait_until
+from geo_route.devstack.processes import descendants, wait_until
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
 from geo_route.devstack.stack import READER, READER_REPOSITORY, StackInfo
 from geo_route.index.model import BlobPresence, IndexUpdate, ManifestPresence
@@ -178,6 +181,35 @@ def test_nginx_asks_the_auth_service_on_a_private_unix_socket_and_falls_back_whe
     assert socket.exists()
     entries = assert_pull_succeeds(own, tmp_path, "e2e/unix", built)
     assert {e.route for e in entries} == {"auth-unavailable"}
+
+
+def test_a_burst_of_connections_waits_in_the_auth_services_backlog(own: StackClient) -> None:
+    """300 connections at once while every worker is busy (stopped): all queue in the socket's backlog
+    (server.backlog), none is refused (a refused one is NGINX's 502: a request sent to the primary)."""
+    binds = load_settings(own.info.site_file, environ={}).server.bind
+    path = next(bind for bind in binds if bind.startswith("unix:")).removeprefix("unix:")
+    assert own.stack is not None
+    workers = descendants(own.stack.processes["auth"].pid)
+    assert len(workers) == 2, workers
+    opened: list[socket.socket] = []
+    refused = 0
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(300):
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.setblocking(False)
+            opened.append(connection)
+            try:
+                connection.connect(path)
+            except BlockingIOError:  # EAGAIN: the backlog is full
+                refused += 1
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+        for connection in opened:
+            connection.close()
+    assert refused == 0
 
 
 def test_local_registry_stopped_pulls_still_succeed(own: StackClient, tmp_path: Path) -> None:
