@@ -249,6 +249,9 @@ NODE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "site-before": {"server": {"worker_class": "sync", "bind": [f"{LOOPBACK}:0"]}},  # before issue 15
 }
 FRONTS = ("site", "site-before", "plain")
+# Redis gets 0.5 s instead of 50 ms: the run measures the decision's cost, and on the shared, saturated
+# machine a lookup missing 50 ms would be an index-unavailable answer (primary) the checks reject.
+SITE_OVERRIDES = {"redis": {"socket_timeout": 0.5}}
 
 
 @dataclass
@@ -350,7 +353,7 @@ def check(measurement: Measurement, problems: list[str], label: str) -> None:
 def measure(root: Path, args: argparse.Namespace, problems: list[str]) -> dict[str, FrontResult]:
     with contextlib.ExitStack() as owned:
         started = time.monotonic()
-        client = owned.enter_context(started_stack(root / "stack"))
+        client = owned.enter_context(started_stack(root / "stack", site_overrides=SITE_OVERRIDES))
         image = build_oci_image(root / "image", TAG, layer_count=2, layer_bytes=64 * 1024)
         pushed = client.skopeo.copy(
             image.reference, docker_reference(client.primary, REPOSITORY, TAG), dest_creds=client.credentials()

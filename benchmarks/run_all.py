@@ -99,7 +99,7 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         ("resolution_load", [python, str(bench / "resolution_load.py"), *q]),
         (
             "load",
-            [python, str(bench / "load.py"), *(q or ["--duration", "30", "--tokens", "10000", "--events", "20000"])],
+            [python, str(bench / "load.py"), *(q or ["--duration", "30"])],  # its 40,000 tokens, 60,000 events
         ),
         ("flood", [python, str(bench / "flood.py"), *q]),
         ("index_capacity", [python, str(bench / "index_capacity.py"), *INDEX_CAPACITY_ARGS[quick]]),
@@ -445,6 +445,7 @@ def head_rate_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
         )
     verdict = "met" if data["met"] else "**MISSED**"
     lines += ["", f"Target: site ≥ {data['target']}x plain NGINX: {verdict} ({data['ratio']:.2f}x)."]
+    lines += problems_lines(outcome)
     if "head_rate" in plots:
         lines += ["", f"![manifest HEAD rate and CPU per request]({plots['head_rate']})"]
     lines += ["", HEAD_RATE_NOTES]
@@ -511,6 +512,7 @@ def pull_storm_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
             "clients, NGINX, the registry, Redis and the service all fought for 2 CPUs; the pull still succeeds "
             "(the primary serves), but those bytes cross the WAN on a real site.",
         ]
+    lines += problems_lines(outcome)
     if "pull_storm" in plots:
         lines += ["", f"![pull storm]({plots['pull_storm']})"]
     return [*lines, ""]
@@ -520,7 +522,7 @@ def decision_cost_section(outcome: Outcome) -> list[str]:
     lines = ["## CPU per decision, in process (decision_cost.py)", ""]
     blocks = outcome.data.get("blocks", [])
     if not blocks:
-        return [*lines, f"Not measured (exit {outcome.returncode}).", ""]
+        return [*lines, *not_measured(outcome)]
     lines += ["| request | Python CPU µs | Redis CPU µs | wall µs |", "|---|---|---|---|"]
     for request in sorted({block["request"] for block in blocks}):
         mine = [block for block in blocks if block["request"] == request]
@@ -534,6 +536,20 @@ def decision_cost_section(outcome: Outcome) -> list[str]:
         " HTTP server.",
     ]
     return [*lines, ""]
+
+
+def not_measured(outcome: Outcome) -> list[str]:
+    return [f"Not measured (exit {outcome.returncode}).", "", "```", outcome.output[-3000:].strip(), "```", ""]
+
+
+def problems_lines(outcome: Outcome) -> list[str]:
+    """A run's failed checks (its JSON's "problems"), or its output's end when it failed without them."""
+    problems = outcome.data.get("problems", [])
+    if problems:
+        return ["", f"Checks that failed (exit {outcome.returncode}):", "", *(f"- {problem}" for problem in problems)]
+    if outcome.returncode == 0:
+        return []
+    return ["", f"Exit {outcome.returncode}:", "", "```", outcome.output[-2000:].strip(), "```"]
 
 
 def module_section(outcome: Outcome) -> list[str]:
@@ -632,7 +648,7 @@ def updater_section(outcome: Outcome) -> list[str]:
     lines = ["## Index updater: events applied per second", ""]
     results = outcome.data.get("results", {})
     if not results:
-        return [*lines, f"Not measured (exit {outcome.returncode}).", ""]
+        return [*lines, *not_measured(outcome)]
     lines += ["| path | events/s | target 5,000/s |", "|---|---|---|"]
     for name, rate in results.items():
         lines.append(f"| {name} | {rate:,.0f} | {'met' if rate >= 5000 else 'below'} |")

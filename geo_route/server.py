@@ -25,7 +25,15 @@ def prepare_multiprocess_metrics() -> None:
         return
     directory = tempfile.mkdtemp(prefix="geo-route-metrics-")
     os.environ[MULTIPROC_ENV] = directory
-    atexit.register(shutil.rmtree, directory, True)
+    atexit.register(remove_in_process, directory, os.getpid())
+
+
+def remove_in_process(directory: str, pid: int) -> None:
+    """Remove ``directory`` when process ``pid`` (gunicorn's master) exits, not when a worker does: a
+    worker inherits the atexit handler and leaves by ``sys.exit`` (a worker failing to boot took the
+    directory with it, and the next worker then failed to boot on its missing files)."""
+    if os.getpid() == pid:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def mark_worker_dead(server: Any, worker: Any) -> None:
