@@ -250,6 +250,10 @@ class UpdaterSettings:
     reconcile_lease: int = _checked(check_positive, default=60)
     resolve_concurrency: int = _checked(check_positive, default=8)
     resolve_batch: int = _checked(check_positive, default=64)
+    # A claimed resolution neither pinned nor requeued within this many seconds (its updater died, or
+    # Redis failed the write) is claimed again by any updater. Longer than a batch can take
+    # (resolve_batch / resolve_concurrency questions of at most 30 s each), or a slow batch is asked twice.
+    resolve_claim_seconds: int = _checked(check_positive, default=60)
     # Scrub: the local registry's content is read back and its digests checked, continuously, at
     # most this many bytes per second (0 = off; 32 MiB/s by default: 10 GB in about 5 minutes).
     verify_bytes_per_second: int = _checked(check_not_negative, default=33_554_432)

@@ -277,8 +277,8 @@ def test_an_invalidation_tombstones_the_tag_on_the_index_clock_and_queues_it(
     assert store.primary_tag("a/b", "v1") is None
     now[0] = 1001.0
     (claimed,) = store.claim_resolutions(10)
-    assert dataclasses.replace(claimed, epoch="") == TagResolution("a/b", "v1", 1001.0, D2, 0)
-    assert store.claim_resolutions(10) == [], "a claim takes it off the queue"
+    assert dataclasses.replace(claimed, epoch="") == TagResolution("a/b", "v1", 1001.0, D2, 0, claimed_until=1061.0)
+    assert store.claim_resolutions(10) == [], "a claim hides it from other claims"
     store.apply([PrimaryTag("a/b", "v1", D2, 1001.0, "application/x-type", hint=f"{D2} 0")])
     view = store.lookup(tag("a/b", "v1"))
     assert (view.pinned_digest, view.confirmed_at, view.media_type, view.current) == (
@@ -287,6 +287,53 @@ def test_an_invalidation_tombstones_the_tag_on_the_index_clock_and_queues_it(
         "application/x-type",
         True,
     )
+
+
+def test_a_claim_hides_the_tag_until_it_ends_and_its_pin_or_requeue_releases_it(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    from geo_route.updater.registry_client import ManifestHead
+    from geo_route.updater.resolver import judge
+
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", tag) for tag in ("pinned", "requeued", "abandoned")])
+    now[0] = 1001.0
+    claimed = {r.tag: r for r in store.claim_resolutions(10, 30)}
+    assert {r.claimed_until for r in claimed.values()} == {1031.0}
+    now[0] = 1030.0
+    assert store.claim_resolutions(10, 30) == [], "claimed: nobody else's to ask until the claim ends"
+    assert store.queued_resolutions() == 3, "but still queued: a claim is not a removal"
+    pin = judge(claimed["pinned"], ManifestHead(D1, "application/x-type")).pin
+    assert pin is not None
+    store.apply([pin])
+    store.requeue(claimed["requeued"], 45.0)  # due at 1046, later than the claim's end
+    now[0] = 1031.0
+    assert [r.tag for r in store.claim_resolutions(10, 30)] == ["abandoned"], (
+        "the claim nobody answered (its updater died) is due again at its end; the pinned one is gone"
+    )
+    now[0] = 1046.0
+    assert [r.tag for r in store.claim_resolutions(10, 30)] == ["requeued"], "the requeue replaced its claim"
+
+
+def test_an_invalidation_during_a_claim_keeps_the_tag_queued_after_the_answer(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    from geo_route.updater.registry_client import ManifestHead
+    from geo_route.updater.resolver import judge
+
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", "v1")])
+    now[0] = 1001.0
+    (claimed,) = store.claim_resolutions(10, 30)
+    now[0] = 1005.0
+    store.apply([TagInvalidated("a/b", "v1", hint=D2)])  # the tag moved while the question was out
+    pin = judge(claimed, ManifestHead(D1, "application/x-type")).pin
+    assert pin is not None
+    store.apply([pin])  # asked before the invalidation: loses, and must not release the new queueing
+    assert store.primary_tag("a/b", "v1") is None
+    now[0] = 1006.0
+    (again,) = store.claim_resolutions(10, 30)
+    assert (again.tag, again.hint) == ("v1", D2), "queued for the invalidation's time, not the claim's end"
 
 
 def test_a_fenced_invalidation_rejects_answers_until_the_fence_and_queues_after_it(

@@ -73,7 +73,8 @@ class PrimaryTag:
 
     ``digest`` empty: the primary answered 404 (a tombstone). It lands only if it is newer than
     what the index holds (a pin strictly newer; a tombstone at least as new), deletes included.
-    ``hint`` is the claimed resolution's hint, cleared when the pin lands (see ``TagResolution``).
+    ``hint`` is the claimed resolution's hint, cleared when the pin lands (see ``TagResolution``);
+    ``claimed_until`` the claim it answers, released as the pin is written (0: none).
     """
 
     repository: str
@@ -83,6 +84,7 @@ class PrimaryTag:
     media_type: str = ""
     hint: str = ""
     epoch: str = ""  # the index epoch it was asked in ("" = any): an answer from before a restart never lands
+    claimed_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +170,9 @@ class TagResolution:
 
     ``asked_at`` is the index's clock when it was claimed (before the question is sent), ``epoch``
     the index's epoch then; ``hint`` the digest an event announced (``""`` none) and ``attempts``
-    how often it was already retried."""
+    how often it was already retried. ``claimed_until``: the claim's end on the index's clock; until
+    then the tag stays in the queue, invisible to other claims, and its pin or requeue releases it.
+    An updater that dies (or meets a failed write) before either leaves it to be claimed again then."""
 
     repository: str
     tag: str
@@ -176,6 +180,7 @@ class TagResolution:
     hint: str = ""
     attempts: int = 0
     epoch: str = ""
+    claimed_until: float = 0.0
 
 
 IndexUpdate = (

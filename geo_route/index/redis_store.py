@@ -23,7 +23,8 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P verify:trusted:DIGEST  STRING (expires) stamp of the last verification since a refetch asked for
                                    one: refetches are served here meanwhile
     P verify:cursor          STRING the repository the verification pass finished last
-    P resolve                ZSET  M -> due time: tags to ask the primary about
+    P resolve                ZSET  M -> due time: tags to ask the primary about; a claimed one stays,
+                                   due at its claim's end (``claim_resolutions``)
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
     P server                 STRING the Redis run_id the epoch belongs to
@@ -83,6 +84,7 @@ from geo_route.index.model import (
 
 T = TypeVar("T")
 log = logging.getLogger("geo_route.index")
+CLAIM_SECONDS = 60.0  # a claim neither pinned nor requeued by then is due again (updater.resolve_claim_seconds)
 RESOLVE_QUEUE_MAX = 100_000  # reads stop queueing resolutions beyond this (events still do)
 SUSPECTS_MAX = 100_000  # refetches stop queueing verifications beyond this (they go to the primary)
 TOMBSTONE = "-"
@@ -126,6 +128,15 @@ local function repositories_under(prefix, repository, subtree)
   end
   return names
 end
+local function release_claim(queue_key, member, claimed)
+  if claimed == nil or claimed == '' then return false end
+  local score = redis.call('ZSCORE', queue_key, member)
+  if score and tonumber(score) == tonumber(claimed) then
+    redis.call('ZREM', queue_key, member)
+    return true
+  end
+  return false
+end
 local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, stamp, hint)
   local held = stamp_of(redis.call('HGET', tags_key, tag))
   if held and held > stamp then stamp = held end
@@ -136,7 +147,8 @@ local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, st
 end
 """
 # KEYS: tags, epoch, deleted, hints, queue, invalidated
-# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any), now
+# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any), now,
+#       the claim it answers ('' = none)
 # An answer lands only if it is newer than the tag's entry, than its repository's last
 # invalidation and than its digest's deletion mark, and was asked in the current epoch. One that
 # loses to anything but a pin at least as new is queued again (for when a fence's time has come),
@@ -145,6 +157,7 @@ SET_PIN_IF_NEWER_SCRIPT = (
     LUA_COMMON
     + """
 local stamp = tonumber(ARGV[3])
+release_claim(KEYS[5], ARGV[5], ARGV[9])
 local epoch = epoch_now(KEYS[2])
 local held_value = redis.call('HGET', KEYS[1], ARGV[1])
 local held = stamp_of(held_value)
@@ -300,29 +313,42 @@ for _, member in ipairs(due) do redis.call('ZREM', KEYS[1], member) end
 return due
 """
 )
-# KEYS: queue, hints, epoch   ARGV: now, limit  ->  {now, epoch, member, hint, member, hint, ...}
+# A claim leaves the tag in the queue, due again at the claim's end: until then no other claim takes
+# it; its pin or requeue releases it (only while the claim is still the tag's score: an invalidation
+# or a read that queued it meanwhile keeps its own due time), and if neither ever comes (the updater
+# died, Redis failed the write) the tag is claimed again at the claim's end.
+# KEYS: queue, hints, epoch   ARGV: now, limit, claim seconds
+#   ->  {now, epoch, claimed until, member, hint, member, hint, ...}
 CLAIM_SCRIPT = (
     LUA_COMMON
     + """
 local now = clock(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {string.format('%.6f', now), epoch_now(KEYS[3])}
+local claimed = string.format('%.6f', now + tonumber(ARGV[3]))
+local out = {string.format('%.6f', now), epoch_now(KEYS[3]), claimed}
 for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[1], 'XX', claimed, member)
   table.insert(out, member)
   table.insert(out, redis.call('HGET', KEYS[2], member) or '')
 end
 return out
 """
 )
-# KEYS: queue, hints   ARGV: member, due, hint as claimed, hint to store ('' = leave it)
-REQUEUE_SCRIPT = """
-redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+# KEYS: queue, hints   ARGV: member, due, hint as claimed, hint to store ('' = leave it), claim ('' = none)
+REQUEUE_SCRIPT = (
+    LUA_COMMON
+    + """
+if release_claim(KEYS[1], ARGV[1], ARGV[5]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 end
 return 1
 """
+)
 # KEYS: deleted   ARGV: digest, stamp ('' = unconditionally): clear a deletion mark older than stamp
 RESTORE_DIGEST_SCRIPT = """
 local marked = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
@@ -700,6 +726,7 @@ class RedisIndexStore:
                 ),
                 (update.tag, update.digest, format_stamp(update.confirmed_at), encode_media_type(update.media_type)),
                 (queue_member(repository, update.tag), update.hint, update.epoch, self._now_arg()),
+                (format_stamp(update.claimed_until or None),),
             )
             return [("SADD", keys.repos, repository), pin]
         if isinstance(update, TagInvalidated):
@@ -733,17 +760,20 @@ class RedisIndexStore:
             return [("SADD", keys.repos, repository), ("HSET", key, update.tag, update.digest)]
         raise TypeError(f"not an index update: {update!r}")
 
-    def claim_resolutions(self, limit: int) -> list[TagResolution]:
-        """Take up to ``limit`` due resolutions off the queue (atomically: several updaters never
-        take the same one), stamped with the index's clock at the claim."""
+    def claim_resolutions(self, limit: int, seconds: float = CLAIM_SECONDS) -> list[TagResolution]:
+        """Claim up to ``limit`` due resolutions for ``seconds`` (atomically: several updaters never
+        claim the same one), stamped with the index's clock at the claim. A claim neither pinned nor
+        requeued within ``seconds`` (its updater died, or Redis failed the write) is due again then."""
         keys = (self.keys.resolve, self.keys.hints, self.keys.epoch)
-        found = self._write(lambda: self._client.eval(CLAIM_SCRIPT, 3, *keys, self._now_arg(), str(limit)))
-        asked_at, epoch = float(found[0]), str(found[1])
+        found = self._write(
+            lambda: self._client.eval(CLAIM_SCRIPT, 3, *keys, self._now_arg(), str(limit), f"{seconds:.6f}")
+        )
+        asked_at, epoch, until = float(found[0]), str(found[1]), float(found[2])
         claimed = []
-        for member, hint in zip(found[2::2], found[3::2], strict=True):
+        for member, hint in zip(found[3::2], found[4::2], strict=True):
             repository, tag = parse_member(str(member))
             digest, _, attempts = str(hint).partition(" ")
-            claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0), epoch))
+            claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0), epoch, until))
         return claimed
 
     def requeue(self, resolution: TagResolution, delay: float, attempts: int | None = None) -> None:
@@ -754,7 +784,8 @@ class RedisIndexStore:
         hint = f"{resolution.hint} {attempts}" if resolution.hint and attempts is not None else ""
         keys = (self.keys.resolve, self.keys.hints)
         due = format_stamp(resolution.asked_at + delay)
-        self._write(lambda: self._client.eval(REQUEUE_SCRIPT, 2, *keys, member, due, claimed, hint))
+        claim = format_stamp(resolution.claimed_until or None)
+        self._write(lambda: self._client.eval(REQUEUE_SCRIPT, 2, *keys, member, due, claimed, hint, claim))
 
     def claim_suspects(self, limit: int) -> list[tuple[str, str, bool]]:
         """Take up to ``limit`` due verifications a refetch asked for off their queue:

@@ -39,6 +39,7 @@ class BackgroundLoops:
                 registries.primary,
                 concurrency=updater.resolve_concurrency,
                 batch=updater.resolve_batch,
+                claim_seconds=updater.resolve_claim_seconds,
             )
             resolver = ResolverLoop(worker)
             resolver.start()
