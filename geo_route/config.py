@@ -248,6 +248,10 @@ class UpdaterSettings:
     reconcile_interval: int = _checked(check_not_negative, default=3600)
     reconcile_concurrency: int = _checked(check_positive, default=4)
     reconcile_lease: int = _checked(check_positive, default=60)
+    # The updater's reconciliation walks the repositories in slices spread over reconcile_interval (a
+    # cursor in the index: a restarted updater resumes), at most this many registry requests per
+    # second (both registries; 0 = no limit). `geo-route reconcile --once` is a full run, unlimited.
+    reconcile_requests_per_second: int = _checked(check_not_negative, default=200)
     resolve_concurrency: int = _checked(check_positive, default=8)
     resolve_batch: int = _checked(check_positive, default=64)
     # A claimed resolution neither pinned nor requeued within this many seconds (its updater died, or

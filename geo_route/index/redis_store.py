@@ -23,6 +23,7 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P verify:trusted:DIGEST  STRING (expires) stamp of the last verification since a refetch asked for
                                    one: refetches are served here meanwhile
     P verify:cursor          STRING the repository the verification pass finished last
+    P reconcile:cursor       STRING where the spread reconciliation's cycle is (``reconcile_cycle.Cursor``)
     P resolve                ZSET  M -> due time: tags to ask the primary about; a claimed one stays,
                                    due at its claim's end (``claim_resolutions``)
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
@@ -387,6 +388,7 @@ class KeySchema:
         self.quarantined = f"{prefix}quarantined"
         self.suspects = f"{prefix}verify:suspects"
         self.verify_cursor = f"{prefix}verify:cursor"
+        self.reconcile_cursor = f"{prefix}reconcile:cursor"
 
     def local_blobs(self, repository: str) -> str:
         return f"{self.prefix}local:blobs:{repository}"
@@ -810,6 +812,13 @@ class RedisIndexStore:
 
     def set_verify_cursor(self, repository: str) -> None:
         self._write(lambda: self._client.set(self.keys.verify_cursor, repository))
+
+    def reconcile_cursor(self) -> str:
+        """Where the spread reconciliation's cycle is ("" before the first)."""
+        return str(self._read(lambda: self._client.get(self.keys.reconcile_cursor)) or "")
+
+    def set_reconcile_cursor(self, value: str) -> None:
+        self._write(lambda: self._client.set(self.keys.reconcile_cursor, value))
 
     def queued_resolutions(self) -> int:
         return int(self._read(lambda: self._client.zcard(self.keys.resolve)))

@@ -15,8 +15,8 @@ primary's tag pins, while notifications keep arriving.
    the primary has the digest again for is cleared.
 
 Requests use pull tokens minted with the sites' shared signing key (``pull_tokens``); at most
-``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile`` and
-``ReconcileLoop`` runs reconciliations in the updater's background.
+``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile``; the updater's
+background reconciliation spreads the same work over its interval (``reconcile_cycle``).
 """
 
 from __future__ import annotations
@@ -79,10 +79,15 @@ class Registries:
     primary: RegistryClient
 
     @classmethod
-    def from_settings(cls, settings: Settings, timeout: float = HTTP_TIMEOUT) -> Registries:
+    def from_settings(
+        cls, settings: Settings, timeout: float = HTTP_TIMEOUT, throttle: Callable[[], None] | None = None
+    ) -> Registries:
+        """``throttle`` is called before every request to either registry (a shared rate limit)."""
         tokens = PullTokens.from_settings(settings)
-        local = RegistryClient(settings.local_registry.url, tokens, timeout=timeout)
-        primary = RegistryClient(settings.primary.url, tokens, timeout=timeout, tls_context=primary_tls(settings))
+        local = RegistryClient(settings.local_registry.url, tokens, timeout=timeout, throttle=throttle)
+        primary = RegistryClient(
+            settings.primary.url, tokens, timeout=timeout, tls_context=primary_tls(settings), throttle=throttle
+        )
         return cls(local, primary)
 
     def close(self) -> None:
@@ -177,16 +182,31 @@ def run_locked(
     if report.locked:
         return report
     try:
-        with LeaseKeeper(store, lock_seconds), ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
-            run = ReconcileRun(store, registries, requests, report, options.stop)
-            run.walk_local(options.concurrency, options.progress, options.progress_every)
-            run.refresh_primary_pins()
-    except IndexUnavailable as exc:
-        report.add_errors([f"index: {exc}"])
+        run_under_lease(store, registries, options, lock_seconds, None, report)
     finally:
         release_lock(store, report)
         report.seconds = time.monotonic() - started
     return report
+
+
+def run_under_lease(
+    store: ReconcileStore,
+    registries: Registries,
+    options: RunOptions,
+    lock_seconds: int,
+    names: list[str] | None,
+    report: ReconcileReport,
+) -> None:
+    """The work of a run while its caller holds the lease (renewed meanwhile), counted into
+    ``report``: every repository (``names`` None), or only ``names`` (a slice of a spread cycle,
+    ``reconcile_cycle``)."""
+    try:
+        with LeaseKeeper(store, lock_seconds), ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
+            run = ReconcileRun(store, registries, requests, report, options.stop)
+            run.walk_local(options.concurrency, options.progress, options.progress_every, names)
+            run.refresh_primary_pins(names)
+    except IndexUnavailable as exc:
+        report.add_errors([f"index: {exc}"])
 
 
 class LeaseStore(Protocol):
@@ -247,8 +267,11 @@ class ReconcileRun:
         self.report = report
         self.stop = stop
 
-    def walk_local(self, workers: int, progress: ProgressCallback | None, progress_every: int) -> None:
-        names = self.list_repositories()
+    def walk_local(
+        self, workers: int, progress: ProgressCallback | None, progress_every: int, names: list[str] | None = None
+    ) -> None:
+        """Every repository (the catalog's and the index's), or only ``names``."""
+        names = self.list_repositories() if names is None else names
         if names is None:
             return
         counter = ProgressCounter(progress, progress_every, len(names))
@@ -291,12 +314,14 @@ class ReconcileRun:
         blobs, manifests = self.store.local_snapshot(repository)
         return Snapshot(frozenset(blobs), frozenset(manifests), self.store.local_tags(repository))
 
-    def refresh_primary_pins(self) -> None:
-        """``HEAD`` every tag the index knows at the primary; pin the answers (see the module docstring)."""
+    def refresh_primary_pins(self, names: list[str] | None = None) -> None:
+        """``HEAD`` every tag the index knows at the primary (of ``names`` only, if given); pin the
+        answers (see the module docstring)."""
         if self.stop.is_set():
             self.report.cancelled = True
             return
-        known = self.known_tags()
+        names = sorted(self.store.repositories()) if names is None else names
+        known = self.known_tags(names)
         asked_at, epoch = self.store.stamp()  # before any question: an invalidation after it still wins
         asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
         updates: list[IndexUpdate] = []
@@ -309,15 +334,15 @@ class ReconcileRun:
             update = pin_update(repository, tag, answer, pinned, asked_at, tally, epoch)
             if update is not None:
                 updates.append(update)
-        updates.extend(self.restored_digests(asked_at))
-        updates.extend(self.deleted_digests())
+        updates.extend(self.restored_digests(asked_at, names))
+        updates.extend(self.deleted_digests(names))
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
 
-    def known_tags(self) -> dict[str, dict[str, str | None]]:
+    def known_tags(self, names: list[str]) -> dict[str, dict[str, str | None]]:
         """repository → tag → pinned digest (``None``: tagged locally, not pinned)."""
         known: dict[str, dict[str, str | None]] = {}
-        for repository in sorted(self.store.repositories()):
+        for repository in names:
             tags: dict[str, str | None] = dict.fromkeys(self.store.local_tags(repository))
             tags.update({tag: digest for tag, (digest, _) in self.store.primary_tags(repository).items()})
             if tags:
@@ -327,12 +352,12 @@ class ReconcileRun:
     def ask_primary(self, key: tuple[str, str]) -> ManifestHead | None:
         return self.registries.primary.head_manifest(*key)
 
-    def deleted_digests(self) -> list[IndexUpdate]:
+    def deleted_digests(self, names: list[str]) -> list[IndexUpdate]:
         """Manifests held here that the primary answers 404 for by digest: deleted there with no
         event (GitLab's online garbage collection, a lost or dropped event). They are marked
         deleted, so they stop being served by digest, and tags pinned to them are re-resolved."""
         held = []
-        for repository in sorted(self.store.repositories()):
+        for repository in names:
             _, manifests = self.store.local_snapshot(repository)
             held += [(repository, digest) for digest in sorted(manifests - self.store.deleted_digests(repository))]
         deleted: list[IndexUpdate] = []
@@ -344,12 +369,10 @@ class ReconcileRun:
         self.report.primary_tags.deleted += len(deleted)
         return deleted
 
-    def restored_digests(self, asked_at: float) -> list[IndexUpdate]:
+    def restored_digests(self, asked_at: float, names: list[str]) -> list[IndexUpdate]:
         """Digests marked deleted at the primary that the primary serves again (pushed anew); a
         mark newer than ``asked_at`` stays (the digest was deleted again while we asked)."""
-        marked = [
-            (repo, digest) for repo in sorted(self.store.repositories()) for digest in self.store.deleted_digests(repo)
-        ]
+        marked = [(repo, digest) for repo in names for digest in self.store.deleted_digests(repo)]
         updates: list[IndexUpdate] = []
         for (repository, digest), answer in gather(self.requests, lambda key: self.ask_primary(key), marked):
             if isinstance(answer, RegistryError):
@@ -450,67 +473,3 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-class ReconcileLoop:
-    """Reconciliation every ``updater.reconcile_interval`` seconds (at least 1) in a daemon thread.
-
-    The first run starts at once. ``stop()`` asks a running reconciliation to finish the repository
-    it is in and skip the rest, then waits for the thread. ``last_report`` is the latest report.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        store: ReconcileStore | None = None,
-        on_report: Callable[[ReconcileReport], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.interval = max(settings.updater.reconcile_interval, 1)
-        self.on_report = on_report
-        self.last_report: ReconcileReport | None = None
-        self.runs = 0
-        self._store = store
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("ReconcileLoop already started")
-        self._thread = threading.Thread(target=self.run_until_stopped, name="geo-route-reconcile", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_until_stopped(self) -> None:
-        store = self._store
-        own_store = store is None
-        registries: Registries | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    store = store or open_store(self.settings)
-                    registries = registries or Registries.from_settings(self.settings)
-                    self.record(reconcile(self.settings, store, registries=registries, stop=self._stop))
-                except GeoRouteError as exc:
-                    log.error("reconcile: %s", exc)
-                except Exception:  # the loop must outlive a bug in one run
-                    log.exception("reconcile: unexpected error")
-                self._stop.wait(self.interval)
-        finally:
-            if registries is not None:
-                registries.close()
-            if own_store and isinstance(store, RedisIndexStore):
-                store.close()
-
-    def record(self, report: ReconcileReport) -> None:
-        self.runs += 1
-        self.last_report = report
-        level = logging.INFO if report.ok or report.locked else logging.WARNING
-        log.log(level, "%s", report.format())
-        if self.on_report is not None:
-            self.on_report(report)
