@@ -136,7 +136,14 @@ class ReconcileCycle:
         self._index_names: list[str] | None = None  # the index's repositories, read once per cycle
 
     def step(self) -> float:
-        """Reconcile the repositories due now (one slice, under the lease); seconds until more are due."""
+        """Reconcile the repositories due now (one slice, under the lease); seconds until more are due.
+        While nothing is due the lease is not even asked for: a full run (``reconcile --once``) and
+        the other updaters never find it held by a cycle that is only waiting."""
+        cursor = Cursor.decode(self.store.reconcile_cursor())
+        if cursor is not None:
+            now = self.store.now()
+            if cursor.due_by(now, self.interval) == 0:
+                return max(cursor.next_due(self.interval) - now, 0.0)
         if not self.store.try_lock(LOCK_NAME, self.lease):
             return LOCKED_RETRY
         try:
