@@ -36,6 +36,7 @@ from faults import (
     ReconcileRun,
     TagWatch,
     delete_manifest_at_primary,
+    index_redis_url,
     judge_pulls,
     kill_reconcile_mid_run,
     local_statuses_between,
@@ -130,7 +131,7 @@ class Matrix:
         self.expected.pin_required.discard(target)
 
     def redis_command(self, *args: str) -> str:
-        with RawRedis(self.client.info.redis_url) as redis:
+        with RawRedis(index_redis_url(self.client.info.site_file)) as redis:
             return redis.command(*args)
 
     def key(self, name: str) -> str:
