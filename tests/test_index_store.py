@@ -1,12 +1,17 @@
 """The index store contract, against a real redis-server the fixtures start on a free port, and
 again on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
-``redis.sentinels``. A test that starts a redis-server of its own (to stop, hang or restart it)
+``redis.sentinels``; a subset (``TLS_SUBSET``) also on a Sentinel topology with TLS everywhere (a
+throwaway CA made here), an ACL user on the data nodes and a password on the sentinels
+(``sentinel-tls``). A test that starts a redis-server of its own (to stop, hang or restart it)
 runs on that one only."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
+import ipaddress
+import secrets
 import signal
 import time
 import uuid
@@ -15,10 +20,16 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import access
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from support import RedisServer
 
+from geo_route import contract
 from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
-from geo_route.devstack.redis_server import SentinelTopology
+from geo_route.devstack.redis_server import RedisSecurity, SentinelTopology
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
@@ -36,15 +47,75 @@ from geo_route.index.model import (
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.web import create_app
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
+# What also runs through TLS, the ACL user and the sentinels' password: a lookup of each kind, a
+# transaction, the claim and the leases (every kind of command the store sends).
+TLS_SUBSET = {
+    "test_empty_index_knows_nothing",
+    "test_pinned_tag_reports_digest_time_and_local_presence",
+    "test_apply_is_all_or_nothing",
+    "test_a_claim_hides_the_tag_until_it_ends_and_its_pin_or_requeue_releases_it",
+    "test_a_lease_is_only_released_by_its_owner",
+    "test_a_refetch_is_queued_for_verification_once_and_served_after_it_matched",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_topology" in metafunc.fixturenames:
         own_server = "tmp_path_factory" in inspect.signature(metafunc.function).parameters
-        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel"])
+        tls = ["sentinel-tls"] if metafunc.function.__name__ in TLS_SUBSET else []
+        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel", *tls])
+
+
+def throwaway_tls(directory: Path) -> RedisSecurity:
+    """A CA and a server certificate for 127.0.0.1 (what redis-py checks the host name against),
+    made here with ``cryptography``; passwords for the ACL user and the sentinels."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "geo-route test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["server"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key = server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    paths["server-key"].write_bytes(key)
+    paths["server-key"].chmod(0o600)
+    return RedisSecurity(
+        tls_cert=paths["server"],
+        tls_key=paths["server-key"],
+        tls_ca=paths["ca"],
+        username="geo-route",
+        password=secrets.token_hex(16),
+        sentinel_password=secrets.token_hex(16),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +125,28 @@ def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent
         yield topology
     finally:
         topology.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_tls_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    root = tmp_path_factory.mktemp("sentinel-tls")
+    topology = SentinelTopology(root / "redis", security=throwaway_tls(root / "tls")).start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+def sentinel_tls_yaml(topology: SentinelTopology) -> str:
+    """The site file's redis section for ``topology``: TLS to the sentinels and the nodes, the
+    sentinels' password, the nodes' ACL user."""
+    security = topology.security
+    return (
+        f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
+        f'  sentinel_password: "{security.sentinel_password}"\n  sentinel_tls: true\n'
+        f'  username: "{security.username}"\n  password: "{security.password}"\n  tls: true\n'
+        f'  tls_ca_file: "{security.tls_ca}"\n'
+    )
 
 
 @pytest.fixture
@@ -66,9 +159,13 @@ def redis_settings(redis_topology: str, site_file: Callable[..., Path], request:
         return load_settings(
             site_file(redis_url=request.getfixturevalue("redis_server").url, prefix=prefix), environ={}
         )
-    topology: SentinelTopology = request.getfixturevalue("sentinel_topology")
-    sentinels = f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
-    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=sentinels), environ={})
+    if redis_topology == "sentinel-tls":
+        topology: SentinelTopology = request.getfixturevalue("sentinel_tls_topology")
+        extra = sentinel_tls_yaml(topology)
+    else:
+        topology = request.getfixturevalue("sentinel_topology")
+        extra = f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
+    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=extra), environ={})
     primary = topology.nodes[topology.master_part()].url
     return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis, url=primary))
 
@@ -617,3 +714,57 @@ def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
         raw.close()
     finally:
         server.stop()
+
+
+# -- Sentinel with TLS, an ACL user and the sentinels' password ------------------------------------
+
+
+def tls_settings(topology: SentinelTopology, site_file: Callable[..., Path], extra: str = "") -> Settings:
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    yaml = sentinel_tls_yaml(topology) + extra
+    return load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=yaml), environ={})
+
+
+def test_a_decision_through_sentinel_with_tls_and_passwords(
+    sentinel_tls_topology: SentinelTopology, site_file: Callable[..., Path], make_token: Callable[..., str]
+) -> None:
+    """The auth service on the TLS topology: a pinned tag is decided local, in one round trip
+    through TLS to the primary the sentinels (over TLS, with their password) name, as the ACL user."""
+    settings = tls_settings(sentinel_tls_topology, site_file)
+    app = create_app(settings)
+    index = app.extensions["geo_route"]["index"]
+    index.apply([PrimaryTag("group/app", "v1", D1, index.now(), OCI_MANIFEST), ManifestPresence("group/app", D1, True)])
+    headers = {
+        contract.ORIGINAL_METHOD: "HEAD",
+        contract.ORIGINAL_URI: "/v2/group/app/manifests/v1",
+        contract.AUTHORIZATION: f"Bearer {make_token([access('group/app', 'pull')])}",
+        "Accept": OCI_MANIFEST,
+    }
+    answer = app.test_client().get("/auth", headers=headers)
+    assert (answer.status_code, answer.headers[contract.ROUTE], answer.headers[contract.REASON]) == (
+        200,
+        "local",
+        "tag-pinned",
+    )
+    assert answer.headers[contract.UPSTREAM_PATH] == f"/v2/group/app/manifests/{D1}"
+    index.close()
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    ["  sentinel_tls: false\n", '  sentinel_password: "wrong"\n', '  password: "wrong"\n', "  tls: false\n"],
+    ids=["sentinels-without-tls", "wrong-sentinel-password", "wrong-user-password", "nodes-without-tls"],
+)
+def test_the_tls_topology_refuses_clients_without_tls_or_the_passwords(
+    sentinel_tls_topology: SentinelTopology, site_file: Callable[..., Path], wrong: str
+) -> None:
+    """So the tests above ran through TLS and the passwords: leave one out and the index is unavailable."""
+    key = wrong.split(":")[0].strip()
+    yaml = "".join(
+        line + "\n" for line in sentinel_tls_yaml(sentinel_tls_topology).splitlines() if f" {key}:" not in line
+    )
+    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix="refused:", extra=yaml + wrong), environ={})
+    store = RedisIndexStore(dataclasses.replace(settings.redis, socket_timeout=1.0, connect_timeout=1.0))
+    with pytest.raises(IndexUnavailable):
+        store.lookup(blob("a/b", D1))
+    store.close()
