@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconcile = commands.add_parser("reconcile", help="repair the index from the registries (walk, HEAD, refresh pins)")
     add_site_file(reconcile)
-    reconcile.add_argument("--once", action="store_true", help="one run, then exit (0 only if it was clean)")
+    reconcile.add_argument(
+        "--once",
+        action="store_true",
+        help="one full run at once, then exit (0 only if it was clean); without it, one cycle per "
+        "updater.reconcile_interval, spread over it, until SIGTERM (as the updater does)",
+    )
     reconcile.add_argument(
         "--verify",
         action="store_true",

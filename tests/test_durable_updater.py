@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -328,5 +332,40 @@ def test_a_cycle_repairs_everything_within_its_rate(cycle_site: Site) -> None:
         )
         assert busiest <= 2 * RATE, f"{busiest} requests within one second (cap {RATE}/s, one second's burst)"
         assert elapsed >= (len(times) - RATE) / RATE - 0.5, "faster than the cap allows"
+    finally:
+        store.close()
+
+
+def test_the_reconcile_command_without_once_runs_the_spread_cycle(cycle_site: Site, tmp_path: Path) -> None:
+    """``geo-route reconcile`` (no ``--once``) runs cycles in the foreground, prints each one's
+    report, keeps its cursor in the index, and ends at SIGTERM with 0."""
+    site = cycle_site
+    environ = {
+        **os.environ,
+        "GEO_ROUTE_UPDATER__SIGNING_KEY": site.settings.updater.signing_key,
+        "GEO_ROUTE_UPDATER__RECONCILE_INTERVAL": "2",
+        "GEO_ROUTE_REDIS__KEY_PREFIX": f'"t{uuid.uuid4().hex[:10]}:"',  # YAML: quoted
+    }
+    log = tmp_path / "reconcile.log"
+    with open(log, "wb") as output:
+        command = [sys.executable, "-m", "geo_route.cli", "reconcile", "-c", site.client.info.site_file]
+        run = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ)
+        try:
+            deadline = time.monotonic() + 60
+            while log.read_text().count("reconcile: ok") < 2:
+                assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            run.send_signal(signal.SIGTERM)
+            assert run.wait(30) == 0, log.read_text()
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(10)
+    settings = load_settings(site.client.info.site_file, environ=environ)
+    store = RedisIndexStore(dataclasses.replace(settings.redis, socket_timeout=5.0))
+    try:
+        cursor = Cursor.decode(store.reconcile_cursor())
+        assert cursor is not None and cursor.total == len(CYCLE_REPOSITORIES), store.reconcile_cursor()
+        assert store.local_tags("cycle/r6") == {"v1": site.image("cycle").digest}
     finally:
         store.close()

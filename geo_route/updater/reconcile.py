@@ -415,33 +415,39 @@ def open_store(settings: Settings) -> RedisIndexStore:
 def run_reconcile_command(
     settings: Settings, once: bool, print_line: Callable[[str], None], verify_rate: int | None = None
 ) -> int:
-    """``geo-route reconcile``: one run (exit 0 when it ran cleanly, else 1), or a run every
-    ``updater.reconcile_interval`` seconds (at least 1) until SIGINT/SIGTERM (exit 0).
-    ``verify_rate`` (bytes per second, 0 = no limit; ``None`` = no verification): after each run,
-    a full verification pass (``--verify``), which must be clean too."""
+    """``geo-route reconcile``: with ``once``, one full run at once (exit 0 when it ran cleanly, else
+    1); without, the updater's spread cycle in the foreground (``reconcile_cycle``: one cycle per
+    ``updater.reconcile_interval``, at most ``updater.reconcile_requests_per_second``), each cycle's
+    report printed, until SIGINT/SIGTERM (exit 0). ``verify_rate`` (bytes per second, 0 = no limit;
+    ``None`` = no verification): after the run or each cycle, a full verification pass
+    (``--verify``), which must be clean too."""
+    from geo_route.updater.reconcile_cycle import request_throttle, run_cycles
+
     try:
-        registries = Registries.from_settings(settings)
+        registries = Registries.from_settings(settings, throttle=None if once else request_throttle(settings))
     except GeoRouteError as exc:
         print_line(f"reconcile: {exc}")
         return 1
     store = open_store(settings)
     stop = threading.Event()
+
+    def report_and_verify(report: ReconcileReport) -> bool:
+        print_line(report.format())
+        if verify_rate is None or stop.is_set():
+            return report.ok
+        verified = verify_once(settings, store, registries, verify_rate, stop)
+        print_line(verified.format())
+        return report.ok and verified.ok
+
     try:
         with stop_on_signals(stop):
-            while True:
-                report = reconcile(
-                    settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
-                )
-                print_line(report.format())
-                ok = report.ok
-                if verify_rate is not None and not stop.is_set():
-                    verified = verify_once(settings, store, registries, verify_rate, stop)
-                    print_line(verified.format())
-                    ok = ok and verified.ok
-                if once:
-                    return 0 if ok else 1
-                if stop.wait(max(settings.updater.reconcile_interval, 1)):
-                    return 0
+            if not once:
+                run_cycles(settings, store, registries, stop, on_cycle=report_and_verify, on_error=print_line)
+                return 0
+            report = reconcile(
+                settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
+            )
+            return 0 if report_and_verify(report) else 1
     finally:
         registries.close()
         store.close()

@@ -122,7 +122,7 @@ class ReconcileCycle:
         registries: Registries,
         *,
         stop: threading.Event | None = None,
-        on_cycle: Callable[[ReconcileReport], None] | None = None,
+        on_cycle: Callable[[ReconcileReport], object] | None = None,
     ) -> None:
         updater = settings.updater
         self.interval = float(max(updater.reconcile_interval, 1))
@@ -213,6 +213,36 @@ class ReconcileCycle:
         return merge_slice(page, self.index_names(), last, limit)
 
 
+def request_throttle(settings: Settings) -> Callable[[], None] | None:
+    """A token bucket of ``updater.reconcile_requests_per_second`` requests (None: no limit)."""
+    rate = settings.updater.reconcile_requests_per_second
+    if rate <= 0:
+        return None
+    limiter = RateLimiter(rate)
+    return lambda: limiter.take(1)
+
+
+def run_cycles(
+    settings: Settings,
+    store: CycleStore,
+    registries: Registries,
+    stop: threading.Event,
+    *,
+    on_cycle: Callable[[ReconcileReport], object],
+    on_error: Callable[[str], None],
+) -> None:
+    """The spread cycle until ``stop`` (``geo-route reconcile`` without ``--once``)."""
+    cycle = ReconcileCycle(settings, store, registries, stop=stop, on_cycle=on_cycle)
+    while not stop.is_set():
+        try:
+            wait = min(cycle.step(), MAX_WAIT)
+        except GeoRouteError as exc:
+            on_error(f"reconcile: {exc}")
+            wait = ERROR_RETRY
+        if wait > 0:
+            stop.wait(wait)
+
+
 class ReconcileLoop:
     """The spread cycle (``ReconcileCycle``), one cycle per ``updater.reconcile_interval`` seconds
     (at least 1), in a daemon thread; at start it resumes where the cursor is.
@@ -259,7 +289,9 @@ class ReconcileLoop:
                 wait = ERROR_RETRY
                 try:
                     store = store or open_store(self.settings)
-                    registries = registries or Registries.from_settings(self.settings, throttle=self.throttle())
+                    registries = registries or Registries.from_settings(
+                        self.settings, throttle=request_throttle(self.settings)
+                    )
                     cycle = cycle or ReconcileCycle(
                         self.settings, store, registries, stop=self._stop, on_cycle=self.record
                     )
@@ -275,13 +307,6 @@ class ReconcileLoop:
                 registries.close()
             if own_store and isinstance(store, RedisIndexStore):
                 store.close()
-
-    def throttle(self) -> Callable[[], None] | None:
-        rate = self.settings.updater.reconcile_requests_per_second
-        if rate <= 0:
-            return None
-        limiter = RateLimiter(rate)
-        return lambda: limiter.take(1)
 
     def record(self, report: ReconcileReport) -> None:
         self.runs += 1
