@@ -512,6 +512,32 @@ def test_a_restart_from_an_older_snapshot_makes_every_pin_unconfirmed(
         server.stop()
 
 
+def test_a_claim_from_before_a_restart_does_not_hold_back_the_unconfirmed_tag(
+    tmp_path_factory: pytest.TempPathFactory, redis_settings: Settings
+) -> None:
+    """A snapshot taken while a resolution was claimed brings the claim back with the old pin; the
+    updater that claimed it may be gone. A read of the (now unconfirmed) tag makes it due at once
+    rather than when that claim would end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-claimed")).start()
+    try:
+        store = RedisIndexStore(dataclasses.replace(redis_settings.redis, url=server.url, unavailable_cooldown=0))
+        store.apply([ManifestPresence("a/b", D1, True), PrimaryTag("a/b", "v1", D1, store.now())])
+        store.apply([TagInvalidated("a/b", "v1")])
+        (claimed,) = store.claim_resolutions(10, 600)
+        server.save()  # the claim is in the snapshot
+        server.restart()
+        with pytest.raises(IndexUnavailable):
+            store.lookup(tag("a/b", "v1"))  # the connection the restart broke
+        assert store.claim_resolutions(10, 600) == [], "claimed, 600 s to go"
+        view = store.lookup(tag("a/b", "v1", refresh_after=150))
+        assert not view.current, "every entry is of the old epoch"
+        (again,) = store.claim_resolutions(10, 600)
+        assert again.tag == "v1" and again.epoch != claimed.epoch
+        store.close()
+    finally:
+        server.stop()
+
+
 def test_a_lease_is_renewed_only_by_its_owner(store: RedisIndexStore, redis_settings: Settings) -> None:
     other = RedisIndexStore(redis_settings.redis)
     assert store.try_lock("job", 2)

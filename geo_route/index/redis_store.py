@@ -238,6 +238,9 @@ end
 return #names
 """
 )
+# A tag already queued keeps its due time (a claim in flight is not asked again), except when its
+# entry is of another epoch: a claim made before a restart or failover (in the snapshot, or on the
+# promoted replica) may have nobody left to answer it, so the read makes the tag due now.
 # KEYS: tags, manifests, epoch, queue, quarantined   ARGV: tag, member, now, refresh_after, queue max
 PINNED_TAG_SCRIPT = (
     LUA_COMMON
@@ -248,16 +251,18 @@ local epoch = epoch_now(KEYS[3])
 local present = 0
 local due = now
 local fresh = false
+local queued = 'NX'
 if pinned then
   local digest, stamp, _, pin_epoch = fields(pinned)
   if stamp > now then due = stamp end
   fresh = pin_epoch == epoch and now - stamp <= tonumber(ARGV[4])
+  if pin_epoch ~= epoch then queued = 'LT' end
   if digest ~= '-' and redis.call('HEXISTS', KEYS[5], digest) == 0 then
     present = redis.call('SISMEMBER', KEYS[2], digest)
   end
 end
 if not fresh and redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
-  redis.call('ZADD', KEYS[4], 'NX', due, ARGV[2])
+  redis.call('ZADD', KEYS[4], queued, due, ARGV[2])
 end
 return {pinned or '', present, epoch, string.format('%.6f', now)}
 """
