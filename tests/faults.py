@@ -307,6 +307,8 @@ def index_redis_url(site_file: str) -> str:
     """The index's Redis primary as it is now: ``redis.url``; under Sentinel, the node a majority of
     the sentinels name (after a failover, not the first primary the stack started with)."""
     redis = load_settings(site_file, environ={}).redis
+    if redis.cluster_nodes:  # its url is the unused default (the machine's own Redis): never that
+        raise AssertionError("a Redis Cluster has no one primary: probe its nodes with a cluster client")
     if not redis.sentinels:
         return redis.url
     named: list[tuple[str, str]] = []
