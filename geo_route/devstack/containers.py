@@ -196,8 +196,12 @@ class Containerd:
     def tag(self, source: str, target: str) -> None:
         self.ctr(["images", "tag", "--force", source, target])
 
-    def remove(self, *references: str) -> None:
-        self.ctr(["images", "remove", *references])
+    def remove_all_images(self) -> None:
+        """Every image of our namespace, and (``--sync``: garbage collected at once) its content, so
+        the next pull fetches every blob again."""
+        names = [line.split()[0] for line in self.ctr(["images", "ls"]).splitlines()[1:] if line.strip()]
+        if names:
+            self.ctr(["images", "remove", "--sync", *names])
 
     def image_digest(self, reference: str) -> str:
         """The digest ``ctr images ls`` lists for exactly ``reference``."""
@@ -300,8 +304,9 @@ class DockerDaemon:
     def tag(self, source: str, target: str) -> None:
         self.docker(["tag", source, target])
 
-    def remove(self, *references: str) -> None:
-        self.docker(["image", "rm", "--force", *references])
+    def remove_all_images(self) -> None:
+        """``docker image prune --all --force``: the next pull fetches every blob again."""
+        self.docker(["image", "prune", "--all", "--force"])
 
 
 def reported_digest(output: str, marker: str) -> str:

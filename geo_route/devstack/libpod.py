@@ -108,6 +108,15 @@ class LibpodClient:
         self.run(["pull", "--tls-verify=false", "--signature-policy", str(self.policy), f"docker://{reference}"])
         return self.image_digest(reference)
 
+    def load(self, source: str) -> str:
+        """Copy an image from a local transport (``oci:DIR:TAG``, ``docker-archive:FILE``) into the
+        store; its image id."""
+        return self.run(["pull", "--quiet", "--signature-policy", str(self.policy), source]).strip().splitlines()[-1]
+
+    def remove_all_images(self) -> None:
+        """``rmi --all --force``: the next pull fetches every blob again."""
+        self.run(["rmi", "--all", "--force"])
+
     def image_digest(self, reference: str) -> str:
         raise NotImplementedError
 
@@ -121,15 +130,8 @@ class Podman(LibpodClient):
     def image_digest(self, reference: str) -> str:
         return self.run(["image", "inspect", "--format", "{{.Digest}}", reference]).strip()
 
-    def load(self, archive: str) -> None:
-        """``podman pull`` from a local transport, e.g. ``oci:DIR:TAG`` or ``docker-archive:FILE``."""
-        self.run(["pull", "--quiet", "--signature-policy", str(self.policy), archive])
-
     def tag(self, source: str, target: str) -> None:
         self.run(["tag", source, target])
-
-    def remove(self, *references: str) -> None:
-        self.run(["rmi", "--force", *references])
 
 
 class Buildah(LibpodClient):
@@ -137,21 +139,3 @@ class Buildah(LibpodClient):
 
     def image_digest(self, reference: str) -> str:
         return self.run(["inspect", "--type", "image", "--format", "{{.FromImageDigest}}", reference]).strip()
-
-    def build_from_scratch(self, name: str, files: dict[str, bytes], label: str) -> str:
-        """A one-layer image built the way buildah builds: ``from scratch``, ``copy``, ``config``,
-        ``commit`` into local storage as ``name``; returns the image id."""
-        context = self.directory / "context" / label
-        context.mkdir(parents=True, exist_ok=True)
-        for relative, data in files.items():
-            (context / relative).write_bytes(data)
-        container = self.run(["from", "--signature-policy", str(self.policy), "scratch"]).strip()
-        try:
-            self.run(["copy", container, *(str(context / relative) for relative in files), "/"])
-            self.run(["config", "--label", f"io.geo-route.devstack.variant={label}", container])
-            return self.run(["commit", "--quiet", "--signature-policy", str(self.policy), container, name]).strip()
-        finally:
-            self.run(["rm", container])
-
-    def remove(self, *references: str) -> None:
-        self.run(["rmi", "--force", *references])
