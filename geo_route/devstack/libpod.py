@@ -7,18 +7,21 @@ the test images are unsigned; passed with ``--signature-policy``), ``containers.
 no events, temporary files inside) and the auth file ``login`` writes (``REGISTRY_AUTH_FILE``). The
 host's ``/etc/containers`` files and ``/var/lib/containers`` are never used. Every registry command
 gets ``--tls-verify=false``: the site's URL is plain HTTP on 127.0.0.1. Passwords go to ``login`` on
-standard input.
+standard input. As root, containers/image would keep its blob-info cache (where it has seen each
+blob: cross-repository mount hints) in ``/var/lib/containers/cache``; ``_CONTAINERS_ROOTLESS_UID``
+moves it under ``XDG_DATA_HOME`` as for skopeo (storage stays rootful: it asks the effective UID).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from geo_route.devstack.containers import CLIENT_TIMEOUT, private_environment, run_client
 from geo_route.devstack.processes import require_binary
-from geo_route.devstack.skopeo import Credentials
+from geo_route.devstack.skopeo import ROOTLESS_UID_VARIABLE, Credentials
 
 STORAGE_DRIVER = "vfs"
 ACCEPT_ANYTHING_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
@@ -70,6 +73,8 @@ class LibpodClient:
             CONTAINERS_CONF=str(containers),
             REGISTRY_AUTH_FILE=str(auth_file),
         )
+        if os.geteuid() == 0:  # the blob-info cache under XDG_DATA_HOME, not /var/lib/containers/cache
+            self.environment[ROOTLESS_UID_VARIABLE] = "65534"
 
     def global_options(self) -> list[str]:
         return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", STORAGE_DRIVER]
