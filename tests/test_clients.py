@@ -1,0 +1,282 @@
+"""Real clients through the site (issue 14, item 1): docker (a dockerd and containerd of the test's
+own, started and stopped by PID), podman, buildah and containerd's ``ctr``, next to skopeo.
+
+One shared stack (redis-server, token service, two docker-registry 2.8, updater, auth service,
+NGINX) and one small image (two variants sharing a base layer, built once with ``images.py``) for
+the whole module. Each client logs in (or, ``ctr``, sends ``--user`` with every command) with the
+token service's Basic credentials and gets tokens by the registry challenge, then: pushes through
+the site (lands on the primary only), pulls right after (the primary serves it), the image is
+replicated, pulls again (every blob and manifest ``local``), the tag is moved by another push, and
+a pull gives the new digest. Before each pull the client's own store is emptied, so every blob is
+fetched again. The checks are the access log's routes and the digests, not only exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
+from geo_route.devstack.containers import ContainerClientError, DockerDaemon
+from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.libpod import Buildah, LibpodClient, Podman
+from geo_route.devstack.skopeo import Credentials, SkopeoError, docker_reference
+
+pytestmark = pytest.mark.integration
+
+IMAGE_NAME = "geo-route/clients"  # the local name of the test image in every client's store
+VARIANTS = ("v1", "moved")
+CLIENTS = ("docker", "podman", "buildah", "ctr", "skopeo")
+LOGIN_CLIENTS = ("docker", "podman", "buildah")
+
+
+@dataclass(frozen=True)
+class ClientImage:
+    """The test image, one per variant, in every form a client loads."""
+
+    oci: dict[str, OciImage]  # variant -> image in the OCI layout (skopeo, podman, buildah)
+    layout: Path
+    oci_archive: Path  # the layout as a tar, both variants (ctr images import)
+    docker_archives: dict[str, Path]  # variant -> docker-archive tar (docker load)
+
+
+class Client(Protocol):
+    """What the test asks of each client: load a variant into its store, push it, empty the store, pull."""
+
+    def load(self, variant: str) -> str: ...
+
+    def push(self, local: str, reference: str) -> str: ...
+
+    def clear(self) -> None: ...
+
+    def pull(self, reference: str) -> str: ...
+
+
+class DockerClient:
+    def __init__(self, daemon: DockerDaemon, image: ClientImage) -> None:
+        self.daemon, self.image = daemon, image
+
+    def load(self, variant: str) -> str:
+        self.daemon.load(self.image.docker_archives[variant])
+        return f"{IMAGE_NAME}:{variant}"
+
+    def push(self, local: str, reference: str) -> str:
+        self.daemon.tag(local, reference)
+        return self.daemon.push(reference)
+
+    def clear(self) -> None:
+        self.daemon.remove_all_images()
+
+    def pull(self, reference: str) -> str:
+        return self.daemon.pull(reference)
+
+
+class LibpodAdapter:
+    """podman and buildah: the same commands on their own stores."""
+
+    def __init__(self, client: LibpodClient, image: ClientImage) -> None:
+        self.client, self.image = client, image
+
+    def load(self, variant: str) -> str:
+        return self.client.load(f"oci:{self.image.layout}:{variant}")
+
+    def push(self, local: str, reference: str) -> str:
+        return self.client.push(local, reference)
+
+    def clear(self) -> None:
+        self.client.remove_all_images()
+
+    def pull(self, reference: str) -> str:
+        return self.client.pull(reference)
+
+
+class CtrClient:
+    def __init__(self, daemon: DockerDaemon, image: ClientImage, credentials: Credentials) -> None:
+        self.containerd, self.image, self.credentials = daemon.containerd, image, credentials
+
+    def load(self, variant: str) -> str:
+        local = f"{IMAGE_NAME}:{variant}"
+        self.containerd.import_archive(self.image.oci_archive, local)
+        return local
+
+    def push(self, local: str, reference: str) -> str:
+        self.containerd.tag(local, reference)
+        self.containerd.push(reference, self.credentials)
+        return self.containerd.image_digest(reference)  # ctr pushes the manifest as it is stored
+
+    def clear(self) -> None:
+        self.containerd.remove_all_images()
+
+    def pull(self, reference: str) -> str:
+        return self.containerd.pull(reference, self.credentials)
+
+
+class SkopeoClient:
+    def __init__(self, stack: StackClient, image: ClientImage, workdir: Path) -> None:
+        self.stack, self.image, self.workdir = stack, image, workdir
+
+    def load(self, variant: str) -> str:
+        return variant
+
+    def push(self, local: str, reference: str) -> str:
+        return self.stack.skopeo.copy(self.image.oci[local].reference, f"docker://{reference}", dest_creds=self.creds())
+
+    def clear(self) -> None:
+        pass  # every pull goes into a fresh layout
+
+    def pull(self, reference: str) -> str:
+        layout = self.workdir / f"pull-{time.monotonic_ns()}"
+        layout.mkdir(parents=True)
+        return self.stack.skopeo.copy(f"docker://{reference}", f"oci:{layout}:pulled", src_creds=self.creds())
+
+    def creds(self) -> Credentials:
+        return self.stack.credentials()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackClient]:
+    with started_stack(tmp_path_factory.mktemp("stack")) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory, stack: StackClient) -> ClientImage:
+    directory = tmp_path_factory.mktemp("image")
+    layout = directory / "layout"
+    oci = {variant: build_oci_image(layout, variant, variant=variant, layer_count=2) for variant in VARIANTS}
+    oci_archive = directory / "oci.tar"
+    subprocess.run(["tar", "-C", str(layout), "-cf", str(oci_archive), "."], check=True)
+    docker_archives = {}
+    for variant in VARIANTS:  # docker 20.10 loads docker-archive tars only (no OCI archives before 25)
+        docker_archives[variant] = directory / f"docker-{variant}.tar"
+        target = f"docker-archive:{docker_archives[variant]}:{IMAGE_NAME}:{variant}"
+        stack.skopeo.run(["copy", "--quiet", oci[variant].reference, target])
+    return ClientImage(oci, layout, oci_archive, docker_archives)
+
+
+@pytest.fixture(scope="module")
+def docker_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerDaemon]:
+    with DockerDaemon(tmp_path_factory.mktemp("docker")) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
+    return Podman(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="module")
+def buildah(tmp_path_factory: pytest.TempPathFactory) -> Buildah:
+    return Buildah(tmp_path_factory.mktemp("buildah"))
+
+
+def logged_in(name: str, request: pytest.FixtureRequest, stack: StackClient) -> DockerDaemon | LibpodClient:
+    """The docker daemon, podman or buildah, logged in to the site."""
+    client = request.getfixturevalue("docker_daemon" if name == "docker" else name)
+    client.login(stack.secondary, stack.credentials())
+    return client  # type: ignore[no-any-return]
+
+
+def client_under_test(name: str, request: pytest.FixtureRequest, stack: StackClient, image: ClientImage) -> Client:
+    if name == "docker":
+        return DockerClient(logged_in(name, request, stack), image)  # type: ignore[arg-type]
+    if name in ("podman", "buildah"):
+        return LibpodAdapter(logged_in(name, request, stack), image)  # type: ignore[arg-type]
+    if name == "ctr":
+        return CtrClient(request.getfixturevalue("docker_daemon"), image, stack.credentials())
+    return SkopeoClient(stack, image, request.getfixturevalue("tmp_path"))
+
+
+def registry_entries(stack: StackClient, repository: str, since: int) -> list[AccessLogEntry]:
+    """The access log's requests for ``repository``'s blobs, manifests and uploads after ``since``."""
+    return [e for e in stack.access_log(since) if e.uri.startswith(f"/v2/{repository}/")]
+
+
+def answered(entries: list[AccessLogEntry]) -> list[AccessLogEntry]:
+    """Entries that were not the registry challenge (a client's first try of a request, e.g. ctr's,
+    without a token yet: 401 ``no-token``, which must be the only kind of 401)."""
+    challenges = [e for e in entries if e.status == 401]
+    assert {e.reason for e in challenges} <= {"no-token"}, challenges
+    return [e for e in entries if e.status != 401]
+
+
+def blobs_of(stack: StackClient, repository: str, digest: str) -> set[str]:
+    """The config and layer digests of the manifest ``digest`` as the primary stores it."""
+    raw = stack.skopeo.inspect_raw(docker_reference(stack.primary, repository, digest), stack.credentials())
+    manifest = json.loads(raw)
+    return {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+
+
+def assert_pulled_from(entries: list[AccessLogEntry], route: str, blobs: set[str]) -> None:
+    """Every blob and manifest request answered 200 by ``route``, and every blob fetched whole."""
+    served = [e for e in answered(entries) if "/blobs/" in e.uri or "/manifests/" in e.uri]
+    assert {(e.route, e.status) for e in served} == {(route, 200)}, served
+    assert any("/manifests/" in e.uri for e in served), served
+    fetched = {e.uri.rsplit("/", 1)[1] for e in served if e.method == "GET" and "/blobs/" in e.uri}
+    assert fetched == blobs, f"blobs fetched {fetched}, the manifest has {blobs}"
+
+
+@pytest.mark.parametrize("name", CLIENTS)
+def test_push_pull_replicate_pull_move_pull(
+    name: str, request: pytest.FixtureRequest, stack: StackClient, image: ClientImage
+) -> None:
+    client = client_under_test(name, request, stack, image)
+    repository = f"clients/{name}"
+    reference = f"{stack.secondary}/{repository}:v1"
+
+    since = stack.access_log_offset()
+    pushed = client.push(client.load("v1"), reference)
+    assert stack.digest_at(stack.primary, repository, "v1") == pushed
+    with pytest.raises(SkopeoError):
+        stack.digest_at(stack.local_registry, repository, "v1")
+    writes = [e for e in answered(registry_entries(stack, repository, since)) if e.method not in ("GET", "HEAD")]
+    assert {e.route for e in writes} == {"primary"}
+    assert {e.reason for e in writes} == {"upload", "write"}, writes
+    blobs = blobs_of(stack, repository, pushed)
+
+    client.clear()
+    since = stack.access_log_offset()
+    assert client.pull(reference) == pushed
+    assert_pulled_from(registry_entries(stack, repository, since), "primary", blobs)
+
+    stack.replicate(repository, ["v1"])
+    client.clear()
+    since = stack.access_log_offset()
+    assert client.pull(reference) == pushed
+    entries = registry_entries(stack, repository, since)
+    assert_pulled_from(entries, "local", blobs)
+    by_tag = [e for e in answered(entries) if e.uri.endswith("/manifests/v1")]
+    assert by_tag and {e.reason for e in by_tag} == {"tag-pinned"}
+
+    moved = client.push(client.load("moved"), reference)
+    assert moved != pushed
+    client.clear()
+    assert client.pull(reference) == moved == stack.digest_at(stack.primary, repository, "v1")
+
+
+@pytest.mark.parametrize("name", LOGIN_CLIENTS)
+def test_login_through_the_site_uses_a_token_the_service_accepts(
+    name: str, request: pytest.FixtureRequest, stack: StackClient
+) -> None:
+    since = stack.access_log_offset()
+    logged_in(name, request, stack)
+    base = [(e.status, e.route, e.reason) for e in stack.access_log(since) if e.uri == "/v2/"]
+    assert (401, "", "no-token") in base and (200, "local", "base") in base, base
+
+
+@pytest.mark.parametrize("name", LOGIN_CLIENTS)
+def test_a_wrong_password_is_refused_without_echoing_it(
+    name: str, request: pytest.FixtureRequest, stack: StackClient
+) -> None:
+    client = request.getfixturevalue("docker_daemon" if name == "docker" else name)
+    wrong = Credentials(stack.info.username, "not-the-password-" + name)
+    with pytest.raises(ContainerClientError) as caught:
+        client.login(stack.secondary, wrong)
+    assert wrong.password not in str(caught.value)
