@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -112,3 +113,17 @@ def test_registries_notify_the_updater_as_registry_config_prints(site: str, targ
     config = yaml.safe_load((DOCKER / f"registry-{site}.yml").read_text())
     assert config["notifications"] == printed["notifications"]
     assert config["auth"] == printed["auth"]
+
+
+def test_the_token_realm_is_reachable_by_host_clients_and_by_replicate() -> None:
+    """Clients on the host follow the realm to the token service's published port; the replicate
+    service shares the token service's network namespace, where the realm's loopback is the service."""
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    realm = urlsplit(settings.token.realm)
+    services = compose()["services"]
+    token_service = services["token-service"]
+    bind = json.loads((DOCKER / "token-service.json").read_text())["bind"]
+    assert (realm.hostname, realm.port) == ("127.0.0.1", int(bind.rpartition(":")[2]))
+    assert f"127.0.0.1:{realm.port}:{realm.port}" in token_service["ports"]
+    assert services["replicate"]["network_mode"] == "service:token-service"
+    assert "tools" in services["replicate"]["profiles"], "replicate runs on demand, not with up"
