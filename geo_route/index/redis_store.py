@@ -28,6 +28,8 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
     P server                 STRING the Redis run_id the epoch belongs to
     P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
+    P status                 HASH  name -> "<stamp> <JSON>": what the updater last recorded (``reconcile``,
+                                   ``verify``, ``events:local``, ``events:primary``) for ``geo-route status``
 
 Clock: every stamp is the Redis server's ``TIME`` (one clock for every worker and node of a site),
 read inside the script that uses it; ``clock=`` replaces it (tests with a controlled clock).
@@ -49,6 +51,7 @@ seconds instead of waiting on a dead Redis for every request.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -68,15 +71,19 @@ from geo_route.index.model import (
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexUpdate,
     IndexView,
     LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
+    PinEntry,
     PrimaryTag,
     QueryKind,
+    RedisTopology,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
@@ -338,6 +345,23 @@ return 1
 """
 # KEYS: epoch   ARGV: now  ->  {now, epoch}
 STAMP_SCRIPT = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
+# KEYS: status   ARGV: name, JSON, now
+RECORD_STATUS_SCRIPT = (
+    LUA_COMMON + "return redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', clock(ARGV[3])) .. ' ' .. ARGV[2])"
+)
+# KEYS: resolve, suspects, quarantined, repos   ARGV: now
+# -> {now, resolutions, due, oldest due score, suspects, oldest suspect score, quarantined, repositories}
+FIGURES_SCRIPT = (
+    LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local suspect = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {string.format('%.6f', now), redis.call('ZCARD', KEYS[1]), redis.call('ZCOUNT', KEYS[1], '-inf', now),
+  first[2] or '', redis.call('ZCARD', KEYS[2]), suspect[2] or '', redis.call('HLEN', KEYS[3]),
+  redis.call('SCARD', KEYS[4])}
+"""
+)
 RELEASE_OWN_LEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -361,6 +385,7 @@ class KeySchema:
         self.quarantined = f"{prefix}quarantined"
         self.suspects = f"{prefix}verify:suspects"
         self.verify_cursor = f"{prefix}verify:cursor"
+        self.status = f"{prefix}status"
 
     def local_blobs(self, repository: str) -> str:
         return f"{self.prefix}local:blobs:{repository}"
@@ -554,6 +579,7 @@ class RedisIndexStore:
     ) -> None:
         self.keys = KeySchema(settings.key_prefix)
         self._sentinel: redis.sentinel.Sentinel | None = None
+        self._master_name = settings.master_name
         self._client = client or self._connect(settings)
         self._lookups = LookupConnections(self._client.connection_pool)
         self._clock = clock
@@ -855,6 +881,92 @@ class RedisIndexStore:
 
     def repositories(self) -> set[str]:
         return {str(name) for name in self._read(lambda: self._client.smembers(self.keys.repos))}
+
+    # --- what `geo-route status` and the updater's /metrics read (never on the decision path) ---
+
+    def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
+        """Keep ``fields`` under ``name`` (a fixed set of names: the hash stays small), stamped now."""
+        value = json.dumps(fields, separators=(",", ":"))
+        self._write(lambda: self._client.eval(RECORD_STATUS_SCRIPT, 1, self.keys.status, name, value, self._now_arg()))
+
+    def status_records(self) -> dict[str, StatusRecord]:
+        found = self._read(lambda: self._client.hgetall(self.keys.status))
+        records = {}
+        for name, value in found.items():
+            stamp, _, text = str(value).partition(" ")
+            try:
+                records[str(name)] = StatusRecord(float(stamp), dict(json.loads(text)))
+            except ValueError:
+                continue  # not ours: skipped
+        return records
+
+    def figures(self) -> IndexFigures:
+        keys = (self.keys.resolve, self.keys.suspects, self.keys.quarantined, self.keys.repos)
+        found = self._read(lambda: self._client.eval(FIGURES_SCRIPT, 4, *keys, self._now_arg()))
+        now = float(found[0])
+
+        def waited(score: Any) -> float:
+            return max(0.0, now - float(score)) if score not in ("", None) else 0.0
+
+        return IndexFigures(
+            now,
+            int(found[1]),
+            int(found[2]),
+            waited(found[3]),
+            int(found[4]),
+            waited(found[5]),
+            int(found[6]),
+            int(found[7]),
+        )
+
+    def pin_entries(self, max_repositories: int) -> tuple[list[PinEntry], int]:
+        """Every tag entry of at most ``max_repositories`` repositories (the first by name), and how
+        many repositories the index has: ``status`` reads a bounded share of a large index."""
+        names = sorted(self.repositories())
+        chosen = names[:max_repositories]
+        with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.epoch)
+            for name in chosen:
+                pipe.hgetall(self.keys.primary_tags(name))
+            epoch, *tables = self._read(pipe.execute)
+        entries = []
+        for name, table in zip(chosen, tables, strict=True):
+            for tag, value in sorted(table.items()):
+                digest, stamp, _, pin_epoch = decode_pin(str(value))
+                entries.append(PinEntry(name, str(tag), digest, stamp, pin_epoch == str(epoch)))
+        return entries, len(names)
+
+    def topology(self) -> RedisTopology:
+        """Where the index is: the node this store talks to, its role and replicas, and with Sentinel
+        the primary each sentinel names. Addresses only: no password is read or returned."""
+        info = self._read(lambda: self._client.info())
+        replicas = tuple(
+            f"{value.get('ip')}:{value.get('port')} {value.get('state', '')} lag {value.get('lag', '?')}"
+            for key, value in sorted(info.items())
+            if key.startswith("slave") and isinstance(value, dict)
+        )
+        role, version = str(info.get("role", "")), str(info.get("redis_version", ""))
+        memory = str(info.get("used_memory_human", ""))
+        if self._sentinel is None:
+            return RedisTopology("single", self._node_address(), role, version, memory, replicas)
+        sentinels = tuple(
+            (self._node_address(sentinel), self._named_primary(sentinel)) for sentinel in self._sentinel.sentinels
+        )
+        named = next((answer for _, answer in sentinels if answer != "unreachable"), "unknown")
+        return RedisTopology("sentinel", named, role, version, memory, replicas, self._master_name, sentinels)
+
+    def _node_address(self, client: redis.Redis | None = None) -> str:
+        options = (client or self._client).connection_pool.connection_kwargs
+        if options.get("path"):
+            return str(options["path"])
+        return f"{options.get('host', '?')}:{options.get('port', '?')}"
+
+    def _named_primary(self, sentinel: redis.Redis) -> str:
+        try:
+            found: Any = sentinel.sentinel_get_master_addr_by_name(self._master_name)
+        except redis.RedisError:
+            return "unreachable"
+        return f"{found[0]}:{found[1]}" if isinstance(found, list | tuple) and len(found) == 2 else "unknown"
 
     def _read(self, command: Callable[[], T]) -> T:
         try:
