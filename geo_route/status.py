@@ -290,6 +290,8 @@ def size(value: float) -> str:
 def seconds(value: float | None) -> str:
     if value is None:
         return "never"
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
     if value < 120:
         return f"{value:.1f} s"
     return f"{value / 60:.1f} min" if value < 7200 else f"{value / 3600:.1f} h"
@@ -332,9 +334,7 @@ def format_updater(status: SiteStatus) -> list[str]:
         if record is None:
             lines.append(f"{what}: never")
             continue
-        verdict = "ok" if record.fields.get("ok") else "cancelled" if record.fields.get("cancelled") else "problems"
-        details = ", ".join(f"{k} {v}" for k, v in record.fields.items() if k not in ("ok", "cancelled"))
-        lines.append(f"{what}: {seconds(status.record_age(name))} ago, {verdict} ({details})")
+        lines.append(f"{what}: {seconds(status.record_age(name))} ago, {describe_run(record)}")
     figures = status.figures
     if figures is not None:
         lines.append(
@@ -343,6 +343,16 @@ def format_updater(status: SiteStatus) -> list[str]:
             f"quarantined: {figures.quarantined}"
         )
     return lines
+
+
+def describe_run(record: StatusRecord) -> str:
+    """A reconciliation's or verification pass' record: its verdict, then its figures."""
+    fields = record.fields
+    verdict = "ok" if fields.get("ok") else "cancelled" if fields.get("cancelled") else "problems"
+    details = ", ".join(
+        f"{key.replace('_', ' ')} {value}" for key, value in fields.items() if key not in ("ok", "cancelled")
+    )
+    return f"{verdict} ({details})"
 
 
 def format_pins(pins: PinAges | None, bound: int) -> list[str]:

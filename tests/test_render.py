@@ -248,8 +248,18 @@ def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
     log_block = server_part[server_part.index("log_by_lua_block {") :]
     log_block = log_block[log_block.index("if ngx.var.geo_route_counted") : log_block.index("\n}")]
     series = set(re.findall(r"'(\w+)\{(\w+)=", log_block))
-    assert series == {("requests_total", "route"), ("sent_bytes_total", "route"), ("fallbacks_total", "local_status")}
+    assert series == {
+        ("requests_total", "route"),
+        ("sent_bytes_total", "route"),
+        ("fallbacks_total", "local_status"),
+        ("operation_requests_total", "route"),
+        ("operation_sent_bytes_total", "route"),
+        ("fallback_causes_total", "cause"),
+    }
+    assert set(re.findall(r"[{,](\w+)=", log_block)) == {"route", "status", "local_status", "operation", "cause"}
     assert "uri" not in log_block and "repository" not in log_block
+    # The operation label is only ever one of the service's own values (operations.Kind), or "none".
+    assert 'string.find(operation, "[^a-z-]") then operation = "none"' in log_block
 
 
 @pytest.mark.parametrize("value", ["9145", "127.0.0.1", "127.0.0.1:9145; evil"])

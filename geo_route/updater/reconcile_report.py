@@ -88,6 +88,7 @@ class ReconcileReport:
             "tags_moved": pins.changed,
             "tags_removed": pins.removed,
             "errors": self.errors,
+            **({"first_error": self.error_samples[0][:200]} if self.error_samples else {}),
         }
 
     def format(self) -> str:

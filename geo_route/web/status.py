@@ -16,7 +16,7 @@ from flask import Response, request
 from jinja2 import Environment, select_autoescape
 
 from geo_route.config import Settings
-from geo_route.status import SiteStatus, StatusSource, gather_status, percent, seconds, size
+from geo_route.status import SiteStatus, StatusSource, describe_run, gather_status, percent, seconds, size
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>geo-route status</title>
@@ -64,9 +64,8 @@ th { background: #e8eef5; text-align: left; } td.n { text-align: right; font-var
 <h2>Updater</h2>
 <table id="updater">
 {% for name, label in (("reconcile", "last reconciliation"), ("verify", "last verification")) %}
-<tr><th>{{ label }}</th><td>{% if name in status.records %}{{ seconds(status.record_age(name)) }} ago:
-{% for key, value in status.records[name].fields.items() %}{{ key }} {{ value }}{% if not loop.last %}, {% endif %}{% endfor %}
-{% else %}never{% endif %}</td></tr>{% endfor %}
+<tr><th>{{ label }}</th><td>{% if name in status.records %}{{ seconds(status.record_age(name)) }} ago,
+{{ describe_run(status.records[name]) }}{% else %}never{% endif %}</td></tr>{% endfor %}
 {% for source in ("local", "primary") %}{% set record = status.records.get("events:" ~ source) %}
 <tr><th>notification lag ({{ source }})</th><td>{% if record %}{{ seconds(record.fields.get("lag", 0)) }}, last event
 {{ seconds(status.record_age("events:" ~ source)) }} ago{% else %}no event yet{% endif %}</td></tr>{% endfor %}
@@ -113,6 +112,7 @@ def render_status_html(status: SiteStatus) -> str:
         oldest_pin=seconds(status.pins.oldest) if status.pins else "-",
         size=size,
         seconds=seconds,
+        describe_run=describe_run,
         clock=lambda at: time.strftime("%H:%M:%S", time.gmtime(at)),
     )
 
