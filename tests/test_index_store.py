@@ -25,6 +25,7 @@ from geo_route.index.model import (
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexView,
     LocalTag,
@@ -32,6 +33,7 @@ from geo_route.index.model import (
     PrimaryTag,
     QueryKind,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
@@ -570,3 +572,64 @@ def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
         raw.close()
     finally:
         server.stop()
+
+
+# --- what `geo-route status` and the updater's /metrics read ---
+
+
+def test_status_records_keep_the_last_one_per_name_on_the_index_clock(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.record_status("reconcile", {"ok": False, "errors": 2})
+    now[0] = 1010.0
+    store.record_status("reconcile", {"ok": True, "errors": 0, "seconds": 1.5})
+    store.record_status("events:local", {"lag": 0.25})
+    records = store.status_records()
+    assert records["reconcile"] == StatusRecord(1010.0, {"ok": True, "errors": 0, "seconds": 1.5})
+    assert records["events:local"] == StatusRecord(1010.0, {"lag": 0.25})
+    assert len(records) == 2, "one entry per name: the hash stays small"
+
+
+def test_figures_count_the_queues_and_how_long_the_oldest_due_has_waited(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    assert store.figures() == IndexFigures(1000.0, 0, 0, 0.0, 0, 0.0, 0, 0)
+    store.apply([TagInvalidated("a/b", "v1"), TagInvalidated("a/b", "v2", fence=60.0), BlobPresence("a/b", D1, True)])
+    store.lookup(IndexQuery(QueryKind.BLOB, "a/b", D1, refetch=True))  # a refetch: queued for verification
+    store.apply([ContentVerified("c/d", D2, intact=False)])
+    now[0] = 1012.0
+    assert store.figures() == IndexFigures(1012.0, 2, 1, 12.0, 1, 12.0, 1, 1)
+
+
+def test_pin_entries_list_pins_and_tombstones_with_their_epoch(store: RedisIndexStore) -> None:
+    store.apply([PrimaryTag("b/b", "v1", D1, 990.0), PrimaryTag("a/a", "v1", D2, 995.0)])
+    store.apply([TagInvalidated("a/a", "old")])
+    entries, repositories = store.pin_entries(10)
+    assert repositories == 2
+    assert [(e.repository, e.tag, e.digest, e.current) for e in entries] == [
+        ("a/a", "old", "", True),
+        ("a/a", "v1", D2, True),
+        ("b/b", "v1", D1, True),
+    ]
+    assert entries[1].confirmed_at == 995.0
+    first, repositories = store.pin_entries(1)
+    assert {e.repository for e in first} == {"a/a"} and repositories == 2
+
+
+def test_the_topology_names_the_primary_and_what_each_sentinel_says(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    topology = store.topology()
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]  # the tests' url names the primary
+    assert (topology.mode, topology.primary, topology.role) == (redis_topology, primary, "master")
+    assert topology.version and topology.used_memory
+    if redis_topology == "single":
+        assert topology.sentinels == () and topology.master_name == ""
+        return
+    assert topology.master_name == redis_settings.redis.master_name
+    assert [address for address, _ in topology.sentinels] == list(redis_settings.redis.sentinels)
+    assert {answer for _, answer in topology.sentinels} == {primary}
+    assert len(topology.replicas) == 1 and " online " in topology.replicas[0]
+    assert redis_settings.redis.password not in repr(topology) or not redis_settings.redis.password
