@@ -83,8 +83,11 @@ def send(client: FlaskClient, source: str, body: Any, secret: str | None = None)
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
+    """The index's state: every key but ``status`` (when the last envelope arrived and its lag, for
+    ``geo-route status``: bookkeeping that a replay rightly updates, not what the index says)."""
     client = redis.Redis.from_url(settings.redis.url)
-    keys = sorted(client.scan_iter(match=f"{settings.redis.key_prefix}*"))
+    status = f"{settings.redis.key_prefix}status".encode()
+    keys = sorted(key for key in client.scan_iter(match=f"{settings.redis.key_prefix}*") if key != status)
     state = {key: client.dump(key) for key in keys}
     client.close()
     return state

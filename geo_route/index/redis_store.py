@@ -887,7 +887,9 @@ class RedisIndexStore:
     def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
         """Keep ``fields`` under ``name`` (a fixed set of names: the hash stays small), stamped now."""
         value = json.dumps(fields, separators=(",", ":"))
-        self._write(lambda: self._client.eval(RECORD_STATUS_SCRIPT, 1, self.keys.status, name, value, self._now_arg()))
+        args = (name, value, self._now_arg())
+        # on the connection ``apply`` uses (the updater records right after applying an envelope)
+        self._write(lambda: self._lookups.run_script(RECORD_STATUS_SCRIPT, (self.keys.status,), args))
 
     def status_records(self) -> dict[str, StatusRecord]:
         found = self._read(lambda: self._client.hgetall(self.keys.status))

@@ -104,7 +104,7 @@ class EventsEndpoint:
             return self.refuse(503, "index-unavailable", "index unavailable; retry later")
         self._metrics.apply_seconds.observe(time.perf_counter() - started)
         self._recent.remember([self.dedupe_key(o) for o in fresh if o.event is not None and o.event.id])
-        self.count(fresh, duplicates, received_at)
+        self.count(fresh, duplicates, received_at, applied=bool(updates))
         return jsonify(summary(fresh, duplicates))
 
     def authorized(self, header: str) -> bool:
@@ -122,7 +122,7 @@ class EventsEndpoint:
         """Ids are remembered per endpoint: two registries' events never shadow each other."""
         return f"{self.source.value} {outcome.event.id if outcome.event is not None else ''}"
 
-    def count(self, fresh: list[Outcome], duplicates: list[Outcome], received_at: float) -> None:
+    def count(self, fresh: list[Outcome], duplicates: list[Outcome], received_at: float, applied: bool) -> None:
         source = self.source.value
         lags = []
         for outcome in fresh:
@@ -134,11 +134,12 @@ class EventsEndpoint:
                 self._metrics.lag_seconds.labels(source).observe(lags[-1])
         if duplicates:
             self._metrics.duplicates.labels(source).inc(len(duplicates))
-        if lags:
+        if lags and applied:
             self.record_lag(lags)
 
     def record_lag(self, lags: list[float]) -> None:
-        """The envelope's notification lag, for ``geo-route status`` (one small write; best effort)."""
+        """The lag of an envelope that changed the index, for ``geo-route status`` (one small write
+        after the envelope's transaction; best effort: the envelope is applied either way)."""
         if not isinstance(self._index, StatusRecorder):
             return
         try:
