@@ -31,7 +31,7 @@ from geo_route.index.model import BlobPresence, ManifestPresence
 from geo_route.status import percent
 from geo_route.web import create_app
 
-WINDOW = (1280, 1400)
+WINDOW = (1280, 1750)
 CONTENT = re.compile(r"^/v2/.+/(blobs/(?!uploads)|manifests/)")
 
 
