@@ -159,6 +159,13 @@ def summary(fresh: list[Outcome], duplicates: list[Outcome]) -> dict[str, Any]:
     return {"status": "ok", **counts, "duplicates": len(duplicates)}
 
 
+def index_gauges(index: IndexStore) -> IndexGauges | None:
+    """The queues and last runs, read from the index at scrape time (a test double has none)."""
+    from geo_route.index.redis_store import RedisIndexStore
+
+    return IndexGauges(index.figures, index.status_records) if isinstance(index, RedisIndexStore) else None
+
+
 def create_updater_app(
     settings: Settings, *, index: IndexStore | None = None, clock: Callable[[], float] = time.time
 ) -> Flask:
@@ -167,8 +174,7 @@ def create_updater_app(
         from geo_route.index.redis_store import RedisIndexStore
 
         index = RedisIndexStore(settings.redis)
-    figures, records = getattr(index, "figures", None), getattr(index, "status_records", None)
-    metrics = UpdaterMetrics(IndexGauges(figures, records) if figures and records else None)
+    metrics = UpdaterMetrics(index_gauges(index))
     recent = RecentEventIds(settings.updater.dedupe_size)
     app.extensions["geo_route"] = {"settings": settings, "index": index, "metrics": metrics}
     for source, secret in (
