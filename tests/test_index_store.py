@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import signal
 import time
 import uuid
@@ -19,7 +20,7 @@ from support import RedisServer
 
 from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
 from geo_route.devstack.redis_server import SentinelTopology
-from geo_route.errors import IndexUnavailable
+from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
     ContentVerified,
@@ -38,6 +39,8 @@ from geo_route.index.model import (
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.status import format_status, gather_status
+from geo_route.web.status import render_status_html
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -633,3 +636,24 @@ def test_the_topology_names_the_primary_and_what_each_sentinel_says(
     assert {answer for _, answer in topology.sentinels} == {primary}
     assert len(topology.replicas) == 1 and " online " in topology.replicas[0]
     assert redis_settings.redis.password not in repr(topology) or not redis_settings.redis.password
+
+
+def test_status_shows_the_topology_and_names_what_it_could_not_read(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    """``geo-route status`` on either topology, with NGINX's counters unreachable: the rest is shown."""
+
+    def unreachable(url: str) -> str:
+        raise GeoRouteError(f"{url}: connection refused")
+
+    store.apply([PrimaryTag("a/b", "v1", D1, store.now() - 400)])
+    status = gather_status(redis_settings, store, fetch_text=unreachable)
+    text, page = format_status(status), render_status_html(status)
+    assert status.traffic is None and any(p.startswith("nginx metrics: ") for p in status.problems)
+    assert "traffic: unknown" in text and "problem: nginx metrics" in page
+    assert re.search(r"^  a/b:v1 sha256:1{12} 6\.\d min past the bound$", text, re.MULTILINE), text
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]
+    assert f"redis: {redis_topology}, primary {primary} (master," in text
+    for address in redis_settings.redis.sentinels:
+        assert f"  sentinel {address}: primary {primary}" in text
+        assert f"sentinel {address}</th><td>names {primary}" in page
