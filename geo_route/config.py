@@ -169,21 +169,43 @@ class RedisSettings:
     tls: bool = False
     # CA certificates (PEM) that TLS connections verify the server against; empty: the system's.
     tls_ca_file: str = _checked(check_absolute_path, default="")
+    # Redis Cluster (instead of url): some nodes' host:port to discover the cluster from (redis-py's
+    # RedisCluster; username, password and tls as above). Repositories are spread over
+    # cluster_buckets hash tags (geo_route/index/redis_store.py); fixed for the life of an index.
+    cluster_nodes: tuple[str, ...] = _checked(check_sentinels, default=())
+    cluster_buckets: int = _checked(check_positive, default=256)
 
     @property
     def display_url(self) -> str:
+        if self.cluster_nodes:
+            return f"cluster via {','.join(self.cluster_nodes)}"
         if self.sentinels:
             return f"sentinel {self.master_name} via {','.join(self.sentinels)} db {self.db}"
         return redact_url(self.url)
 
     def problems(self) -> list[str]:
         """Problems that involve more than one of its keys."""
+        if self.cluster_nodes:
+            return self.cluster_problems()
         if not self.sentinels:
             sentinel_only = ("master_name", "sentinel_username", "sentinel_password", "sentinel_tls", "db", "tls")
             return [f"redis.{name}: only with redis.sentinels" for name in sentinel_only if getattr(self, name)]
         problems = [] if self.master_name else ["redis.master_name: required with redis.sentinels"]
         if self.url != DEFAULT_REDIS_URL:
             problems.append("redis.url: not used with redis.sentinels (the data nodes' username, password, db, tls)")
+        return problems
+
+    def cluster_problems(self) -> list[str]:
+        problems = []
+        if self.sentinels:
+            problems.append("redis.cluster_nodes: not with redis.sentinels (one or the other)")
+        if self.url != DEFAULT_REDIS_URL:
+            problems.append("redis.url: not used with redis.cluster_nodes (username, password, tls)")
+        for name in ("master_name", "sentinel_username", "sentinel_password", "sentinel_tls", "db"):
+            if getattr(self, name):
+                problems.append(f"redis.{name}: not used with redis.cluster_nodes")
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            problems.append("redis.key_prefix: no braces with redis.cluster_nodes (they would choose the hash slot)")
         return problems
 
 

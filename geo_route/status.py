@@ -371,8 +371,9 @@ def format_pins(pins: PinAges | None, bound: int) -> list[str]:
 def format_topology(topology: RedisTopology | None) -> list[str]:
     if topology is None:
         return ["redis: unknown"]
+    primary = "primaries" if topology.mode == "cluster" else "primary"
     lines = [
-        f"redis: {topology.mode}, primary {topology.primary} ({topology.role or '?'}, Redis {topology.version}, "
+        f"redis: {topology.mode}, {primary} {topology.primary} ({topology.role or '?'}, Redis {topology.version}, "
         f"{topology.used_memory} used), {len(topology.replicas)} replicas"
     ]
     lines += [f"  replica {replica}" for replica in topology.replicas]

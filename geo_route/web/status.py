@@ -86,7 +86,7 @@ oldest waiting {{ seconds(status.figures.resolutions_oldest_due) }})</td></tr>
 {% if status.topology %}{% set topology = status.topology %}
 <h2>Redis</h2>
 <table id="redis"><tr><th>mode</th><td>{{ topology.mode }}{% if topology.master_name %} (master name {{ topology.master_name }}){% endif %}</td></tr>
-<tr><th>primary</th><td>{{ topology.primary }} ({{ topology.role }}, Redis {{ topology.version }}, {{ topology.used_memory }} used)</td></tr>
+<tr><th>{{ "primaries" if topology.mode == "cluster" else "primary" }}</th><td>{{ topology.primary }} ({{ topology.role }}, Redis {{ topology.version }}, {{ topology.used_memory }} used)</td></tr>
 {% for replica in topology.replicas %}<tr><th>replica</th><td>{{ replica }}</td></tr>{% endfor %}
 {% for address, answer in topology.sentinels %}<tr><th>sentinel {{ address }}</th><td>names {{ answer }}</td></tr>{% endfor %}
 </table>{% endif %}
