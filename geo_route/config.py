@@ -127,6 +127,35 @@ class UpstreamSettings:
     url: str = _checked(check_http_url)
 
 
+def check_header_lines(value: tuple[str, ...]) -> str | None:
+    for line in value:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+: [\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?", line):
+            return f"{line!r} is not 'Name: value' (a header name, one space, printable ASCII)"
+        if '"' in line or "\\" in line or "$" in line:
+            return f"{line!r}: no quotes, backslashes or $ (the value is written into NGINX's configuration)"
+    return None
+
+
+def check_storage_root(value: str) -> str | None:
+    """An absolute path NGINX's configuration and its Lua can hold as written."""
+    if re.search(r"[\s\"'\\$;{}]", value):
+        return "no whitespace, quotes, backslashes, $, ; or braces (written into NGINX's configuration)"
+    return check_absolute_path(value)
+
+
+@dataclass(frozen=True)
+class LocalRegistrySettings(UpstreamSettings):
+    """This site's registry. ``storage_root``: its ``storage.filesystem.rootdirectory`` when NGINX
+    may read it (the directory holding ``docker/registry/v2``); set, NGINX sends the blobs the
+    decision finds here straight from those files (sendfile), with the headers the registry sends,
+    ``http_headers`` included: the registry's own ``http.headers`` section, which it adds to every
+    answer (its shipped ``config.yml`` has ``X-Content-Type-Options: nosniff``). Empty: every local
+    answer comes from the registry (object storage: the registry keeps redirecting)."""
+
+    storage_root: str = _checked(check_storage_root, default="")
+    http_headers: tuple[str, ...] = _checked(check_header_lines, default=("X-Content-Type-Options: nosniff",))
+
+
 @dataclass(frozen=True)
 class TokenSettings:
     """How bearer tokens are verified: every form a registry dialect accepts (README "Token
@@ -350,7 +379,7 @@ class NginxSettings:
 class Settings:
     """Everything one secondary site needs; built only by ``load_settings``."""
 
-    local_registry: UpstreamSettings
+    local_registry: LocalRegistrySettings
     primary: UpstreamSettings
     token: TokenSettings
     redis: RedisSettings = RedisSettings()
@@ -513,6 +542,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 __all__ = [
+    "LocalRegistrySettings",
     "NginxSettings",
     "RedisSettings",
     "RoutingSettings",
