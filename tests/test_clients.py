@@ -24,6 +24,8 @@ from typing import Protocol
 
 import pytest
 
+from geo_route.client_config import primary_origin, render_client_config, site_origin
+from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.containers import ContainerClientError, DockerDaemon
 from geo_route.devstack.images import OciImage, OciIndex, build_oci_image, build_oci_index
@@ -264,7 +266,7 @@ def assert_pulled_from(entries: list[AccessLogEntry], route: str, blobs: set[str
     served = [e for e in answered(entries) if "/blobs/" in e.uri or "/manifests/" in e.uri]
     assert {(e.route, e.status) for e in served} == {(route, 200)}, served
     assert any("/manifests/" in e.uri for e in served), served
-    fetched = {e.uri.rsplit("/", 1)[1] for e in served if e.method == "GET" and "/blobs/" in e.uri}
+    fetched = {e.uri.partition("?")[0].rsplit("/", 1)[1] for e in served if e.method == "GET" and "/blobs/" in e.uri}
     assert fetched == blobs, f"blobs fetched {fetched}, the manifest has {blobs}"
 
 
@@ -365,3 +367,41 @@ def test_a_cross_repository_mount_through_the_site(
     assert mounts and all("from=" in e.uri for e in mounts), mounts
     assert {(e.route, e.reason, e.status) for e in mounts} == {("primary", "upload", 201)}, mounts
     assert stack.digest_at(stack.primary, f"mounts/{name}-b", "v1") == second == first
+
+
+def client_config_text(stack: StackClient, client: str) -> str:
+    """What ``geo-route client-config --for CLIENT`` prints for the stack's site file."""
+    settings = load_settings(stack.info.site_file, environ={})
+    return render_client_config(client, site_origin(settings), primary_origin(settings)).text  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ("ctr", "podman"))
+def test_the_generated_client_configuration_sends_pulls_by_the_primary_name_through_the_site(
+    name: str,
+    request: pytest.FixtureRequest,
+    stack: StackClient,
+    published: dict[str, Published],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Images keep the primary's name; with ``geo-route client-config``'s file the real client pulls
+    them from the site (containerd adds ``?ns=PRIMARY`` to every request to a mirror), all local."""
+    entry = published["oci"]
+    reference = f"{stack.primary}/{entry.repository}:v1"
+    since = stack.access_log_offset()
+    if name == "ctr":
+        hosts = tmp_path_factory.mktemp("certs.d")
+        (hosts / stack.primary).mkdir(parents=True)
+        (hosts / stack.primary / "hosts.toml").write_text(client_config_text(stack, "containerd"))
+        containerd = request.getfixturevalue("docker_daemon").containerd
+        containerd.remove_all_images()
+        assert containerd.pull(reference, stack.credentials(), hosts_dir=hosts) == entry.digest
+    else:
+        podman = Podman(tmp_path_factory.mktemp("pm"))
+        podman.add_registries_conf(client_config_text(stack, "podman"))
+        for registry in (stack.primary, stack.secondary):  # one password, both names (the file says so)
+            podman.login(registry, stack.credentials())
+        assert podman.pull(reference) == entry.digest
+    served = answered(registry_entries(stack, entry.repository, since))
+    assert_pulled_from(served, "local", set(entry.blobs))
+    if name == "ctr":
+        assert all(e.uri.endswith(f"?ns={stack.primary.replace(':', '%3A')}") for e in served), served

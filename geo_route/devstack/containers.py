@@ -188,9 +188,12 @@ class Containerd:
         argv = [binary, "--address", str(self.socket), "--namespace", namespace, *arguments]
         return run_client(argv, env, timeout=timeout, what=what or f"ctr {' '.join(arguments[:2])}")
 
-    def pull(self, reference: str, credentials: Credentials) -> str:
-        """``ctr images pull --plain-http --user`` of ``HOST:PORT/repo:tag``; the manifest digest pulled."""
-        self.ctr(["images", "pull", "--plain-http", "--user", credentials.as_option(), reference], what="ctr pull")
+    def pull(self, reference: str, credentials: Credentials, *, hosts_dir: Path | None = None) -> str:
+        """``ctr images pull --plain-http --user`` of ``HOST:PORT/repo:tag``; the manifest digest pulled.
+        With ``hosts_dir``, ``--hosts-dir`` instead: each host's ``hosts.toml`` there (its URLs name
+        the scheme) says where to pull from, e.g. what ``geo-route client-config --for containerd`` writes."""
+        where = ["--hosts-dir", str(hosts_dir)] if hosts_dir is not None else ["--plain-http"]
+        self.ctr(["images", "pull", *where, "--user", credentials.as_option(), reference], what="ctr pull")
         return self.image_digest(reference)
 
     def push(self, reference: str, credentials: Credentials) -> None:
