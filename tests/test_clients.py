@@ -30,6 +30,7 @@ from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.containers import ContainerClientError, DockerDaemon
 from geo_route.devstack.images import OciImage, OciIndex, build_oci_image, build_oci_index
 from geo_route.devstack.libpod import Buildah, LibpodClient, Podman
+from geo_route.devstack.processes import is_gone
 from geo_route.devstack.skopeo import Credentials, SkopeoError, docker_reference
 
 pytestmark = pytest.mark.integration
@@ -405,3 +406,18 @@ def test_the_generated_client_configuration_sends_pulls_by_the_primary_name_thro
     assert_pulled_from(served, "local", set(entry.blobs))
     if name == "ctr":
         assert all(e.uri.endswith(f"?ns={stack.primary.replace(':', '%3A')}") for e in served), served
+
+
+def test_a_docker_daemon_keeps_everything_in_its_directory_and_stops_by_pid(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    directory = tmp_path_factory.mktemp("dockerd")
+    had_docker0 = Path("/sys/class/net/docker0").exists()
+    with DockerDaemon(directory) as daemon:
+        assert daemon.logged is not None and daemon.containerd.logged is not None
+        pids = (daemon.logged.pid, daemon.containerd.logged.pid)
+        info = json.loads(daemon.docker(["info", "--format", "{{json .}}"]))
+        assert (info["Driver"], info["DockerRootDir"]) == ("vfs", str(directory / "data"))
+        assert Path("/sys/class/net/docker0").exists() == had_docker0, "dockerd added docker0"
+        assert (directory / "key.json").exists() and (directory / "containerd" / "root").is_dir()
+    assert all(is_gone(pid) for pid in pids)
