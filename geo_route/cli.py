@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", required=True, help="directory for logs, data and stack.json")
     up.add_argument("--tag-policy", choices=("pinned", "primary"), default="pinned")
     up.add_argument("--nodes", type=int, default=1, help="auth services and NGINX (each with an updater) on one index")
+    up.add_argument(
+        "--redis", choices=("single", "sentinel", "cluster"), default="single", help="the index's Redis topology"
+    )
     up.set_defaults(handler=run_devstack_up)
     down = devstack_commands.add_parser("down", help="stop exactly the processes DIR/stack.json names")
     down.add_argument("--dir", required=True)
@@ -312,7 +315,7 @@ def run_devstack_up(args: argparse.Namespace) -> int:
     from geo_route.errors import GeoRouteError
 
     try:
-        info = bring_up(Path(args.dir), tag_policy=args.tag_policy, nodes=args.nodes).info
+        info = bring_up(Path(args.dir), tag_policy=args.tag_policy, nodes=args.nodes, redis=args.redis).info
     except (GeoRouteError, TimeoutError) as exc:
         print(f"devstack up failed: {exc}", file=sys.stderr)
         return 1

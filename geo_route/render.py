@@ -81,6 +81,11 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
         "stale_path_var": contract.nginx_variable(contract.STALE_PATH),
         "unauthorized_detail_var": contract.nginx_variable(contract.UNAUTHORIZED_DETAIL),
+        "storage_path_var": contract.nginx_variable(contract.STORAGE_PATH),
+        "storage_link_var": contract.nginx_variable(contract.STORAGE_LINK),
+        # local_registry.storage_root: blobs from the registry's files ("" off), with its http.headers
+        "storage_root": settings.local_registry.storage_root.rstrip("/") or settings.local_registry.storage_root,
+        "storage_headers": [line.split(": ", 1) for line in settings.local_registry.http_headers],
         "geo_headers": list(contract.ROUTING_HEADERS),
         "reuse_header": contract.REUSE_SECONDS,
         "route_local": "local",

@@ -1,7 +1,7 @@
-"""The index store contract, against a real redis-server the fixtures start on a free port, and
-again on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
-``redis.sentinels``. A test that starts a redis-server of its own (to stop, hang or restart it)
-runs on that one only."""
+"""The index store contract, against a real redis-server the fixtures start on a free port, again
+on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
+``redis.sentinels``, and on a real Redis Cluster (three primaries) through ``redis.cluster_nodes``.
+A test that starts a redis-server of its own (to stop, hang or restart it) runs on that one only."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 from support import RedisServer
 
-from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
+from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
+from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import SentinelTopology
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import (
@@ -27,6 +30,7 @@ from geo_route.index.model import (
     DigestRestored,
     IndexQuery,
     IndexView,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     PrimaryTag,
@@ -44,7 +48,7 @@ D2 = "sha256:" + "2" * 64
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_topology" in metafunc.fixturenames:
         own_server = "tmp_path_factory" in inspect.signature(metafunc.function).parameters
-        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel"])
+        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel", "cluster"])
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +60,39 @@ def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent
         topology.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    topology = ClusterTopology(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def raw(redis_settings: Settings) -> Iterator[Any]:
+    """A plain redis-py client of the test's own on the same Redis (a cluster client on a cluster)."""
+    if redis_settings.redis.cluster_nodes:
+        host, port = redis_settings.redis.cluster_nodes[0].split(":")
+        client: Any = redis.cluster.RedisCluster(host=host, port=int(port), decode_responses=True)
+    else:
+        client = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def redis_settings(redis_topology: str, site_file: Callable[..., Path], request: pytest.FixtureRequest) -> Settings:
     """Settings with a key prefix of this test's own: on the session's redis-server, or through the
     sentinels (``url`` then names the primary too, for the tests' own raw clients; the store does
     not use it)."""
     prefix = f"t{uuid.uuid4().hex[:12]}:"
+    if redis_topology == "cluster":
+        nodes = request.getfixturevalue("cluster_topology").addresses
+        return load_settings(
+            site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=f"  cluster_nodes: [{', '.join(nodes)}]\n"),
+            environ={},
+        )
     if redis_topology == "single":
         return load_settings(
             site_file(redis_url=request.getfixturevalue("redis_server").url, prefix=prefix), environ={}
@@ -160,25 +191,25 @@ def test_repositories_are_recorded(store: RedisIndexStore) -> None:
     assert store.repositories() == {"a/b", "c/d"}
 
 
-def test_applying_the_same_updates_twice_changes_nothing(store: RedisIndexStore, redis_settings: Settings) -> None:
+def test_applying_the_same_updates_twice_changes_nothing(
+    store: RedisIndexStore, redis_settings: Settings, raw: Any
+) -> None:
     updates = [
         BlobPresence("a/b", D1, True),
         ManifestPresence("a/b", D2, True),
         PrimaryTag("a/b", "v1", D2, 5.0),
         LocalTag("a/b", "v1", D2),
     ]
-    client = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
 
     def snapshot() -> dict[str, object]:
-        keys = sorted(client.scan_iter(match=f"{redis_settings.redis.key_prefix}*"))
-        return {key: client.dump(key) for key in keys}
+        keys = sorted(raw.scan_iter(match=f"{redis_settings.redis.key_prefix}*"))
+        return {key: raw.dump(key) for key in keys}
 
     store.apply(updates)
     first = snapshot()
     store.apply(updates)
     assert snapshot() == first
-    assert len(first) == 7  # the five written, and the epoch and its server
-    client.close()
+    assert len(first) == 7  # the five written, and the epoch and its server (of a/b's bucket on a cluster)
 
 
 def test_apply_is_all_or_nothing(store: RedisIndexStore) -> None:
@@ -334,6 +365,7 @@ def test_a_digest_deleted_at_the_primary_is_not_served_and_its_tags_are_invalida
 
 def test_a_rename_invalidates_every_tag_under_the_path(clocked: tuple[RedisIndexStore, list[float]]) -> None:
     store, _ = clocked
+    in_buckets_of_their_own(store, "g/app", "g/app/sub", "g/apple", "g/other")
     pins = [PrimaryTag(repo, "v1", D1, 990.0) for repo in ("g/app", "g/app/sub", "g/apple", "g/other")]
     store.apply(pins)
     store.apply([RepositoryInvalidated("g/app", subtree=True)])
@@ -429,7 +461,15 @@ def refetch(query: IndexQuery) -> IndexQuery:
     return dataclasses.replace(query, refetch=True)
 
 
+def in_buckets_of_their_own(store: RedisIndexStore, *repositories: str) -> None:
+    """On a cluster, the repositories a test spreads over buckets are in different buckets (so the test
+    crosses them); on one Redis there is one bucket."""
+    buckets = {store.keys.bucket(repository) for repository in repositories}
+    assert len(buckets) == (len(repositories) if store.keys.clustered else 1), buckets
+
+
 def test_a_quarantined_digest_is_not_local_from_any_repository(store: RedisIndexStore) -> None:
+    in_buckets_of_their_own(store, "q/a", "q/b", "q/c")
     store.apply([BlobPresence("q/a", D1, True), BlobPresence("q/b", D1, True), ManifestPresence("q/a", D2, True)])
     store.apply([ContentVerified("q/a", D1, intact=False), ContentVerified("q/a", D2, intact=False, manifest=True)])
     for repository in ("q/a", "q/b"):
@@ -517,31 +557,23 @@ MEDIA_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "applicati
 
 
 @pytest.mark.parametrize("media_type", MEDIA_TYPES)
-def test_a_pin_keeps_its_media_type_however_it_is_stored(
-    store: RedisIndexStore, redis_settings: Settings, media_type: str
-) -> None:
+def test_a_pin_keeps_its_media_type_however_it_is_stored(store: RedisIndexStore, raw: Any, media_type: str) -> None:
     """The manifest types are stored as a code (docs/capacity.md), any other type whole."""
     store.apply([ManifestPresence("m/t", D1, True), PrimaryTag("m/t", "v1", D1, store.now(), f"{media_type}; x=1")])
     view = store.lookup(tag("m/t", "v1"))
     assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, media_type, True, True)
-    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
-    stored = str(raw.hget(f"{redis_settings.redis.key_prefix}primary:tags:m/t", "v1"))
-    raw.close()
+    stored = str(raw.hget(store.keys.primary_tags("m/t"), "v1"))
     assert len(stored) <= (128 if media_type != "application/x-type" else 200), stored
 
 
-def test_pins_written_before_the_media_type_codes_still_decide(
-    store: RedisIndexStore, redis_settings: Settings
-) -> None:
+def test_pins_written_before_the_media_type_codes_still_decide(store: RedisIndexStore, raw: Any) -> None:
     """An upgrade over a populated index: a pin holding the whole media type (the encoding before
     the codes) reads as it did, current in its epoch, and is served with no re-resolution; a code
     this version does not know (a newer version's) reads as no media type (the primary answers)."""
-    prefix = redis_settings.redis.key_prefix
-    now, epoch = store.stamp()
-    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
-    raw.hset(f"{prefix}primary:tags:old/pins", "v1", f"{D1} {now:.6f} {DOCKER_MANIFEST} {epoch}")
-    raw.hset(f"{prefix}primary:tags:old/pins", "v2", f"{D1} {now:.6f} zz {epoch}")
-    raw.close()
+    store.apply([ManifestPresence("old/pins", D1, True)])  # the bucket's epoch begins (on a cluster)
+    now, epoch = store.stamp("old/pins")
+    raw.hset(store.keys.primary_tags("old/pins"), "v1", f"{D1} {now:.6f} {DOCKER_MANIFEST} {epoch}")
+    raw.hset(store.keys.primary_tags("old/pins"), "v2", f"{D1} {now:.6f} zz {epoch}")
     store.apply([ManifestPresence("old/pins", D1, True)])
     view = store.lookup(tag("old/pins", "v1"))
     assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, DOCKER_MANIFEST, True, True)
@@ -570,3 +602,54 @@ def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
         raw.close()
     finally:
         server.stop()
+
+
+def test_a_dropped_repository_forgets_the_local_content_under_it(store: RedisIndexStore) -> None:
+    """A rename at the local registry (GitLab): the repository and those under its path lose their
+    local content in the index; a sibling sharing the prefix, and the pins, stay."""
+    names = ("d/app", "d/app/sub", "d/apple")
+    in_buckets_of_their_own(store, *names)
+    store.apply([u for name in names for u in (BlobPresence(name, D1, True), LocalTag(name, "v1", D2))])
+    store.apply([PrimaryTag("d/app", "v1", D2, store.now())])
+    store.apply([LocalRepositoryDropped("d/app", subtree=True)])
+    assert [store.lookup(blob(name, D1)).present for name in names] == [False, False, True]
+    assert [bool(store.local_tags(name)) for name in names] == [False, False, True]
+    assert store.primary_tag("d/app", "v1") is not None, "what the primary publishes is not the local registry's"
+    store.apply([BlobPresence("d/apple", D2, True), LocalRepositoryDropped("d/apple")])
+    assert not store.lookup(blob("d/apple", D1)).present and not store.lookup(blob("d/apple", D2)).present
+
+
+def test_a_cluster_failover_costs_that_node_s_buckets_a_few_seconds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One primary of a cluster SIGKILLed: decisions for its buckets are unavailable (routed to the
+    primary) until its replica is promoted and the store has asked for the slots again; the promoted
+    replica starts the bucket's new epoch (its pins unconfirmed); another primary's buckets never
+    fail. One store, one thread: nothing else makes it refresh."""
+    topology = ClusterTopology(tmp_path_factory.mktemp("failover"), replicas_per_primary=1).start()
+    try:
+        nodes = tuple(topology.addresses)
+        store = RedisIndexStore(RedisSettings(cluster_nodes=nodes, socket_timeout=0.5, unavailable_cooldown=0.2))
+        by_part: dict[str, str] = {}
+        for number in range(100):
+            name = f"f/app{number}"
+            by_part.setdefault(topology.primary_part(store.keys.epoch(store.keys.bucket(name))), name)
+        (killed, doomed), (_, spared) = list(by_part.items())[:2]
+        for name in (doomed, spared):
+            store.apply([ManifestPresence(name, D1, True), PrimaryTag(name, "v1", D1, store.stamp(name)[0])])
+            assert store.lookup(tag(name, "v1")).current
+        topology.nodes[killed].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        killed_at, recovered_at = time.monotonic(), None
+        while time.monotonic() - killed_at < 30 and recovered_at is None:
+            assert store.lookup(tag(spared, "v1")).current, "another primary's bucket kept deciding"
+            try:
+                view = store.lookup(tag(doomed, "v1"))
+            except IndexUnavailable:
+                time.sleep(0.05)
+                continue
+            recovered_at = time.monotonic()
+            assert (view.pinned_digest, view.current) == (D1, False), "the promoted replica starts a new epoch"
+        assert recovered_at is not None, "the store never reached the promoted replica"
+        assert topology.primary_part(store.keys.epoch(store.keys.bucket(doomed))) != killed
+        assert recovered_at - killed_at < 15, recovered_at - killed_at
+        store.close()
+    finally:
+        topology.stop()

@@ -39,6 +39,7 @@ def emitted_headers() -> set[str]:
         for decision in (
             Decision(200, reason, Route.LOCAL, "/v2/a/manifests/sha256:" + "0" * 64),
             Decision(200, reason, Route.PRIMARY),
+            Decision(200, reason, Route.LOCAL, storage_path="/docker/d", storage_link="/docker/l"),
             Decision(401, reason, www_authenticate='Bearer realm="r"'),
         ):
             names.update(name for name, _ in response_headers(decision))
@@ -108,6 +109,29 @@ def test_nginx_accepts_the_full_config(tmp_path: Path) -> None:
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={})))
     check_with_nginx(conf)
+
+
+def test_blobs_from_storage_render_only_when_set_and_nginx_accepts_them(tmp_path: Path) -> None:
+    require_binary("nginx")
+    environ = {
+        "GEO_ROUTE_LOCAL_REGISTRY__STORAGE_ROOT": str(tmp_path / "registry"),
+        "GEO_ROUTE_LOCAL_REGISTRY__HTTP_HEADERS": "X-Content-Type-Options: nosniff,X-Frame-Options: DENY",
+    }
+    text = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ=environ))
+    storage = text[text.index("location @geo_route_storage {") :]
+    assert f"root {tmp_path / 'registry'};" in storage
+    assert 'add_header X-Frame-Options "DENY";' in storage
+    assert text.count("try_files /.geo-route-dispatch @geo_route_$geo_route_dispatch;") == 2
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    check_with_nginx(conf)
+    assert "@geo_route_storage" not in render_nginx_conf(load_settings(REFERENCE, environ={}))
+
+
+@pytest.mark.parametrize("root", ["relative/path", "/with space", '/quote"d', "/dollar$x"])
+def test_a_storage_root_nginx_cannot_hold_as_written_is_refused(root: str) -> None:
+    with pytest.raises(ConfigError, match=r"local_registry\.storage_root"):
+        load_settings(REFERENCE, environ={"GEO_ROUTE_LOCAL_REGISTRY__STORAGE_ROOT": root})
 
 
 # What nginx/README.md tells an existing NGINX to load (Debian's packages enable them by themselves).

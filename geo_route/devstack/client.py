@@ -45,6 +45,7 @@ class AccessLogEntry:
     route: str
     reason: str
     fallback_status: str = ""  # what the local registry answered when a request fell back, e.g. "401"
+    upstream: str = ""  # the registries NGINX asked ("" when NGINX answered itself, e.g. from storage)
 
 
 class StackClient:
@@ -184,6 +185,7 @@ def parse_access_log_line(line: str) -> AccessLogEntry:
         route=entry["route"],
         reason=entry["reason"],
         fallback_status=entry.get("fallback_status", ""),
+        upstream=entry.get("upstream", ""),
     )
 
 

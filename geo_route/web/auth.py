@@ -146,6 +146,9 @@ def response_headers(decision: Decision, reuse_seconds: int = 0) -> list[tuple[s
         headers.append((contract.UPSTREAM_PATH, decision.upstream_path))
     if decision.stale_path:
         headers.append((contract.STALE_PATH, decision.stale_path))
+    if decision.storage_path:
+        headers.append((contract.STORAGE_PATH, decision.storage_path))
+        headers.append((contract.STORAGE_LINK, decision.storage_link))
     if decision.www_authenticate:
         headers.append((contract.WWW_AUTHENTICATE, decision.www_authenticate))
         headers.append((contract.UNAUTHORIZED_DETAIL, contract.unauthorized_detail(decision.www_authenticate)))
