@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dir", required=True, help="directory for logs, data and stack.json")
     up.add_argument("--tag-policy", choices=("pinned", "primary"), default="pinned")
     up.add_argument("--nodes", type=int, default=1, help="auth services and NGINX (each with an updater) on one index")
+    up.add_argument(
+        "--redis", choices=("single", "sentinel", "cluster"), default="single", help="the index's Redis topology"
+    )
     up.set_defaults(handler=run_devstack_up)
     down = devstack_commands.add_parser("down", help="stop exactly the processes DIR/stack.json names")
     down.add_argument("--dir", required=True)
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes per second --verify reads at most (default updater.verify_bytes_per_second; 0: no limit)",
     )
     reconcile.set_defaults(handler=run_reconcile)
+
+    status = commands.add_parser(
+        "status", help="hit ratio, bytes saved, lag, pins, last runs, fallbacks, Redis: from NGINX and the index"
+    )
+    add_site_file(status)
+    status.set_defaults(handler=run_status)
 
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     add_site_file(serve)
@@ -312,7 +321,7 @@ def run_devstack_up(args: argparse.Namespace) -> int:
     from geo_route.errors import GeoRouteError
 
     try:
-        info = bring_up(Path(args.dir), tag_policy=args.tag_policy, nodes=args.nodes).info
+        info = bring_up(Path(args.dir), tag_policy=args.tag_policy, nodes=args.nodes, redis=args.redis).info
     except (GeoRouteError, TimeoutError) as exc:
         print(f"devstack up failed: {exc}", file=sys.stderr)
         return 1
@@ -388,6 +397,25 @@ def run_reconcile(args: argparse.Namespace) -> int:
     )
     verify_rate = settings.updater.verify_bytes_per_second if args.verify_rate is None else args.verify_rate
     return run_reconcile_command(settings, args.once, print, verify_rate=verify_rate if args.verify else None)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Exit 0 when every part could be read, 1 when some could not (what could is still printed)."""
+    from geo_route.status import format_status, gather_status
+    from geo_route.updater.reconcile import open_store
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    store = open_store(settings)
+    try:
+        status = gather_status(settings, store)
+    finally:
+        store.close()
+    sys.stdout.write(format_status(status))
+    return 1 if status.problems else 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -164,6 +164,35 @@ class UpstreamSettings:
     url: str = _checked(check_http_url)
 
 
+def check_header_lines(value: tuple[str, ...]) -> str | None:
+    for line in value:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+: [\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?", line):
+            return f"{line!r} is not 'Name: value' (a header name, one space, printable ASCII)"
+        if '"' in line or "\\" in line or "$" in line:
+            return f"{line!r}: no quotes, backslashes or $ (the value is written into NGINX's configuration)"
+    return None
+
+
+def check_storage_root(value: str) -> str | None:
+    """An absolute path NGINX's configuration and its Lua can hold as written."""
+    if re.search(r"[\s\"'\\$;{}]", value):
+        return "no whitespace, quotes, backslashes, $, ; or braces (written into NGINX's configuration)"
+    return check_absolute_path(value)
+
+
+@dataclass(frozen=True)
+class LocalRegistrySettings(UpstreamSettings):
+    """This site's registry. ``storage_root``: its ``storage.filesystem.rootdirectory`` when NGINX
+    may read it (the directory holding ``docker/registry/v2``); set, NGINX sends the blobs the
+    decision finds here straight from those files (sendfile), with the headers the registry sends,
+    ``http_headers`` included: the registry's own ``http.headers`` section, which it adds to every
+    answer (its shipped ``config.yml`` has ``X-Content-Type-Options: nosniff``). Empty: every local
+    answer comes from the registry (object storage: the registry keeps redirecting)."""
+
+    storage_root: str = _checked(check_storage_root, default="")
+    http_headers: tuple[str, ...] = _checked(check_header_lines, default=("X-Content-Type-Options: nosniff",))
+
+
 @dataclass(frozen=True)
 class TokenSettings:
     """How bearer tokens are verified: every form a registry dialect accepts (README "Token
@@ -206,21 +235,43 @@ class RedisSettings:
     tls: bool = False
     # CA certificates (PEM) that TLS connections verify the server against; empty: the system's.
     tls_ca_file: str = _checked(check_absolute_path, default="")
+    # Redis Cluster (instead of url): some nodes' host:port to discover the cluster from (redis-py's
+    # RedisCluster; username, password and tls as above). Repositories are spread over
+    # cluster_buckets hash tags (geo_route/index/redis_store.py); fixed for the life of an index.
+    cluster_nodes: tuple[str, ...] = _checked(check_sentinels, default=())
+    cluster_buckets: int = _checked(check_positive, default=256)
 
     @property
     def display_url(self) -> str:
+        if self.cluster_nodes:
+            return f"cluster via {','.join(self.cluster_nodes)}"
         if self.sentinels:
             return f"sentinel {self.master_name} via {','.join(self.sentinels)} db {self.db}"
         return redact_url(self.url)
 
     def problems(self) -> list[str]:
         """Problems that involve more than one of its keys."""
+        if self.cluster_nodes:
+            return self.cluster_problems()
         if not self.sentinels:
             sentinel_only = ("master_name", "sentinel_username", "sentinel_password", "sentinel_tls", "db", "tls")
             return [f"redis.{name}: only with redis.sentinels" for name in sentinel_only if getattr(self, name)]
         problems = [] if self.master_name else ["redis.master_name: required with redis.sentinels"]
         if self.url != DEFAULT_REDIS_URL:
             problems.append("redis.url: not used with redis.sentinels (the data nodes' username, password, db, tls)")
+        return problems
+
+    def cluster_problems(self) -> list[str]:
+        problems = []
+        if self.sentinels:
+            problems.append("redis.cluster_nodes: not with redis.sentinels (one or the other)")
+        if self.url != DEFAULT_REDIS_URL:
+            problems.append("redis.url: not used with redis.cluster_nodes (username, password, tls)")
+        for name in ("master_name", "sentinel_username", "sentinel_password", "sentinel_tls", "db"):
+            if getattr(self, name):
+                problems.append(f"redis.{name}: not used with redis.cluster_nodes")
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            problems.append("redis.key_prefix: no braces with redis.cluster_nodes (they would choose the hash slot)")
         return problems
 
 
@@ -368,7 +419,7 @@ class NginxSettings:
 class Settings:
     """Everything one secondary site needs; built only by ``load_settings``."""
 
-    local_registry: UpstreamSettings
+    local_registry: LocalRegistrySettings
     primary: UpstreamSettings
     token: TokenSettings
     redis: RedisSettings = RedisSettings()
@@ -537,6 +588,7 @@ def _resolve_paths(settings: Settings, base_dir: Path) -> Settings:
 
 
 __all__ = [
+    "LocalRegistrySettings",
     "NginxSettings",
     "RedisSettings",
     "RoutingSettings",

@@ -26,7 +26,14 @@ UPSTREAM_PATH = "X-Geo-Upstream-Path"  # the digest path for a pinned tag served
 # On a tag routed to the primary: the digest path of a pin NGINX may serve locally if the primary
 # cannot be reached (stale-if-error, within routing.stale_if_error; see routing.stale_path).
 STALE_PATH = "X-Geo-Stale-Path"
+# On a blob present here, with local_registry.storage_root: its file and the repository's link to
+# it, below the storage root; NGINX sends the file itself when both exist (routing.with_storage_files).
+STORAGE_PATH = "X-Geo-Storage-Path"
+STORAGE_LINK = "X-Geo-Storage-Link"
 WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
+# The request's operation (``operations.Kind``: blob, manifest-by-tag, upload-start, ...): NGINX's
+# counters break requests and bytes down by it (a bounded label, never the repository).
+OPERATION = "X-Geo-Operation"
 # On 401 only: the "detail" of the registry's UNAUTHORIZED error as JSON, written by NGINX into its body.
 UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 
@@ -34,10 +41,30 @@ UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 # NGINX consumes it; it never reaches a client.
 REUSE_SECONDS = "X-Accel-Expires"
 
-RESPONSE_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, STALE_PATH, WWW_AUTHENTICATE, UNAUTHORIZED_DETAIL, REUSE_SECONDS)
+RESPONSE_HEADERS = (
+    ROUTE,
+    REASON,
+    OPERATION,
+    UPSTREAM_PATH,
+    STALE_PATH,
+    STORAGE_PATH,
+    STORAGE_LINK,
+    WWW_AUTHENTICATE,
+    UNAUTHORIZED_DETAIL,
+    REUSE_SECONDS,
+)
 # NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set
 # (and a client's own copies of them are cleared towards the service and the registries).
-ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, STALE_PATH, UNAUTHORIZED_DETAIL)
+ROUTING_HEADERS = (
+    ROUTE,
+    REASON,
+    OPERATION,
+    UPSTREAM_PATH,
+    STALE_PATH,
+    STORAGE_PATH,
+    STORAGE_LINK,
+    UNAUTHORIZED_DETAIL,
+)
 
 # The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
 ALLOWED_STATUSES = (200, 401, 403)

@@ -23,6 +23,7 @@ from geo_route.index.model import (
 )
 from geo_route.negotiation import serves_pinned_manifest
 from geo_route.operations import Kind, Operation, is_valid_digest
+from geo_route.storage import blob_files
 from geo_route.tokens import Credential, TokenProblem
 
 
@@ -101,6 +102,7 @@ class Policy:
     dialect: Dialect = "distribution-2.8"  # the registries' challenge text (token.dialect)
     refetch_recheck: float = 0.0  # a refetch of content verified longer ago asks for another verification
     refetch_route: RefetchRoute = "local"  # where a refetch waiting for its verification is served
+    blobs_from_storage: bool = False  # NGINX sends a blob present here from the registry's files
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -116,6 +118,7 @@ class Policy:
             dialect=settings.token.dialect,
             refetch_recheck=settings.routing.refetch_recheck,
             refetch_route=settings.routing.refetch_route,
+            blobs_from_storage=bool(settings.local_registry.storage_root),
         )
 
 
@@ -131,6 +134,10 @@ class Decision:
     # PRIMARY: served from here instead if the primary is unreachable (a tag's last pin within
     # stale_if_error; a refetched blob or manifest waiting for its verification)
     stale_path: str = ""
+    # LOCAL, a blob present here with blobs_from_storage: its file and the repository's link to it,
+    # below the registry's storage root (NGINX sends the file if both exist, else asks the registry)
+    storage_path: str = ""
+    storage_link: str = ""
 
 
 def primary(reason: str) -> Decision:
@@ -202,7 +209,8 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
         return primary(Reason.INDEX_UNAVAILABLE)
     if kind is Kind.BLOB:
         reasons = (Reason.BLOB_LOCAL, Reason.BLOB_NOT_LOCAL, Reason.BLOB_QUARANTINED, Reason.BLOB_VERIFYING)
-        return _route_content(view, policy, f"/v2/{operation.repository}/blobs/{operation.digest}", *reasons)
+        decision = _route_content(view, policy, f"/v2/{operation.repository}/blobs/{operation.digest}", *reasons)
+        return with_storage_files(decision, operation, policy)
     if kind is Kind.MANIFEST_BY_DIGEST:
         path = f"/v2/{operation.repository}/manifests/{operation.digest}"
         reasons = (
@@ -235,6 +243,17 @@ def _route_content(
     if view.verifying:
         return replace(primary(verifying), stale_path=local_path)
     return primary(absent)
+
+
+def with_storage_files(decision: Decision, operation: Operation, policy: Policy) -> Decision:
+    """A blob present here (never a refetch waiting for its verification) names its files when
+    NGINX may send them itself (``local_registry.storage_root``)."""
+    if not policy.blobs_from_storage or decision.reason != Reason.BLOB_LOCAL:
+        return decision
+    files = blob_files(operation.repository, operation.digest)
+    if files is None:
+        return decision
+    return replace(decision, storage_path=files.data, storage_link=files.link)
 
 
 def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:

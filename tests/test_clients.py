@@ -14,6 +14,7 @@ fetched again. The checks are the access log's routes and the digests, not only 
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,10 +24,13 @@ from typing import Protocol
 
 import pytest
 
+from geo_route.client_config import primary_origin, render_client_config, site_origin
+from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.containers import ContainerClientError, DockerDaemon
-from geo_route.devstack.images import OciImage, build_oci_image
+from geo_route.devstack.images import OciImage, OciIndex, build_oci_image, build_oci_index
 from geo_route.devstack.libpod import Buildah, LibpodClient, Podman
+from geo_route.devstack.processes import is_gone
 from geo_route.devstack.skopeo import Credentials, SkopeoError, docker_reference
 
 pytestmark = pytest.mark.integration
@@ -35,6 +39,10 @@ IMAGE_NAME = "geo-route/clients"  # the local name of the test image in every cl
 VARIANTS = ("v1", "moved")
 CLIENTS = ("docker", "podman", "buildah", "ctr", "skopeo")
 LOGIN_CLIENTS = ("docker", "podman", "buildah")
+PLATFORM_CLIENTS = ("docker", "podman", "buildah", "ctr")  # pull one platform of an index (skopeo: test_e2e)
+REPORTS_PLATFORM_MANIFEST = {"buildah"}  # reports the platform's manifest digest, not the index's
+MOUNTING_CLIENTS = ("docker", "podman")  # remember where they pushed a blob and mount it from there
+ARCHITECTURE = "arm64" if platform.machine() in ("aarch64", "arm64") else "amd64"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ClientImage:
     """The test image, one per variant, in every form a client loads."""
 
     oci: dict[str, OciImage]  # variant -> image in the OCI layout (skopeo, podman, buildah)
+    index: OciIndex  # an image index of two platforms in the same layout
     layout: Path
     oci_archive: Path  # the layout as a tar, both variants (ctr images import)
     docker_archives: dict[str, Path]  # variant -> docker-archive tar (docker load)
@@ -151,6 +160,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, stack: StackClient) -> Clien
     directory = tmp_path_factory.mktemp("image")
     layout = directory / "layout"
     oci = {variant: build_oci_image(layout, variant, variant=variant, layer_count=2) for variant in VARIANTS}
+    index = build_oci_index(layout, "multi", variant="multi", architectures=("amd64", "arm64"))
     oci_archive = directory / "oci.tar"
     subprocess.run(["tar", "-C", str(layout), "-cf", str(oci_archive), "."], check=True)
     docker_archives = {}
@@ -158,7 +168,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, stack: StackClient) -> Clien
         docker_archives[variant] = directory / f"docker-{variant}.tar"
         target = f"docker-archive:{docker_archives[variant]}:{IMAGE_NAME}:{variant}"
         stack.skopeo.run(["copy", "--quiet", oci[variant].reference, target])
-    return ClientImage(oci, layout, oci_archive, docker_archives)
+    return ClientImage(oci, index, layout, oci_archive, docker_archives)
 
 
 @pytest.fixture(scope="module")
@@ -177,18 +187,56 @@ def buildah(tmp_path_factory: pytest.TempPathFactory) -> Buildah:
     return Buildah(tmp_path_factory.mktemp("buildah"))
 
 
+@dataclass(frozen=True)
+class Published:
+    """An image pushed through the site and replicated: what a client on this machine pulls of it."""
+
+    repository: str
+    digest: str  # what the tag names (an index for the multi-platform image)
+    platform_digest: str  # the manifest of this machine's platform (= digest for a single image)
+    blobs: frozenset[str]  # that manifest's config and layers
+
+
+@pytest.fixture(scope="module")
+def published(stack: StackClient, image: ClientImage, docker_daemon: DockerDaemon) -> dict[str, Published]:
+    """Three formats through the site, each replicated: an OCI manifest and a two-platform OCI index
+    (skopeo), and a Docker schema 2 manifest (docker push: dockerd converts what it loaded)."""
+    site, creds = stack.secondary, stack.credentials()
+    stack.skopeo.copy(image.oci["v1"].reference, docker_reference(site, "formats/oci", "v1"), dest_creds=creds)
+    stack.skopeo.copy(image.index.reference, docker_reference(site, "formats/index", "v1"), dest_creds=creds)
+    docker = DockerClient(docker_daemon, image)
+    docker_daemon.login(site, creds)
+    schema2 = docker.push(docker.load("v1"), f"{site}/formats/docker:v1")
+    single, child = image.oci["v1"].digest, image.index.children[ARCHITECTURE].digest
+    pushed = {
+        "oci": ("formats/oci", single, single),
+        "index": ("formats/index", image.index.digest, child),
+        "docker": ("formats/docker", schema2, schema2),
+    }
+    found = {}
+    for kind, (repository, digest, platform_digest) in pushed.items():
+        stack.replicate(repository, ["v1"])
+        blobs = frozenset(blobs_of(stack, repository, platform_digest))
+        found[kind] = Published(repository, digest, platform_digest, blobs)
+    return found
+
+
 def logged_in(name: str, request: pytest.FixtureRequest, stack: StackClient) -> DockerDaemon | LibpodClient:
-    """The docker daemon, podman or buildah, logged in to the site."""
-    client = request.getfixturevalue("docker_daemon" if name == "docker" else name)
+    """The docker daemon, podman or buildah, logged in to the site with the developer's password."""
+    client: DockerDaemon | LibpodClient = request.getfixturevalue("docker_daemon" if name == "docker" else name)
     client.login(stack.secondary, stack.credentials())
-    return client  # type: ignore[no-any-return]
+    return client
 
 
 def client_under_test(name: str, request: pytest.FixtureRequest, stack: StackClient, image: ClientImage) -> Client:
     if name == "docker":
-        return DockerClient(logged_in(name, request, stack), image)  # type: ignore[arg-type]
+        daemon: DockerDaemon = request.getfixturevalue("docker_daemon")
+        daemon.login(stack.secondary, stack.credentials())
+        return DockerClient(daemon, image)
     if name in ("podman", "buildah"):
-        return LibpodAdapter(logged_in(name, request, stack), image)  # type: ignore[arg-type]
+        libpod: LibpodClient = request.getfixturevalue(name)
+        libpod.login(stack.secondary, stack.credentials())
+        return LibpodAdapter(libpod, image)
     if name == "ctr":
         return CtrClient(request.getfixturevalue("docker_daemon"), image, stack.credentials())
     return SkopeoClient(stack, image, request.getfixturevalue("tmp_path"))
@@ -219,7 +267,7 @@ def assert_pulled_from(entries: list[AccessLogEntry], route: str, blobs: set[str
     served = [e for e in answered(entries) if "/blobs/" in e.uri or "/manifests/" in e.uri]
     assert {(e.route, e.status) for e in served} == {(route, 200)}, served
     assert any("/manifests/" in e.uri for e in served), served
-    fetched = {e.uri.rsplit("/", 1)[1] for e in served if e.method == "GET" and "/blobs/" in e.uri}
+    fetched = {e.uri.partition("?")[0].rsplit("/", 1)[1] for e in served if e.method == "GET" and "/blobs/" in e.uri}
     assert fetched == blobs, f"blobs fetched {fetched}, the manifest has {blobs}"
 
 
@@ -280,3 +328,96 @@ def test_a_wrong_password_is_refused_without_echoing_it(
     with pytest.raises(ContainerClientError) as caught:
         client.login(stack.secondary, wrong)
     assert wrong.password not in str(caught.value)
+
+
+@pytest.mark.parametrize("name", PLATFORM_CLIENTS)
+def test_every_format_is_pulled_locally_by_tag_and_by_digest(
+    name: str, request: pytest.FixtureRequest, stack: StackClient, published: dict[str, Published]
+) -> None:
+    """Content negotiation: each client's Accept (and HEAD or GET by tag) gets an OCI manifest, a
+    Docker schema 2 manifest and an OCI index with its platform's manifest from the local registry."""
+    client = client_under_test(name, request, stack, request.getfixturevalue("image"))
+    for kind, entry in published.items():
+        by_tag = f"{stack.secondary}/{entry.repository}:v1"
+        for reference in (by_tag, f"{stack.secondary}/{entry.repository}@{entry.digest}"):
+            client.clear()
+            since = stack.access_log_offset()
+            expected = entry.platform_digest if name in REPORTS_PLATFORM_MANIFEST else entry.digest
+            assert client.pull(reference) == expected, f"{kind}: {reference}"
+            served = answered(registry_entries(stack, entry.repository, since))
+            assert_pulled_from(served, "local", set(entry.blobs))
+            if reference == by_tag:
+                assert {e.reason for e in served if e.uri.endswith("/manifests/v1")} == {"tag-pinned"}
+            if kind == "index":
+                assert any(e.uri.endswith(f"/manifests/{entry.platform_digest}") for e in served), served
+
+
+@pytest.mark.parametrize("name", MOUNTING_CLIENTS)
+def test_a_cross_repository_mount_through_the_site(
+    name: str, request: pytest.FixtureRequest, stack: StackClient, image: ClientImage
+) -> None:
+    """A second push of the same image to another repository mounts the blobs from where the client
+    pushed them before (``POST …/uploads/?mount=…&from=…`` with a token for both repositories, which
+    the site must accept): the primary mounts them."""
+    client = client_under_test(name, request, stack, image)
+    local = client.load("v1")
+    first = client.push(local, f"{stack.secondary}/mounts/{name}-a:v1")
+    since = stack.access_log_offset()
+    second = client.push(local, f"{stack.secondary}/mounts/{name}-b:v1")
+    mounts = [e for e in registry_entries(stack, f"mounts/{name}-b", since) if "mount=" in e.uri]
+    assert mounts and all("from=" in e.uri for e in mounts), mounts
+    assert {(e.route, e.reason, e.status) for e in mounts} == {("primary", "upload", 201)}, mounts
+    assert stack.digest_at(stack.primary, f"mounts/{name}-b", "v1") == second == first
+
+
+def client_config_text(stack: StackClient, client: str) -> str:
+    """What ``geo-route client-config --for CLIENT`` prints for the stack's site file."""
+    settings = load_settings(stack.info.site_file, environ={})
+    return render_client_config(client, site_origin(settings), primary_origin(settings)).text  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ("ctr", "podman"))
+def test_the_generated_client_configuration_sends_pulls_by_the_primary_name_through_the_site(
+    name: str,
+    request: pytest.FixtureRequest,
+    stack: StackClient,
+    published: dict[str, Published],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Images keep the primary's name; with ``geo-route client-config``'s file the real client pulls
+    them from the site (containerd adds ``?ns=PRIMARY`` to every request to a mirror), all local."""
+    entry = published["oci"]
+    reference = f"{stack.primary}/{entry.repository}:v1"
+    since = stack.access_log_offset()
+    if name == "ctr":
+        hosts = tmp_path_factory.mktemp("certs.d")
+        (hosts / stack.primary).mkdir(parents=True)
+        (hosts / stack.primary / "hosts.toml").write_text(client_config_text(stack, "containerd"))
+        containerd = request.getfixturevalue("docker_daemon").containerd
+        containerd.remove_all_images()
+        assert containerd.pull(reference, stack.credentials(), hosts_dir=hosts) == entry.digest
+    else:
+        podman = Podman(tmp_path_factory.mktemp("pm"))
+        podman.add_registries_conf(client_config_text(stack, "podman"))
+        for registry in (stack.primary, stack.secondary):  # one password, both names (the file says so)
+            podman.login(registry, stack.credentials())
+        assert podman.pull(reference) == entry.digest
+    served = answered(registry_entries(stack, entry.repository, since))
+    assert_pulled_from(served, "local", set(entry.blobs))
+    if name == "ctr":
+        assert all(e.uri.endswith(f"?ns={stack.primary.replace(':', '%3A')}") for e in served), served
+
+
+def test_a_docker_daemon_keeps_everything_in_its_directory_and_stops_by_pid(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    directory = tmp_path_factory.mktemp("dockerd")
+    had_docker0 = Path("/sys/class/net/docker0").exists()
+    with DockerDaemon(directory) as daemon:
+        assert daemon.logged is not None and daemon.containerd.logged is not None
+        pids = (daemon.logged.pid, daemon.containerd.logged.pid)
+        info = json.loads(daemon.docker(["info", "--format", "{{json .}}"]))
+        assert (info["Driver"], info["DockerRootDir"]) == ("vfs", str(directory / "data"))
+        assert Path("/sys/class/net/docker0").exists() == had_docker0, "dockerd added docker0"
+        assert (directory / "key.json").exists() and (directory / "containerd" / "root").is_dir()
+    assert all(is_gone(pid) for pid in pids)

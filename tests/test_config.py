@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from geo_route.cli import main
-from geo_route.config import Settings, load_settings, redact_url
+from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings, redact_url
 from geo_route.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -234,3 +234,18 @@ def test_check_config_warns_when_the_signing_key_has_no_certificate_in_the_bundl
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     outside = load_settings(site_file(), environ={"GEO_ROUTE_UPDATER__SIGNING_KEY": key_file(stranger, "b")})
     assert [w for w in config_warnings(outside) if "no certificate in token.rootcertbundle" in w]
+
+
+def test_redis_cluster_nodes_exclude_the_other_topologies(site_file: Callable[..., Path]) -> None:
+    extra = "  cluster_nodes: [127.0.0.1:7001]\n  sentinels: [127.0.0.1:26379]\n"
+    with pytest.raises(ConfigError) as raised:
+        load_settings(site_file(redis_url="redis://127.0.0.1:6380/0", prefix="a{b}:", extra=extra), environ={})
+    text = str(raised.value)
+    assert "redis.cluster_nodes: not with redis.sentinels" in text
+    assert "redis.url: not used with redis.cluster_nodes" in text
+    assert "redis.key_prefix: no braces with redis.cluster_nodes" in text
+    settings = load_settings(
+        site_file(redis_url=DEFAULT_REDIS_URL, extra="  cluster_nodes: [127.0.0.1:7001]\n"), environ={}
+    )
+    assert settings.redis.cluster_nodes == ("127.0.0.1:7001",) and settings.redis.cluster_buckets == 256
+    assert settings.redis.display_url == "cluster via 127.0.0.1:7001"

@@ -57,6 +57,7 @@ from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.keys import generate_signing_key
+from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
@@ -1234,6 +1235,65 @@ def test_redis_sentinel_primary_stopped_past_down_after(sentinel_matrix: Matrix,
         f"after it, {sum(1 for p in after if p.digest == old.digest)} with the older digest"
     )
     recovered(m, outcome, "SIGCONT, nothing else (the sentinels make the old primary a replica)")
+    matrix.outcomes.append(m.outcomes.pop())
+    print(f"{outcome.cell}: {outcome.as_json()}")
+    assert_ok(outcome)
+    assert count > 0 and last < SENTINEL_BOUND, (count, last)
+
+
+# -- Redis Cluster (a stack of its own: three primaries, a replica of each, cluster-node-timeout 1 s)
+
+
+@pytest.fixture(scope="module")
+def cluster_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+    root = tmp_path_factory.mktemp("faults-cluster")
+    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="cluster")
+    client = observe_patiently(StackClient(stack.info, stack))
+    try:
+        m = Matrix(client, stack, root, images=matrix.images)
+        m.publish(REPLICATED, m.image("replicated"), replicated=True)
+        m.publish(PRIMARY_ONLY, m.image("primary-only"), replicated=False)
+        yield m
+    finally:
+        client.close()
+        stack.stop()
+
+
+def test_redis_cluster_primary_killed(cluster_matrix: Matrix, matrix: Matrix) -> None:
+    """The primary holding the replicated repository's bucket is SIGKILLed: the cluster promotes its
+    replica; the other primaries' buckets are never unavailable; the old primary restarts and rejoins
+    as a replica. The promoted replica is a new run_id: the bucket starts a new epoch."""
+    m = cluster_matrix
+    outcome = Outcome(
+        "redis-cluster-killed",
+        "on a Redis Cluster (3 primaries with a replica each, node timeout 1 s), the primary of the replicated "
+        "repository's bucket SIGKILLed: its replica promoted; the old primary restarted, rejoining as a replica",
+    )
+    topology = m.stack.redis_topology
+    assert isinstance(topology, ClusterTopology)
+    keys = m.client.index.keys
+    slot_key = keys.epoch(keys.bucket(REPLICATED.split(":")[0]))
+    marks: dict[str, float | str] = {}
+
+    def kill() -> None:
+        part = marks["part"] = topology.primary_part(slot_key)
+        marks["at"] = time.monotonic()
+        m.stack.kill_part(part)
+        deadline = time.monotonic() + 30
+        while topology.primary_part(slot_key) == part:
+            assert time.monotonic() < deadline, "the cluster promoted no replica within 30 s"
+            time.sleep(0.05)
+        marks["promoted"] = time.monotonic()
+
+    def restart_the_old_primary() -> None:
+        m.stack.restart_part(str(marks["part"]))
+        marks["settled_s"] = round(topology.wait_until_settled(60), 1)
+
+    with ReasonWatch(m.client) as watch:
+        under_fault(m, outcome, [REPLICATED, PRIMARY_ONLY], kill, restart_the_old_primary)
+    count, last = sentinel_note(outcome, watch, marks)
+    outcome.notes.append(f"the old primary was a replica again {marks['settled_s']} s after its restart")
+    recovered(m, outcome, "nothing (the cluster's failover; the old primary restarted as a replica)")
     matrix.outcomes.append(m.outcomes.pop())
     print(f"{outcome.cell}: {outcome.as_json()}")
     assert_ok(outcome)

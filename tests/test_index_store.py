@@ -1,41 +1,50 @@
-"""The index store contract, against a real redis-server the fixtures start on a free port, and
-again on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
-``redis.sentinels``. A test that starts a redis-server of its own (to stop, hang or restart it)
-runs on that one only."""
+"""The index store contract, against a real redis-server the fixtures start on a free port, again
+on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
+``redis.sentinels``, and on a real Redis Cluster (three primaries) through ``redis.cluster_nodes``.
+A test that starts a redis-server of its own (to stop, hang or restart it) runs on that one only."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 from support import RedisServer
 
-from geo_route.config import DEFAULT_REDIS_URL, Settings, load_settings
+from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
+from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import SentinelTopology
-from geo_route.errors import IndexUnavailable
+from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexView,
+    LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
     PrimaryTag,
     QueryKind,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.status import format_status, gather_status
+from geo_route.web.status import render_status_html
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -44,7 +53,7 @@ D2 = "sha256:" + "2" * 64
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_topology" in metafunc.fixturenames:
         own_server = "tmp_path_factory" in inspect.signature(metafunc.function).parameters
-        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel"])
+        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel", "cluster"])
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +65,39 @@ def sentinel_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sent
         topology.stop()
 
 
+@pytest.fixture(scope="module")
+def cluster_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
+    topology = ClusterTopology(tmp_path_factory.mktemp("cluster")).start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def raw(redis_settings: Settings) -> Iterator[Any]:
+    """A plain redis-py client of the test's own on the same Redis (a cluster client on a cluster)."""
+    if redis_settings.redis.cluster_nodes:
+        host, port = redis_settings.redis.cluster_nodes[0].split(":")
+        client: Any = redis.cluster.RedisCluster(host=host, port=int(port), decode_responses=True)
+    else:
+        client = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def redis_settings(redis_topology: str, site_file: Callable[..., Path], request: pytest.FixtureRequest) -> Settings:
     """Settings with a key prefix of this test's own: on the session's redis-server, or through the
     sentinels (``url`` then names the primary too, for the tests' own raw clients; the store does
     not use it)."""
     prefix = f"t{uuid.uuid4().hex[:12]}:"
+    if redis_topology == "cluster":
+        nodes = request.getfixturevalue("cluster_topology").addresses
+        return load_settings(
+            site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=f"  cluster_nodes: [{', '.join(nodes)}]\n"),
+            environ={},
+        )
     if redis_topology == "single":
         return load_settings(
             site_file(redis_url=request.getfixturevalue("redis_server").url, prefix=prefix), environ={}
@@ -160,25 +196,25 @@ def test_repositories_are_recorded(store: RedisIndexStore) -> None:
     assert store.repositories() == {"a/b", "c/d"}
 
 
-def test_applying_the_same_updates_twice_changes_nothing(store: RedisIndexStore, redis_settings: Settings) -> None:
+def test_applying_the_same_updates_twice_changes_nothing(
+    store: RedisIndexStore, redis_settings: Settings, raw: Any
+) -> None:
     updates = [
         BlobPresence("a/b", D1, True),
         ManifestPresence("a/b", D2, True),
         PrimaryTag("a/b", "v1", D2, 5.0),
         LocalTag("a/b", "v1", D2),
     ]
-    client = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
 
     def snapshot() -> dict[str, object]:
-        keys = sorted(client.scan_iter(match=f"{redis_settings.redis.key_prefix}*"))
-        return {key: client.dump(key) for key in keys}
+        keys = sorted(raw.scan_iter(match=f"{redis_settings.redis.key_prefix}*"))
+        return {key: raw.dump(key) for key in keys}
 
     store.apply(updates)
     first = snapshot()
     store.apply(updates)
     assert snapshot() == first
-    assert len(first) == 7  # the five written, and the epoch and its server
-    client.close()
+    assert len(first) == 7  # the five written, and the epoch and its server (of a/b's bucket on a cluster)
 
 
 def test_apply_is_all_or_nothing(store: RedisIndexStore) -> None:
@@ -334,6 +370,7 @@ def test_a_digest_deleted_at_the_primary_is_not_served_and_its_tags_are_invalida
 
 def test_a_rename_invalidates_every_tag_under_the_path(clocked: tuple[RedisIndexStore, list[float]]) -> None:
     store, _ = clocked
+    in_buckets_of_their_own(store, "g/app", "g/app/sub", "g/apple", "g/other")
     pins = [PrimaryTag(repo, "v1", D1, 990.0) for repo in ("g/app", "g/app/sub", "g/apple", "g/other")]
     store.apply(pins)
     store.apply([RepositoryInvalidated("g/app", subtree=True)])
@@ -429,7 +466,15 @@ def refetch(query: IndexQuery) -> IndexQuery:
     return dataclasses.replace(query, refetch=True)
 
 
+def in_buckets_of_their_own(store: RedisIndexStore, *repositories: str) -> None:
+    """On a cluster, the repositories a test spreads over buckets are in different buckets (so the test
+    crosses them); on one Redis there is one bucket."""
+    buckets = {store.keys.bucket(repository) for repository in repositories}
+    assert len(buckets) == (len(repositories) if store.keys.clustered else 1), buckets
+
+
 def test_a_quarantined_digest_is_not_local_from_any_repository(store: RedisIndexStore) -> None:
+    in_buckets_of_their_own(store, "q/a", "q/b", "q/c")
     store.apply([BlobPresence("q/a", D1, True), BlobPresence("q/b", D1, True), ManifestPresence("q/a", D2, True)])
     store.apply([ContentVerified("q/a", D1, intact=False), ContentVerified("q/a", D2, intact=False, manifest=True)])
     for repository in ("q/a", "q/b"):
@@ -517,31 +562,23 @@ MEDIA_TYPES = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, "applicati
 
 
 @pytest.mark.parametrize("media_type", MEDIA_TYPES)
-def test_a_pin_keeps_its_media_type_however_it_is_stored(
-    store: RedisIndexStore, redis_settings: Settings, media_type: str
-) -> None:
+def test_a_pin_keeps_its_media_type_however_it_is_stored(store: RedisIndexStore, raw: Any, media_type: str) -> None:
     """The manifest types are stored as a code (docs/capacity.md), any other type whole."""
     store.apply([ManifestPresence("m/t", D1, True), PrimaryTag("m/t", "v1", D1, store.now(), f"{media_type}; x=1")])
     view = store.lookup(tag("m/t", "v1"))
     assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, media_type, True, True)
-    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
-    stored = str(raw.hget(f"{redis_settings.redis.key_prefix}primary:tags:m/t", "v1"))
-    raw.close()
+    stored = str(raw.hget(store.keys.primary_tags("m/t"), "v1"))
     assert len(stored) <= (128 if media_type != "application/x-type" else 200), stored
 
 
-def test_pins_written_before_the_media_type_codes_still_decide(
-    store: RedisIndexStore, redis_settings: Settings
-) -> None:
+def test_pins_written_before_the_media_type_codes_still_decide(store: RedisIndexStore, raw: Any) -> None:
     """An upgrade over a populated index: a pin holding the whole media type (the encoding before
     the codes) reads as it did, current in its epoch, and is served with no re-resolution; a code
     this version does not know (a newer version's) reads as no media type (the primary answers)."""
-    prefix = redis_settings.redis.key_prefix
-    now, epoch = store.stamp()
-    raw = redis.Redis.from_url(redis_settings.redis.url, decode_responses=True)
-    raw.hset(f"{prefix}primary:tags:old/pins", "v1", f"{D1} {now:.6f} {DOCKER_MANIFEST} {epoch}")
-    raw.hset(f"{prefix}primary:tags:old/pins", "v2", f"{D1} {now:.6f} zz {epoch}")
-    raw.close()
+    store.apply([ManifestPresence("old/pins", D1, True)])  # the bucket's epoch begins (on a cluster)
+    now, epoch = store.stamp("old/pins")
+    raw.hset(store.keys.primary_tags("old/pins"), "v1", f"{D1} {now:.6f} {DOCKER_MANIFEST} {epoch}")
+    raw.hset(store.keys.primary_tags("old/pins"), "v2", f"{D1} {now:.6f} zz {epoch}")
     store.apply([ManifestPresence("old/pins", D1, True)])
     view = store.lookup(tag("old/pins", "v1"))
     assert (view.pinned_digest, view.media_type, view.current, view.present) == (D1, DOCKER_MANIFEST, True, True)
@@ -570,3 +607,145 @@ def test_a_repositorys_pins_fit_a_listpack_with_the_recommended_setting(
         raw.close()
     finally:
         server.stop()
+
+
+def test_a_dropped_repository_forgets_the_local_content_under_it(store: RedisIndexStore) -> None:
+    """A rename at the local registry (GitLab): the repository and those under its path lose their
+    local content in the index; a sibling sharing the prefix, and the pins, stay."""
+    names = ("d/app", "d/app/sub", "d/apple")
+    in_buckets_of_their_own(store, *names)
+    store.apply([u for name in names for u in (BlobPresence(name, D1, True), LocalTag(name, "v1", D2))])
+    store.apply([PrimaryTag("d/app", "v1", D2, store.now())])
+    store.apply([LocalRepositoryDropped("d/app", subtree=True)])
+    assert [store.lookup(blob(name, D1)).present for name in names] == [False, False, True]
+    assert [bool(store.local_tags(name)) for name in names] == [False, False, True]
+    assert store.primary_tag("d/app", "v1") is not None, "what the primary publishes is not the local registry's"
+    store.apply([BlobPresence("d/apple", D2, True), LocalRepositoryDropped("d/apple")])
+    assert not store.lookup(blob("d/apple", D1)).present and not store.lookup(blob("d/apple", D2)).present
+
+
+def test_a_cluster_failover_costs_that_node_s_buckets_a_few_seconds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One primary of a cluster SIGKILLed: decisions for its buckets are unavailable (routed to the
+    primary) until its replica is promoted and the store has asked for the slots again; the promoted
+    replica starts the bucket's new epoch (its pins unconfirmed); another primary's buckets never
+    fail. One store, one thread: nothing else makes it refresh."""
+    topology = ClusterTopology(tmp_path_factory.mktemp("failover"), replicas_per_primary=1).start()
+    try:
+        nodes = tuple(topology.addresses)
+        store = RedisIndexStore(RedisSettings(cluster_nodes=nodes, socket_timeout=0.5, unavailable_cooldown=0.2))
+        by_part: dict[str, str] = {}
+        for number in range(100):
+            name = f"f/app{number}"
+            by_part.setdefault(topology.primary_part(store.keys.epoch(store.keys.bucket(name))), name)
+        (killed, doomed), (_, spared) = list(by_part.items())[:2]
+        for name in (doomed, spared):
+            store.apply([ManifestPresence(name, D1, True), PrimaryTag(name, "v1", D1, store.stamp(name)[0])])
+            assert store.lookup(tag(name, "v1")).current
+        topology.nodes[killed].process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        killed_at, recovered_at = time.monotonic(), None
+        while time.monotonic() - killed_at < 30 and recovered_at is None:
+            assert store.lookup(tag(spared, "v1")).current, "another primary's bucket kept deciding"
+            try:
+                view = store.lookup(tag(doomed, "v1"))
+            except IndexUnavailable:
+                time.sleep(0.05)
+                continue
+            recovered_at = time.monotonic()
+            assert (view.pinned_digest, view.current) == (D1, False), "the promoted replica starts a new epoch"
+        assert recovered_at is not None, "the store never reached the promoted replica"
+        assert topology.primary_part(store.keys.epoch(store.keys.bucket(doomed))) != killed
+        assert recovered_at - killed_at < 15, recovered_at - killed_at
+        store.close()
+    finally:
+        topology.stop()
+
+
+# --- what `geo-route status` and the updater's /metrics read ---
+
+
+def test_status_records_keep_the_last_one_per_name_on_the_index_clock(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.record_status("reconcile", {"ok": False, "errors": 2})
+    now[0] = 1010.0
+    store.record_status("reconcile", {"ok": True, "errors": 0, "seconds": 1.5})
+    store.record_status("events:local", {"lag": 0.25})
+    records = store.status_records()
+    assert records["reconcile"] == StatusRecord(1010.0, {"ok": True, "errors": 0, "seconds": 1.5})
+    assert records["events:local"] == StatusRecord(1010.0, {"lag": 0.25})
+    assert len(records) == 2, "one entry per name: the hash stays small"
+
+
+def test_figures_count_the_queues_and_how_long_the_oldest_due_has_waited(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    assert store.figures() == IndexFigures(1000.0, 0, 0, 0.0, 0, 0.0, 0, 0)
+    store.apply([TagInvalidated("a/b", "v1"), TagInvalidated("a/b", "v2", fence=60.0), BlobPresence("a/b", D1, True)])
+    store.lookup(IndexQuery(QueryKind.BLOB, "a/b", D1, refetch=True))  # a refetch: queued for verification
+    store.apply([ContentVerified("c/d", D2, intact=False)])
+    now[0] = 1012.0
+    assert store.figures() == IndexFigures(1012.0, 2, 1, 12.0, 1, 12.0, 1, 1)
+
+
+def test_pin_entries_list_pins_and_tombstones_with_their_epoch(store: RedisIndexStore) -> None:
+    store.apply([PrimaryTag("b/b", "v1", D1, 990.0), PrimaryTag("a/a", "v1", D2, 995.0)])
+    store.apply([TagInvalidated("a/a", "old")])
+    entries, repositories = store.pin_entries(10)
+    assert repositories == 2
+    assert [(e.repository, e.tag, e.digest, e.current) for e in entries] == [
+        ("a/a", "old", "", True),
+        ("a/a", "v1", D2, True),
+        ("b/b", "v1", D1, True),
+    ]
+    assert entries[1].confirmed_at == 995.0
+    first, repositories = store.pin_entries(1)
+    assert {e.repository for e in first} == {"a/a"} and repositories == 2
+
+
+def test_the_topology_names_the_primary_and_what_each_sentinel_says(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    topology = store.topology()
+    assert (topology.mode, topology.role) == (redis_topology, "master")
+    assert topology.version and topology.used_memory
+    if redis_topology == "cluster":
+        nodes = set(redis_settings.redis.cluster_nodes)
+        primaries, replicas = topology.primary.split(", "), [r.split(" ")[0] for r in topology.replicas]
+        assert len(primaries) == 3 and set(primaries) | set(replicas) <= nodes and not set(primaries) & set(replicas)
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]  # the tests' url names the primary
+    assert topology.primary == primary
+    if redis_topology == "single":
+        assert topology.sentinels == () and topology.master_name == ""
+        return
+    assert topology.master_name == redis_settings.redis.master_name
+    assert [address for address, _ in topology.sentinels] == list(redis_settings.redis.sentinels)
+    assert {answer for _, answer in topology.sentinels} == {primary}
+    assert len(topology.replicas) == 1 and " online " in topology.replicas[0]
+    assert redis_settings.redis.password not in repr(topology) or not redis_settings.redis.password
+
+
+def test_status_shows_the_topology_and_names_what_it_could_not_read(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    """``geo-route status`` on either topology, with NGINX's counters unreachable: the rest is shown."""
+
+    def unreachable(url: str) -> str:
+        raise GeoRouteError(f"{url}: connection refused")
+
+    store.apply([PrimaryTag("a/b", "v1", D1, store.now() - 400)])
+    status = gather_status(redis_settings, store, fetch_text=unreachable)
+    text, page = format_status(status), render_status_html(status)
+    assert status.traffic is None and any(p.startswith("nginx metrics: ") for p in status.problems)
+    assert "traffic: unknown" in text and "problem: nginx metrics" in page
+    assert re.search(r"^  a/b:v1 sha256:1{12} 6\.\d min past the bound$", text, re.MULTILINE), text
+    if redis_topology == "cluster":
+        assert f"redis: cluster, primaries {store.topology().primary} (master," in text
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]
+    assert f"redis: {redis_topology}, primary {primary} (master," in text
+    for address in redis_settings.redis.sentinels:
+        assert f"  sentinel {address}: primary {primary}" in text
+        assert f"sentinel {address}</th><td>names {primary}" in page

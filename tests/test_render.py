@@ -39,6 +39,7 @@ def emitted_headers() -> set[str]:
         for decision in (
             Decision(200, reason, Route.LOCAL, "/v2/a/manifests/sha256:" + "0" * 64),
             Decision(200, reason, Route.PRIMARY),
+            Decision(200, reason, Route.LOCAL, storage_path="/docker/d", storage_link="/docker/l"),
             Decision(401, reason, www_authenticate='Bearer realm="r"'),
         ):
             names.update(name for name, _ in response_headers(decision))
@@ -108,6 +109,29 @@ def test_nginx_accepts_the_full_config(tmp_path: Path) -> None:
     conf = tmp_path / "nginx.conf"
     conf.write_text(render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={})))
     check_with_nginx(conf)
+
+
+def test_blobs_from_storage_render_only_when_set_and_nginx_accepts_them(tmp_path: Path) -> None:
+    require_binary("nginx")
+    environ = {
+        "GEO_ROUTE_LOCAL_REGISTRY__STORAGE_ROOT": str(tmp_path / "registry"),
+        "GEO_ROUTE_LOCAL_REGISTRY__HTTP_HEADERS": "X-Content-Type-Options: nosniff,X-Frame-Options: DENY",
+    }
+    text = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ=environ))
+    storage = text[text.index("location @geo_route_storage {") :]
+    assert f"root {tmp_path / 'registry'};" in storage
+    assert 'add_header X-Frame-Options "DENY";' in storage
+    assert text.count("try_files /.geo-route-dispatch @geo_route_$geo_route_dispatch;") == 2
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(text)
+    check_with_nginx(conf)
+    assert "@geo_route_storage" not in render_nginx_conf(load_settings(REFERENCE, environ={}))
+
+
+@pytest.mark.parametrize("root", ["relative/path", "/with space", '/quote"d', "/dollar$x"])
+def test_a_storage_root_nginx_cannot_hold_as_written_is_refused(root: str) -> None:
+    with pytest.raises(ConfigError, match=r"local_registry\.storage_root"):
+        load_settings(REFERENCE, environ={"GEO_ROUTE_LOCAL_REGISTRY__STORAGE_ROOT": root})
 
 
 # What nginx/README.md tells an existing NGINX to load (Debian's packages enable them by themselves).
@@ -248,8 +272,18 @@ def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
     log_block = server_part[server_part.index("log_by_lua_block {") :]
     log_block = log_block[log_block.index("if ngx.var.geo_route_counted") : log_block.index("\n}")]
     series = set(re.findall(r"'(\w+)\{(\w+)=", log_block))
-    assert series == {("requests_total", "route"), ("sent_bytes_total", "route"), ("fallbacks_total", "local_status")}
+    assert series == {
+        ("requests_total", "route"),
+        ("sent_bytes_total", "route"),
+        ("fallbacks_total", "local_status"),
+        ("operation_requests_total", "route"),
+        ("operation_sent_bytes_total", "route"),
+        ("fallback_causes_total", "cause"),
+    }
+    assert set(re.findall(r"[{,](\w+)=", log_block)) == {"route", "status", "local_status", "operation", "cause"}
     assert "uri" not in log_block and "repository" not in log_block
+    # The operation label is only ever one of the service's own values (operations.Kind), or "none".
+    assert 'string.find(operation, "[^a-z-]") then operation = "none"' in log_block
 
 
 @pytest.mark.parametrize("value", ["9145", "127.0.0.1", "127.0.0.1:9145; evil"])

@@ -498,3 +498,33 @@ def test_a_refetch_waiting_for_verification_is_never_reused() -> None:
     assert verifying.route is Route.LOCAL
     assert cache_seconds(operation, verifying, PULL, caching, NOW) == 0
     assert cache_seconds(operation, decide(operation, PULL, HERE, caching, NOW), PULL, caching, NOW) == 30
+
+
+STORAGE = Policy(PINNED.realm, PINNED.service, "pinned", blobs_from_storage=True)
+BLOB_FILE = f"/docker/registry/v2/blobs/sha256/11/{'1' * 64}/data"
+BLOB_LINK = f"/docker/registry/v2/repositories/group/app/_layers/sha256/{'1' * 64}/link"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_blob_present_here_names_its_files_when_blobs_come_from_storage(method: str) -> None:
+    operation = classify_request(method, f"/v2/group/app/blobs/{D1}")
+    decision = decide(operation, grants(("repository", "group/app", "pull")), HERE, STORAGE, NOW)
+    assert (decision.route, decision.reason) == (Route.LOCAL, Reason.BLOB_LOCAL)
+    assert (decision.storage_path, decision.storage_link) == (BLOB_FILE, BLOB_LINK)
+
+
+@pytest.mark.parametrize(
+    ("policy", "uri", "view", "credential"),
+    [
+        (PINNED, f"/v2/app/blobs/{D1}", HERE, PULL),  # the setting is off
+        (STORAGE, f"/v2/app/blobs/{D1}", ABSENT, PULL),  # not here: the primary
+        (STORAGE, f"/v2/app/blobs/{D1}", IndexView(quarantined=True), PULL),
+        (STORAGE, f"/v2/app/blobs/{D1}", IndexView(verifying=True), PULL),  # a refetch: the registry serves it
+        (STORAGE, f"/v2/app/blobs/{D1}", HERE, NOTHING),  # a denial names nothing
+        (STORAGE, f"/v2/app/blobs/{D1}", HERE, TokenProblem.MISSING),
+        (STORAGE, f"/v2/app/manifests/{D1}", HERE, PULL),  # manifests always come from the registry
+    ],
+)
+def test_nothing_else_names_storage_files(policy: Policy, uri: str, view: IndexView, credential: object) -> None:
+    decision = decide(classify_request("GET", uri), credential, view, policy, NOW)  # type: ignore[arg-type]
+    assert decision.storage_path == decision.storage_link == ""

@@ -17,6 +17,7 @@ prompts on a terminal otherwise), so it is on ``ctr``'s command line and in no l
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -32,6 +33,7 @@ DAEMON_TIMEOUT = 60.0
 MESSAGE_CHARS = 600
 SOCKET_PATH_LIMIT = 100  # sun_path holds 108 bytes; containerd adds ".ttrpc"
 CTR_NAMESPACE = "geo-route"
+DOCKERD_NAMESPACE = "moby"  # dockerd's namespace in containerd
 CTR_SNAPSHOTTER = "native"  # a plain copy: works on any filesystem, mounts nothing
 DEBIAN_DOCKER_CLI = Path("/usr/bin/docker")
 CONTAINERD_CONFIG = """\
@@ -172,16 +174,26 @@ class Containerd:
         if self.logged is not None:
             self.logged.stop(timeout=20.0)
 
-    def ctr(self, arguments: Sequence[str], *, timeout: float = CLIENT_TIMEOUT, what: str = "") -> str:
+    def ctr(
+        self,
+        arguments: Sequence[str],
+        *,
+        timeout: float = CLIENT_TIMEOUT,
+        what: str = "",
+        namespace: str = CTR_NAMESPACE,
+    ) -> str:
         """``ctr --address SOCKET --namespace geo-route ARGUMENTS``; unpacking uses the native snapshotter."""
         binary = require_binary("ctr", "containerd")
         env = {**private_environment(self.directory / "ctr"), "CONTAINERD_SNAPSHOTTER": CTR_SNAPSHOTTER}
-        argv = [binary, "--address", str(self.socket), "--namespace", CTR_NAMESPACE, *arguments]
+        argv = [binary, "--address", str(self.socket), "--namespace", namespace, *arguments]
         return run_client(argv, env, timeout=timeout, what=what or f"ctr {' '.join(arguments[:2])}")
 
-    def pull(self, reference: str, credentials: Credentials) -> str:
-        """``ctr images pull --plain-http --user`` of ``HOST:PORT/repo:tag``; the manifest digest pulled."""
-        self.ctr(["images", "pull", "--plain-http", "--user", credentials.as_option(), reference], what="ctr pull")
+    def pull(self, reference: str, credentials: Credentials, *, hosts_dir: Path | None = None) -> str:
+        """``ctr images pull --plain-http --user`` of ``HOST:PORT/repo:tag``; the manifest digest pulled.
+        With ``hosts_dir``, ``--hosts-dir`` instead: each host's ``hosts.toml`` there (its URLs name
+        the scheme) says where to pull from, e.g. what ``geo-route client-config --for containerd`` writes."""
+        where = ["--hosts-dir", str(hosts_dir)] if hosts_dir is not None else ["--plain-http"]
+        self.ctr(["images", "pull", *where, "--user", credentials.as_option(), reference], what="ctr pull")
         return self.image_digest(reference)
 
     def push(self, reference: str, credentials: Credentials) -> None:
@@ -202,6 +214,12 @@ class Containerd:
         names = [line.split()[0] for line in self.ctr(["images", "ls"]).splitlines()[1:] if line.strip()]
         if names:
             self.ctr(["images", "remove", "--sync", *names])
+
+    def remove_content(self, namespace: str) -> None:
+        """Every blob and manifest in ``namespace``'s content store."""
+        digests = self.ctr(["content", "ls", "--quiet"], namespace=namespace).split()
+        if digests:
+            self.ctr(["content", "rm", *digests], namespace=namespace)
 
     def image_digest(self, reference: str) -> str:
         """The digest ``ctr images ls`` lists for exactly ``reference``."""
@@ -246,7 +264,10 @@ class DockerDaemon:
 
     def daemon_options(self) -> list[str]:
         config = self.directory / "daemon.json"
-        config.write_text("{}\n", encoding="utf-8")
+        # dockerd 20.10 keeps its identity key in /etc/docker/key.json unless the file names another
+        config.write_text(
+            json.dumps({"deprecated-key-path": str(self.directory / "key.json")}) + "\n", encoding="utf-8"
+        )
         return [
             f"--config-file={config}",
             f"--containerd={self.containerd.socket}",
@@ -305,8 +326,11 @@ class DockerDaemon:
         self.docker(["tag", source, target])
 
     def remove_all_images(self) -> None:
-        """``docker image prune --all --force``: the next pull fetches every blob again."""
+        """``docker image prune --all --force`` and the manifests dockerd keeps in containerd: the
+        next pull fetches every manifest and blob again. (dockerd 20.10 caches each manifest it
+        fetched in containerd's content store, also after a prune, and pulls by digest from there.)"""
         self.docker(["image", "prune", "--all", "--force"])
+        self.containerd.remove_content(DOCKERD_NAMESPACE)
 
 
 def reported_digest(output: str, marker: str) -> str:

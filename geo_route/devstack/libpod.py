@@ -22,8 +22,10 @@ from pathlib import Path
 from geo_route.devstack.containers import CLIENT_TIMEOUT, private_environment, run_client
 from geo_route.devstack.processes import require_binary
 from geo_route.devstack.skopeo import ROOTLESS_UID_VARIABLE, Credentials
+from geo_route.errors import DevstackError
 
 STORAGE_DRIVER = "vfs"
+RUNROOT_LIMIT = 50  # podman refuses a longer --runroot (its lock and socket paths)
 ACCEPT_ANYTHING_POLICY = {"default": [{"type": "insecureAcceptAnything"}]}
 
 
@@ -34,6 +36,8 @@ class LibpodClient:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory.resolve()
+        if len(str(self.runroot)) > RUNROOT_LIMIT:
+            raise DevstackError(f"{self.runroot} is longer than {RUNROOT_LIMIT} characters: use a shorter directory")
         self.binary = require_binary(self.program)
         self.environment = private_environment(self.directory)
         self.write_configuration()
@@ -75,6 +79,12 @@ class LibpodClient:
         )
         if os.geteuid() == 0:  # the blob-info cache under XDG_DATA_HOME, not /var/lib/containers/cache
             self.environment[ROOTLESS_UID_VARIABLE] = "65534"
+
+    def add_registries_conf(self, text: str) -> None:
+        """Append ``text`` (registries.conf v2 tables, e.g. what ``geo-route client-config --for
+        podman`` writes) to this client's ``registries.conf``."""
+        path = Path(self.environment["CONTAINERS_REGISTRIES_CONF"])
+        path.write_text(path.read_text(encoding="utf-8") + "\n" + text, encoding="utf-8")
 
     def global_options(self) -> list[str]:
         return ["--root", str(self.root), "--runroot", str(self.runroot), "--storage-driver", STORAGE_DRIVER]

@@ -39,6 +39,7 @@ from geo_route.devstack.nodes import (
     environment_without_settings as environment_without_settings,  # tests import it from here
 )
 from geo_route.devstack.processes import LOOPBACK, LoggedProcess, free_port, require_binary, stop_pid
+from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisProcess, SentinelTopology
 from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, registry_binary, start_registry
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
@@ -56,8 +57,8 @@ DEVSTACK_WRITE_FENCE = 2
 # under (without CAP_SYS_RESOURCE, NGINX cannot raise its workers' limit past it).
 NGINX_OPEN_FILES = 65536
 STOP_ORDER: tuple[str, ...] = ("nginx", "auth", "secondary", "primary", "updater", "token-service")
-STOP_ORDER += ("sentinel-1", "sentinel-2", "sentinel-3", "redis", "redis-replica")
-RedisTopology = Literal["single", "sentinel"]
+STOP_ORDER += ("sentinel-1", "sentinel-2", "sentinel-3", "redis", "redis-replica", "redis-cluster")
+RedisTopology = Literal["single", "sentinel", "cluster"]
 SENTINEL_MASTER = "geo-route"
 
 
@@ -80,6 +81,7 @@ class StackInfo:
     users: dict[str, str] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     redis_sentinels: list[str] = field(default_factory=list)  # host:port of each sentinel (redis="sentinel")
+    redis_cluster_nodes: list[str] = field(default_factory=list)  # host:port of each node (redis="cluster")
     nodes: list[NodeInfo] = field(default_factory=list)  # every node, node 1 (the fields above) first
 
     def node(self, number: int) -> StackInfo:
@@ -120,7 +122,7 @@ class RunningStack:
 
     info: StackInfo
     processes: dict[str, LoggedProcess]
-    redis_topology: SentinelTopology | None = None  # redis="sentinel": which node is the primary now
+    redis_topology: SentinelTopology | ClusterTopology | None = None  # which node is a primary now
 
     def stop_part(self, name: str) -> None:
         self.processes[name].stop()
@@ -155,7 +157,9 @@ def bring_up(
     """Start every part in ``directory`` (created if needed); stop them all again if one fails.
 
     ``redis="sentinel"`` runs the index on a ``SentinelTopology`` (parts ``redis``, ``redis-replica``,
-    ``sentinel-1`` to ``-3``; Debian's redis-sentinel) and the site on ``redis.sentinels``.
+    ``sentinel-1`` to ``-3``; Debian's redis-sentinel) and the site on ``redis.sentinels``;
+    ``redis="cluster"`` on a ``ClusterTopology`` (three primaries and a replica of each, parts
+    ``redis-cluster-1`` to ``-6``) and the site on ``redis.cluster_nodes``.
 
     ``site_overrides`` merges keys into sections of the generated site file, e.g.
     ``{"routing": {"max_tag_age": 5}}``.
@@ -175,11 +179,16 @@ def bring_up(
         raise DevstackError(f"updaters must be between 1 and nodes ({nodes}), not {updaters}")
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    for binary in ("redis-server", "nginx", "skopeo", *(("redis-sentinel",) if redis == "sentinel" else ())):
+    more_binaries = {"sentinel": ("redis-sentinel",), "cluster": ("redis-cli",)}.get(redis, ())
+    for binary in ("redis-server", "nginx", "skopeo", *more_binaries):
         require_binary(binary)
     registry_binary()  # DEVSTACK_REGISTRY_BINARY or docker-registry
     processes: dict[str, LoggedProcess] = {}
-    topology = SentinelTopology(directory / "redis", SENTINEL_MASTER) if redis == "sentinel" else None
+    topology: SentinelTopology | ClusterTopology | None = None
+    if redis == "sentinel":
+        topology = SentinelTopology(directory / "redis", SENTINEL_MASTER)
+    elif redis == "cluster":
+        topology = ClusterTopology(directory / "redis", replicas_per_primary=1)
     try:
         info = start_all(directory, tag_policy, decision_cache, processes, primary_front, site_overrides, topology)
         info = start_more_nodes(info, nodes, updaters, processes)
@@ -196,7 +205,7 @@ def start_all(
     processes: dict[str, LoggedProcess],
     primary_front: Callable[[str], str] | None = None,
     site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    redis_topology: SentinelTopology | None = None,
+    redis_topology: SentinelTopology | ClusterTopology | None = None,
 ) -> StackInfo:
     keys = generate_signing_key(directory / "keys")
     redis_section, sentinels, redis_url = start_redis(directory, redis_topology, processes)
@@ -264,6 +273,7 @@ def start_all(
         users=users,
         pids={name: process.pid for name, process in processes.items()},
         redis_sentinels=sentinels,
+        redis_cluster_nodes=list(redis_section.get("cluster_nodes", [])),
         nodes=[
             NodeInfo(
                 number=1,
@@ -300,9 +310,13 @@ def start_more_nodes(info: StackInfo, nodes: int, updaters: int, processes: dict
 
 
 def start_redis(
-    directory: Path, topology: SentinelTopology | None, processes: dict[str, LoggedProcess]
+    directory: Path, topology: SentinelTopology | ClusterTopology | None, processes: dict[str, LoggedProcess]
 ) -> tuple[dict[str, Any], list[str], str]:
     """The index's Redis: (the site file's redis section, the sentinels, the primary's URL now)."""
+    if isinstance(topology, ClusterTopology):
+        topology.start()
+        processes.update(topology.processes())
+        return {"cluster_nodes": topology.addresses}, [], next(iter(topology.nodes.values())).url
     if topology is not None:
         topology.start()  # stops what it started if it fails
         processes.update(topology.processes())

@@ -27,7 +27,7 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag
+from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag, record_status_of
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
@@ -65,7 +65,7 @@ class ReconcileStore(Protocol):
     def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]: ...
     def repositories(self) -> set[str]: ...
     def deleted_digests(self, repository: str) -> set[str]: ...
-    def stamp(self) -> tuple[float, str]: ...
+    def stamps(self, repositories: Iterable[str]) -> dict[str, tuple[float, str]]: ...
     def try_lock(self, name: str, seconds: int) -> bool: ...
     def renew_lock(self, name: str, seconds: int) -> bool: ...
     def unlock(self, name: str) -> None: ...
@@ -186,6 +186,7 @@ def run_locked(
     finally:
         release_lock(store, report)
         report.seconds = time.monotonic() - started
+    record_status_of(store, "reconcile", report.status_fields())
     return report
 
 
@@ -297,7 +298,8 @@ class ReconcileRun:
             self.report.cancelled = True
             return
         known = self.known_tags()
-        asked_at, epoch = self.store.stamp()  # before any question: an invalidation after it still wins
+        # Before any question: an invalidation after it still wins (per bucket on a Redis Cluster).
+        stamps = self.store.stamps(self.store.repositories() | set(known))
         asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
         updates: list[IndexUpdate] = []
         tally = self.report.primary_tags
@@ -306,10 +308,11 @@ class ReconcileRun:
                 self.report.add_errors([f"primary {repository}:{tag}: {answer}"])
                 continue
             pinned = known[repository][tag]
+            asked_at, epoch = stamps[repository]
             update = pin_update(repository, tag, answer, pinned, asked_at, tally, epoch)
             if update is not None:
                 updates.append(update)
-        updates.extend(self.restored_digests(asked_at))
+        updates.extend(self.restored_digests(stamps))
         updates.extend(self.deleted_digests())
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
@@ -344,9 +347,9 @@ class ReconcileRun:
         self.report.primary_tags.deleted += len(deleted)
         return deleted
 
-    def restored_digests(self, asked_at: float) -> list[IndexUpdate]:
+    def restored_digests(self, stamps: dict[str, tuple[float, str]]) -> list[IndexUpdate]:
         """Digests marked deleted at the primary that the primary serves again (pushed anew); a
-        mark newer than ``asked_at`` stays (the digest was deleted again while we asked)."""
+        mark newer than the repository's stamp stays (the digest was deleted again while we asked)."""
         marked = [
             (repo, digest) for repo in sorted(self.store.repositories()) for digest in self.store.deleted_digests(repo)
         ]
@@ -355,7 +358,7 @@ class ReconcileRun:
             if isinstance(answer, RegistryError):
                 self.report.add_errors([f"primary {repository}@{digest}: {answer}"])
             elif answer is not None:
-                updates.append(DigestRestored(repository, digest, asked_at))
+                updates.append(DigestRestored(repository, digest, stamps[repository][0]))
         return updates
 
 
