@@ -321,6 +321,8 @@ def test_a_cycle_repairs_everything_within_its_rate(cycle_site: Site) -> None:
         elapsed = time.monotonic() - started
 
         assert finished[0].ok and finished[0].repositories == 6, finished[0].format()
+        record = store.status_records()["reconcile"]
+        assert (record.fields["ok"], record.fields["repositories"]) == (True, 6), "geo-route status shows the cycle"
         for repository in CYCLE_REPOSITORIES:
             assert store.local_snapshot(repository) == (set(image.blob_digests), {image.digest}), repository
             assert store.local_tags(repository) == {"v1": image.digest}, repository

@@ -48,6 +48,8 @@ INTERNAL_PATHS = (
     "/_geo_route/auth",
     "/auth",
     "/metrics",
+    "/status",
+    "/v2/../status",
     "/healthz",
     "/readyz",
     "/events/local/",

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import inspect
 import ipaddress
+import re
 import secrets
 import signal
 import time
@@ -33,12 +34,13 @@ from geo_route import contract
 from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
 from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisSecurity, SentinelTopology
-from geo_route.errors import IndexUnavailable
+from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexView,
     LocalRepositoryDropped,
@@ -47,11 +49,14 @@ from geo_route.index.model import (
     PrimaryTag,
     QueryKind,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.status import format_status, gather_status
 from geo_route.web import create_app
+from geo_route.web.status import render_status_html
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -877,3 +882,94 @@ def test_the_tls_topology_refuses_clients_without_tls_or_the_passwords(
     with pytest.raises(IndexUnavailable):
         store.lookup(blob("a/b", D1))
     store.close()
+
+
+# --- what `geo-route status` and the updater's /metrics read ---
+
+
+def test_status_records_keep_the_last_one_per_name_on_the_index_clock(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.record_status("reconcile", {"ok": False, "errors": 2})
+    now[0] = 1010.0
+    store.record_status("reconcile", {"ok": True, "errors": 0, "seconds": 1.5})
+    store.record_status("events:local", {"lag": 0.25})
+    records = store.status_records()
+    assert records["reconcile"] == StatusRecord(1010.0, {"ok": True, "errors": 0, "seconds": 1.5})
+    assert records["events:local"] == StatusRecord(1010.0, {"lag": 0.25})
+    assert len(records) == 2, "one entry per name: the hash stays small"
+
+
+def test_figures_count_the_queues_and_how_long_the_oldest_due_has_waited(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    assert store.figures() == IndexFigures(1000.0, 0, 0, 0.0, 0, 0.0, 0, 0)
+    store.apply([TagInvalidated("a/b", "v1"), TagInvalidated("a/b", "v2", fence=60.0), BlobPresence("a/b", D1, True)])
+    store.lookup(IndexQuery(QueryKind.BLOB, "a/b", D1, refetch=True))  # a refetch: queued for verification
+    store.apply([ContentVerified("c/d", D2, intact=False)])
+    now[0] = 1012.0
+    assert store.figures() == IndexFigures(1012.0, 2, 1, 12.0, 1, 12.0, 1, 1)
+
+
+def test_pin_entries_list_pins_and_tombstones_with_their_epoch(store: RedisIndexStore) -> None:
+    store.apply([PrimaryTag("b/b", "v1", D1, 990.0), PrimaryTag("a/a", "v1", D2, 995.0)])
+    store.apply([TagInvalidated("a/a", "old")])
+    entries, repositories = store.pin_entries(10)
+    assert repositories == 2
+    assert [(e.repository, e.tag, e.digest, e.current) for e in entries] == [
+        ("a/a", "old", "", True),
+        ("a/a", "v1", D2, True),
+        ("b/b", "v1", D1, True),
+    ]
+    assert entries[1].confirmed_at == 995.0
+    first, repositories = store.pin_entries(1)
+    assert {e.repository for e in first} == {"a/a"} and repositories == 2
+
+
+def test_the_topology_names_the_primary_and_what_each_sentinel_says(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    topology = store.topology()
+    assert (topology.mode, topology.role) == (redis_topology, "master")
+    assert topology.version and topology.used_memory
+    if redis_topology == "cluster":
+        nodes = set(redis_settings.redis.cluster_nodes)
+        primaries, replicas = topology.primary.split(", "), [r.split(" ")[0] for r in topology.replicas]
+        assert len(primaries) == 3 and set(primaries) | set(replicas) <= nodes and not set(primaries) & set(replicas)
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]  # the tests' url names the primary
+    assert topology.primary == primary
+    if redis_topology == "single":
+        assert topology.sentinels == () and topology.master_name == ""
+        return
+    assert topology.master_name == redis_settings.redis.master_name
+    assert [address for address, _ in topology.sentinels] == list(redis_settings.redis.sentinels)
+    assert {answer for _, answer in topology.sentinels} == {primary}
+    assert len(topology.replicas) == 1 and " online " in topology.replicas[0]
+    assert redis_settings.redis.password not in repr(topology) or not redis_settings.redis.password
+
+
+def test_status_shows_the_topology_and_names_what_it_could_not_read(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    """``geo-route status`` on either topology, with NGINX's counters unreachable: the rest is shown."""
+
+    def unreachable(url: str) -> str:
+        raise GeoRouteError(f"{url}: connection refused")
+
+    store.apply([PrimaryTag("a/b", "v1", D1, store.now() - 400)])
+    status = gather_status(redis_settings, store, fetch_text=unreachable)
+    text, page = format_status(status), render_status_html(status)
+    assert status.traffic is None and any(p.startswith("nginx metrics: ") for p in status.problems)
+    assert "traffic: unknown" in text and "problem: nginx metrics" in page
+    assert re.search(r"^  a/b:v1 sha256:1{12} 6\.\d min past the bound$", text, re.MULTILINE), text
+    if redis_topology == "cluster":
+        assert f"redis: cluster, primaries {store.topology().primary} (master," in text
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]
+    assert f"redis: {redis_topology}, primary {primary} (master," in text
+    for address in redis_settings.redis.sentinels:
+        assert f"  sentinel {address}: primary {primary}" in text
+        assert f"sentinel {address}</th><td>names {primary}" in page

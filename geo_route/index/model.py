@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from geo_route.errors import GeoRouteError
 
 
 class QueryKind(Enum):
@@ -206,3 +208,71 @@ class IndexStore(Protocol):
 
     def ping(self) -> bool:
         """True when the index answers."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFigures:
+    """The updater's queues and the quarantine, read in one round trip (``/metrics``, ``status``).
+
+    ``*_oldest_due``: how long the longest-waiting due entry has waited (0 when none is due)."""
+
+    now: float
+    resolutions: int
+    resolutions_due: int
+    resolutions_oldest_due: float
+    suspects: int
+    suspects_oldest_due: float
+    quarantined: int
+    repositories: int
+
+
+@dataclass(frozen=True, slots=True)
+class PinEntry:
+    """One tag's entry on the index as ``status`` shows it: a pin or a tombstone (``digest`` "")."""
+
+    repository: str
+    tag: str
+    digest: str
+    confirmed_at: float
+    current: bool  # of the index's current epoch
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRecord:
+    """What the updater last recorded under a name (``reconcile``, ``verify``, ``events:local``...):
+    when (the index's clock) and a few figures."""
+
+    at: float
+    fields: dict[str, float | int | str | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTopology:
+    """Where the index lives, without credentials: addresses, roles and what each sentinel says."""
+
+    mode: str  # "single" | "sentinel"
+    primary: str  # host:port (or unix path) of the node the store talks to
+    role: str = ""
+    version: str = ""
+    used_memory: str = ""
+    replicas: tuple[str, ...] = ()  # "host:port state lag"
+    master_name: str = ""
+    sentinels: tuple[tuple[str, str], ...] = ()  # (sentinel address, the primary it names or "unreachable")
+
+
+@runtime_checkable
+class StatusRecorder(Protocol):
+    def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
+        """Keep ``fields`` under ``name``, stamped with the index's clock (one small hash, bounded)."""
+
+
+def record_status_of(store: object, name: str, fields: dict[str, float | int | str | bool]) -> bool:
+    """Record ``fields`` if ``store`` keeps status records (the Redis store does; test doubles may
+    not). Best effort: False when it could not, never raised (the work it describes is done)."""
+    if not isinstance(store, StatusRecorder):
+        return False
+    try:
+        store.record_status(name, fields)
+    except GeoRouteError:
+        return False
+    return True

@@ -30,6 +30,8 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
     P server                 STRING the Redis run_id the epoch belongs to
     P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
+    P status                 HASH  name -> "<stamp> <JSON>": what the updater last recorded (``reconcile``,
+                                   ``verify``, ``events:local``, ``events:primary``) for ``geo-route status``
 
 On a Redis Cluster (``redis.cluster_nodes``) every key but ``verify:cursor`` and the leases also
 carries its bucket's hash tag after ``P`` (``KeySchema``): the repository's keys and its bucket's
@@ -56,6 +58,7 @@ seconds instead of waiting on a dead Redis for every request.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -79,15 +82,19 @@ from geo_route.index.model import (
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexUpdate,
     IndexView,
     LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
+    PinEntry,
     PrimaryTag,
     QueryKind,
+    RedisTopology,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
@@ -382,6 +389,23 @@ return 1
 """
 # KEYS: epoch   ARGV: now  ->  {now, epoch}
 STAMP_SCRIPT = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
+# KEYS: status   ARGV: name, JSON, now
+RECORD_STATUS_SCRIPT = (
+    LUA_COMMON + "return redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', clock(ARGV[3])) .. ' ' .. ARGV[2])"
+)
+# KEYS: resolve, suspects, quarantined, repos   ARGV: now
+# -> {now, resolutions, due, oldest due score, suspects, oldest suspect score, quarantined, repositories}
+FIGURES_SCRIPT = (
+    LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local suspect = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {string.format('%.6f', now), redis.call('ZCARD', KEYS[1]), redis.call('ZCOUNT', KEYS[1], '-inf', now),
+  first[2] or '', redis.call('ZCARD', KEYS[2]), suspect[2] or '', redis.call('HLEN', KEYS[3]),
+  redis.call('SCARD', KEYS[4])}
+"""
+)
 RELEASE_OWN_LEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -409,6 +433,7 @@ class KeySchema:
         self.buckets: tuple[str, ...] = tuple(f"{{g{n}}}" for n in range(buckets)) if buckets else ("",)
         self.verify_cursor = f"{prefix}verify:cursor"
         self.reconcile_cursor = f"{prefix}reconcile:cursor"
+        self.status = f"{prefix}status"
 
     def bucket(self, repository: str) -> str:
         """The hash tag of the repository's bucket ("" on one Redis)."""
@@ -738,6 +763,7 @@ class RedisIndexStore:
     ) -> None:
         self.keys = KeySchema(settings.key_prefix, settings.cluster_buckets if settings.cluster_nodes else 0)
         self._sentinel: redis.sentinel.Sentinel | None = None
+        self._master_name = settings.master_name
         self._cluster: redis.cluster.RedisCluster | None = None
         self._client: Any = client or self._connect(settings)
         if self._cluster is not None:
@@ -1168,6 +1194,121 @@ class RedisIndexStore:
     def repositories(self) -> set[str]:
         found = self._each_bucket(lambda pipe, bucket: pipe.smembers(self.keys.repos(bucket)))
         return {str(name) for names in found for name in names}
+
+    # --- what `geo-route status` and the updater's /metrics read (never on the decision path) ---
+
+    def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
+        """Keep ``fields`` under ``name`` (a fixed set of names: the hash stays small), stamped now."""
+        value = json.dumps(fields, separators=(",", ":"))
+        args = (name, value, self._now_arg())
+        if self.keys.clustered:  # an untagged key: wherever its slot is
+            self._write(lambda: self._client.eval(RECORD_STATUS_SCRIPT, 1, self.keys.status, *args))
+            return
+        # on the connection ``apply`` uses (the updater records right after applying an envelope)
+        self._write(lambda: self._lookups.run_script(RECORD_STATUS_SCRIPT, (self.keys.status,), args))
+
+    def status_records(self) -> dict[str, StatusRecord]:
+        found = self._read(lambda: self._client.hgetall(self.keys.status))
+        records = {}
+        for name, value in found.items():
+            stamp, _, text = str(value).partition(" ")
+            try:
+                records[str(name)] = StatusRecord(float(stamp), dict(json.loads(text)))
+            except ValueError:
+                continue  # not ours: skipped
+        return records
+
+    def figures(self) -> IndexFigures:
+        """The queues summed over the buckets (one round trip each; one on one Redis); the oldest
+        wait is the longest of any bucket; every bucket holds a copy of the quarantine."""
+        rows = []
+        for bucket in self.keys.buckets:
+            keys = (
+                self.keys.resolve(bucket),
+                self.keys.suspects(bucket),
+                self.keys.quarantined(bucket),
+                self.keys.repos(bucket),
+            )
+            rows.append(self._eval(FIGURES_SCRIPT, keys, self._now_arg()))
+
+        def waited(row: list[Any], score: Any) -> float:
+            return max(0.0, float(row[0]) - float(score)) if score not in ("", None) else 0.0
+
+        return IndexFigures(
+            now=max(float(row[0]) for row in rows),
+            resolutions=sum(int(row[1]) for row in rows),
+            resolutions_due=sum(int(row[2]) for row in rows),
+            resolutions_oldest_due=max(waited(row, row[3]) for row in rows),
+            suspects=sum(int(row[4]) for row in rows),
+            suspects_oldest_due=max(waited(row, row[5]) for row in rows),
+            quarantined=max(int(row[6]) for row in rows),
+            repositories=sum(int(row[7]) for row in rows),
+        )
+
+    def pin_entries(self, max_repositories: int) -> tuple[list[PinEntry], int]:
+        """Every tag entry of at most ``max_repositories`` repositories (the first by name), and how
+        many repositories the index has: ``status`` reads a bounded share of a large index."""
+        names = sorted(self.repositories())
+        chosen = names[:max_repositories]
+        buckets = self.keys.buckets
+        with self._client.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.get(self.keys.epoch(bucket))
+            for name in chosen:
+                pipe.hgetall(self.keys.primary_tags(name))
+            found = self._read(pipe.execute)
+        epochs = dict(zip(buckets, found[: len(buckets)], strict=True))
+        entries = []
+        for name, table in zip(chosen, found[len(buckets) :], strict=True):
+            epoch = str(epochs[self.keys.bucket(name)])
+            for tag, value in sorted(table.items()):
+                digest, stamp, _, pin_epoch = decode_pin(str(value))
+                entries.append(PinEntry(name, str(tag), digest, stamp, pin_epoch == epoch))
+        return entries, len(names)
+
+    def topology(self) -> RedisTopology:
+        """Where the index is: the node this store talks to (a cluster's primaries), its role and
+        replicas, and with Sentinel the primary each sentinel names. Addresses only: no password is
+        read or returned."""
+        if self._cluster is not None:
+            return self._cluster_topology(self._cluster)
+        info = self._read(lambda: self._client.info())
+        replicas = tuple(
+            f"{value.get('ip')}:{value.get('port')} {value.get('state', '')} lag {value.get('lag', '?')}"
+            for key, value in sorted(info.items())
+            if key.startswith("slave") and isinstance(value, dict)
+        )
+        role, version = str(info.get("role", "")), str(info.get("redis_version", ""))
+        memory = str(info.get("used_memory_human", ""))
+        if self._sentinel is None:
+            return RedisTopology("single", self._node_address(), role, version, memory, replicas)
+        sentinels = tuple(
+            (self._node_address(sentinel), self._named_primary(sentinel)) for sentinel in self._sentinel.sentinels
+        )
+        named = next((answer for _, answer in sentinels if answer != "unreachable"), "unknown")
+        return RedisTopology("sentinel", named, role, version, memory, replicas, self._master_name, sentinels)
+
+    def _cluster_topology(self, cluster: redis.cluster.RedisCluster) -> RedisTopology:
+        primaries = sorted(cluster.get_primaries(), key=lambda node: (node.host, node.port))  # type: ignore[no-untyped-call]
+        replicas = tuple(sorted(f"{n.host}:{n.port} replica" for n in cluster.get_replicas()))  # type: ignore[no-untyped-call]
+        found: Any = self._read(lambda: cluster.info(target_nodes=primaries[0]))
+        info = next(iter(found.values())) if found and isinstance(next(iter(found.values())), dict) else found
+        addresses = ", ".join(f"{node.host}:{node.port}" for node in primaries)
+        version, memory = str(info.get("redis_version", "")), str(info.get("used_memory_human", ""))
+        return RedisTopology("cluster", addresses, str(info.get("role", "")), version, memory, replicas)
+
+    def _node_address(self, client: redis.Redis | None = None) -> str:
+        options = (client or self._client).connection_pool.connection_kwargs
+        if options.get("path"):
+            return str(options["path"])
+        return f"{options.get('host', '?')}:{options.get('port', '?')}"
+
+    def _named_primary(self, sentinel: redis.Redis) -> str:
+        try:
+            found: Any = sentinel.sentinel_get_master_addr_by_name(self._master_name)
+        except redis.RedisError:
+            return "unreachable"
+        return f"{found[0]}:{found[1]}" if isinstance(found, list | tuple) and len(found) == 2 else "unknown"
 
     def _read(self, command: Callable[[], T]) -> T:
         try:

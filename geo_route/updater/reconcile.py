@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag
+from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag, record_status_of
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
@@ -186,6 +186,7 @@ def run_locked(
     finally:
         release_lock(store, report)
         report.seconds = time.monotonic() - started
+    record_status_of(store, "reconcile", report.status_fields())
     return report
 
 

@@ -34,6 +34,7 @@ from typing import Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
+from geo_route.index.model import record_status_of
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.reconcile import (
     LOCK_NAME,
@@ -195,6 +196,7 @@ class ReconcileCycle:
         self.start_cycle(max(cursor.started + self.interval, now), expected=cursor.done)
         report, self.report = self.report, ReconcileReport()
         report.seconds = now - cursor.started
+        record_status_of(self.store, "reconcile", report.status_fields())  # what geo-route status shows
         if self.on_cycle is not None:
             self.on_cycle(report)
 
