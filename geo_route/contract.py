@@ -41,20 +41,9 @@ UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 # NGINX consumes it; it never reaches a client.
 REUSE_SECONDS = "X-Accel-Expires"
 
-RESPONSE_HEADERS = (
-    ROUTE,
-    REASON,
-    OPERATION,
-    UPSTREAM_PATH,
-    STALE_PATH,
-    STORAGE_PATH,
-    STORAGE_LINK,
-    WWW_AUTHENTICATE,
-    UNAUTHORIZED_DETAIL,
-    REUSE_SECONDS,
-)
-# NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set
-# (and a client's own copies of them are cleared towards the service and the registries).
+# NGINX copies WWW-Authenticate of a 401 to the client by itself, and consumes X-Accel-Expires; the
+# others need auth_request_set (and a client's own copies of them are cleared towards the service
+# and the registries).
 ROUTING_HEADERS = (
     ROUTE,
     REASON,
@@ -65,6 +54,7 @@ ROUTING_HEADERS = (
     STORAGE_LINK,
     UNAUTHORIZED_DETAIL,
 )
+RESPONSE_HEADERS = (*ROUTING_HEADERS, WWW_AUTHENTICATE, REUSE_SECONDS)
 
 # The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
 ALLOWED_STATUSES = (200, 401, 403)

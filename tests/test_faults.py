@@ -62,7 +62,7 @@ from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
-from geo_route.devstack.stack import RunningStack, bring_up
+from geo_route.devstack.stack import RedisTopology, RunningStack, bring_up
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
 
@@ -1172,10 +1172,9 @@ def test_a_corrupted_local_blob(matrix: Matrix) -> None:
 SENTINEL_BOUND = 10.0  # seconds: index-unavailable decisions must end within this of the fault
 
 
-@pytest.fixture(scope="module")
-def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    root = tmp_path_factory.mktemp("faults-sentinel")
-    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="sentinel")
+def topology_matrix(matrix: Matrix, root: Path, redis: RedisTopology) -> Iterator[Matrix]:
+    """A matrix on a stack of its own whose index runs on ``redis`` (sharing the main matrix's images)."""
+    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis=redis)
     client = observe_patiently(StackClient(stack.info, stack))
     try:
         m = Matrix(client, stack, root, images=matrix.images)
@@ -1185,6 +1184,11 @@ def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         client.close()
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+    yield from topology_matrix(matrix, tmp_path_factory.mktemp("faults-sentinel"), "sentinel")
 
 
 def sentinel_failover(m: Matrix, fault: Callable[[str], object], marks: dict[str, float | str]) -> None:
@@ -1306,17 +1310,7 @@ def test_redis_sentinel_primary_stopped_past_down_after(sentinel_matrix: Matrix,
 
 @pytest.fixture(scope="module")
 def cluster_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    root = tmp_path_factory.mktemp("faults-cluster")
-    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="cluster")
-    client = observe_patiently(StackClient(stack.info, stack))
-    try:
-        m = Matrix(client, stack, root, images=matrix.images)
-        m.publish(REPLICATED, m.image("replicated"), replicated=True)
-        m.publish(PRIMARY_ONLY, m.image("primary-only"), replicated=False)
-        yield m
-    finally:
-        client.close()
-        stack.stop()
+    yield from topology_matrix(matrix, tmp_path_factory.mktemp("faults-cluster"), "cluster")
 
 
 def test_redis_cluster_primary_killed(cluster_matrix: Matrix, matrix: Matrix) -> None:
