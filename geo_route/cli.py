@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reconcile = commands.add_parser("reconcile", help="repair the index from the registries (walk, HEAD, refresh pins)")
     add_site_file(reconcile)
-    reconcile.add_argument("--once", action="store_true", help="one run, then exit (0 only if it was clean)")
+    reconcile.add_argument(
+        "--once",
+        action="store_true",
+        help="one full run at once, then exit (0 only if it was clean); without it, one cycle per "
+        "updater.reconcile_interval, spread over it, until SIGTERM (as the updater does)",
+    )
     reconcile.add_argument(
         "--verify",
         action="store_true",
@@ -120,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes per second --verify reads at most (default updater.verify_bytes_per_second; 0: no limit)",
     )
     reconcile.set_defaults(handler=run_reconcile)
+
+    status = commands.add_parser(
+        "status", help="hit ratio, bytes saved, lag, pins, last runs, fallbacks, Redis: from NGINX and the index"
+    )
+    add_site_file(status)
+    status.set_defaults(handler=run_status)
 
     serve = commands.add_parser("serve", help="run the auth_request service under gunicorn")
     add_site_file(serve)
@@ -391,6 +402,25 @@ def run_reconcile(args: argparse.Namespace) -> int:
     )
     verify_rate = settings.updater.verify_bytes_per_second if args.verify_rate is None else args.verify_rate
     return run_reconcile_command(settings, args.once, print, verify_rate=verify_rate if args.verify else None)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Exit 0 when every part could be read, 1 when some could not (what could is still printed)."""
+    from geo_route.status import format_status, gather_status
+    from geo_route.updater.reconcile import open_store
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    store = open_store(settings)
+    try:
+        status = gather_status(settings, store)
+    finally:
+        store.close()
+    sys.stdout.write(format_status(status))
+    return 1 if status.problems else 0
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ that names every problem with its key path.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import typing
@@ -108,6 +109,42 @@ def check_binds(value: tuple[str, ...]) -> str | None:
         if not (bind.startswith("unix:") or re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}", bind)):
             return f"{bind!r} is not host:port, [v6]:port or unix:PATH"
     return None if value else "must list at least one address"
+
+
+def check_auth_server(value: str) -> str | None:
+    """``nginx.auth_server``: empty (derived from ``server.bind``) or one address NGINX can connect to."""
+    if value == "":
+        return None
+    if problem := check_binds((value,)):
+        return problem
+    if is_wildcard(value):
+        return f"{value!r} is a wildcard (listen on every address), not an address NGINX can connect to"
+    return None
+
+
+def split_host_port(address: str) -> tuple[str, str]:
+    """``host:port`` or ``[v6]:port`` as (host without brackets, port)."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), port
+
+
+def is_wildcard(address: str) -> bool:
+    """A ``host:port`` whose host is the unspecified address (0.0.0.0, ::): "every address" to bind."""
+    if address.startswith("unix:"):
+        return False
+    try:
+        return ipaddress.ip_address(split_host_port(address)[0]).is_unspecified
+    except ValueError:
+        return False
+
+
+def connectable_address(bind: str) -> str:
+    """The address a client on the same host connects to for the bind address ``bind``: a wildcard
+    host (0.0.0.0, [::]) becomes the loopback address of its family; anything else is itself."""
+    if not is_wildcard(bind):
+        return bind
+    host, port = split_host_port(bind)
+    return f"[::1]:{port}" if ipaddress.ip_address(host).version == 6 else f"127.0.0.1:{port}"
 
 
 def redact_url(url: str) -> str:
@@ -300,8 +337,16 @@ class UpdaterSettings:
     reconcile_interval: int = _checked(check_not_negative, default=3600)
     reconcile_concurrency: int = _checked(check_positive, default=4)
     reconcile_lease: int = _checked(check_positive, default=60)
+    # The updater's reconciliation walks the repositories in slices spread over reconcile_interval (a
+    # cursor in the index: a restarted updater resumes), at most this many registry requests per
+    # second (both registries; 0 = no limit). `geo-route reconcile --once` is a full run, unlimited.
+    reconcile_requests_per_second: int = _checked(check_not_negative, default=200)
     resolve_concurrency: int = _checked(check_positive, default=8)
     resolve_batch: int = _checked(check_positive, default=64)
+    # A claimed resolution neither pinned nor requeued within this many seconds (its updater died, or
+    # Redis failed the write) is claimed again by any updater. Longer than a batch can take
+    # (resolve_batch / resolve_concurrency questions of at most 30 s each), or a slow batch is asked twice.
+    resolve_claim_seconds: int = _checked(check_positive, default=60)
     # Scrub: the local registry's content is read back and its digests checked, continuously, at
     # most this many bytes per second (0 = off; 32 MiB/s by default: 10 GB in about 5 minutes).
     verify_bytes_per_second: int = _checked(check_not_negative, default=33_554_432)
@@ -347,6 +392,9 @@ class NginxSettings:
     runtime_dir: str = "/var/lib/geo-route/nginx"
     worker_processes: str = "auto"
     user: str = ""
+    # The auth service's address as NGINX connects to it; empty: server.bind's first address (a
+    # wildcard host read as loopback). Set it when NGINX runs on another host or container.
+    auth_server: str = _checked(check_auth_server, default="")
     auth_timeout: float = _checked(check_positive, default=2.0)
     proxy_timeout: int = _checked(check_positive, default=900)
     connect_timeout: int = _checked(check_positive, default=5)
@@ -388,6 +436,14 @@ class Settings:
     server: ServerSettings = ServerSettings()
     nginx: NginxSettings = NginxSettings()
     updater: UpdaterSettings = UpdaterSettings()
+
+    @property
+    def auth_server(self) -> str:
+        """Where NGINX reaches the auth service: ``nginx.auth_server``, else ``server.bind``'s first
+        ``unix:`` address (no TCP handshake or loopback stack per connection), else its first address as
+        a client on the same host connects to it (``0.0.0.0:8080`` is ``127.0.0.1:8080``)."""
+        unix = next((bind for bind in self.server.bind if bind.startswith("unix:")), "")
+        return self.nginx.auth_server or unix or connectable_address(self.server.bind[0])
 
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:

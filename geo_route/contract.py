@@ -31,6 +31,9 @@ STALE_PATH = "X-Geo-Stale-Path"
 STORAGE_PATH = "X-Geo-Storage-Path"
 STORAGE_LINK = "X-Geo-Storage-Link"
 WWW_AUTHENTICATE = "WWW-Authenticate"  # on 401 only
+# The request's operation (``operations.Kind``: blob, manifest-by-tag, upload-start, ...): NGINX's
+# counters break requests and bytes down by it (a bounded label, never the repository).
+OPERATION = "X-Geo-Operation"
 # On 401 only: the "detail" of the registry's UNAUTHORIZED error as JSON, written by NGINX into its body.
 UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 
@@ -38,20 +41,20 @@ UNAUTHORIZED_DETAIL = "X-Geo-Unauthorized-Detail"
 # NGINX consumes it; it never reaches a client.
 REUSE_SECONDS = "X-Accel-Expires"
 
-RESPONSE_HEADERS = (
+# NGINX copies WWW-Authenticate of a 401 to the client by itself, and consumes X-Accel-Expires; the
+# others need auth_request_set (and a client's own copies of them are cleared towards the service
+# and the registries).
+ROUTING_HEADERS = (
     ROUTE,
     REASON,
+    OPERATION,
     UPSTREAM_PATH,
     STALE_PATH,
     STORAGE_PATH,
     STORAGE_LINK,
-    WWW_AUTHENTICATE,
     UNAUTHORIZED_DETAIL,
-    REUSE_SECONDS,
 )
-# NGINX copies WWW-Authenticate of a 401 to the client by itself; the others need auth_request_set
-# (and a client's own copies of them are cleared towards the service and the registries).
-ROUTING_HEADERS = (ROUTE, REASON, UPSTREAM_PATH, STALE_PATH, STORAGE_PATH, STORAGE_LINK, UNAUTHORIZED_DETAIL)
+RESPONSE_HEADERS = (*ROUTING_HEADERS, WWW_AUTHENTICATE, REUSE_SECONDS)
 
 # The only statuses the auth endpoint ever answers (anything else becomes a 500 in NGINX).
 ALLOWED_STATUSES = (200, 401, 403)

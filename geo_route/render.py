@@ -44,6 +44,8 @@ AUTH_ACCEPT_MAX_BYTES = 4096
 # Seconds NGINX holds a request past nginx.per_address_denials before its 429 (a timer): a flood on
 # N connections gets N answers a second at most, not as many as NGINX's workers could produce.
 DENIED_429_PAUSE = 1
+# How many of the last fallback, stale and auth-unavailable answers NGINX keeps for `geo-route status`.
+RECENT_FALLBACKS = 20
 
 
 class RenderError(GeoRouteError):
@@ -59,13 +61,6 @@ def upstream_of(url: str) -> dict[str, Any]:
     return {"scheme": parts.scheme, "server": f"{server_host}:{port}", "host": host, "origin": url.rstrip("/")}
 
 
-def auth_address(binds: tuple[str, ...]) -> str:
-    """Where NGINX reaches the auth service: its first ``unix:`` bind if it has one (no TCP handshake
-    or loopback stack per connection), else its first bind. host:port, [v6]:port and unix:PATH read
-    the same in NGINX's ``server`` directive."""
-    return next((bind for bind in binds if bind.startswith("unix:")), binds[0])
-
-
 def nginx_context(settings: Settings) -> dict[str, Any]:
     """Everything the templates use; StrictUndefined makes a missing value an error."""
     nginx = settings.nginx
@@ -74,7 +69,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "listen_tls": bool(nginx.tls_certificate),
         "local": upstream_of(settings.local_registry.url),
         "primary": upstream_of(settings.primary.url),
-        "auth_server": auth_address(settings.server.bind),
+        "auth_server": settings.auth_server,  # host:port, [v6]:port and unix:PATH read the same in NGINX
         "auth_timeout": f"{nginx.auth_timeout:g}s",
         "original_method_header": contract.ORIGINAL_METHOD,
         "original_uri_header": contract.ORIGINAL_URI,
@@ -85,6 +80,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "auth_accept_max_bytes": AUTH_ACCEPT_MAX_BYTES,
         "route_var": contract.nginx_variable(contract.ROUTE),
         "reason_var": contract.nginx_variable(contract.REASON),
+        "operation_var": contract.nginx_variable(contract.OPERATION),
         "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
         "stale_path_var": contract.nginx_variable(contract.STALE_PATH),
         "unauthorized_detail_var": contract.nginx_variable(contract.UNAUTHORIZED_DETAIL),
@@ -95,6 +91,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "storage_headers": [line.split(": ", 1) for line in settings.local_registry.http_headers],
         "geo_headers": list(contract.ROUTING_HEADERS),
         "reuse_header": contract.REUSE_SECONDS,
+        "recent_fallbacks": RECENT_FALLBACKS,
         "route_local": "local",
         # nginx.per_address_denials as GCRA: seconds one request moves its address on, and how far
         # ahead an address may be (burst/rate) before NGINX answers 429 itself.

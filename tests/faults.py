@@ -10,7 +10,8 @@ slowest pull, the routes NGINX took while the fault was on, and how the index re
 
 The probes the cells use from outside the site: ``TagWatch`` (when the index learnt of a change),
 ``post_events`` (a notification as a registry would send it), ``RawRedis`` (what an operator's
-``redis-cli`` sees), ``run_reconcile`` and ``kill_reconcile_mid_run``.
+``redis-cli`` sees, on the primary ``index_redis_url`` names: under Sentinel, the one the sentinels
+name now), ``run_reconcile`` and ``kill_reconcile_mid_run``.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ from test_local_fallback import last_status
 from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, parse_access_log_line
 from geo_route.devstack.images import MANIFEST_MEDIA_TYPE
+from geo_route.devstack.redis_server import resp_command
 from geo_route.devstack.skopeo import Skopeo, SkopeoError, docker_reference
-from geo_route.errors import IndexUnavailable
+from geo_route.errors import DevstackError, IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 
@@ -301,9 +303,33 @@ def run_reconcile(site_file: str, log: Path, patience: float = 30.0) -> Reconcil
         time.sleep(0.25)
 
 
+def index_redis_url(site_file: str) -> str:
+    """The index's Redis primary as it is now: ``redis.url``; under Sentinel, the node a majority of
+    the sentinels name (after a failover, not the first primary the stack started with)."""
+    redis = load_settings(site_file, environ={}).redis
+    if redis.cluster_nodes:  # its url is the unused default (the machine's own Redis): never that
+        raise AssertionError("a Redis Cluster has no one primary: probe its nodes with a cluster client")
+    if not redis.sentinels:
+        return redis.url
+    named: list[tuple[str, str]] = []
+    for address in redis.sentinels:
+        port = int(address.rpartition(":")[2])  # the devstack's sentinels are on loopback
+        try:
+            reply = resp_command(port, "SENTINEL", "get-master-addr-by-name", redis.master_name)
+        except (OSError, DevstackError):
+            continue
+        if reply:
+            named.append((str(reply[0]), str(reply[1])))
+    majority = next((pair for pair in named if named.count(pair) * 2 > len(redis.sentinels)), None)
+    if majority is None:
+        raise AssertionError(f"no majority of the sentinels names a primary for {redis.master_name}: {named}")
+    return f"redis://{majority[0]}:{majority[1]}/{redis.db}"
+
+
 class RawRedis:
     """A plain RESP connection to the index's redis-server, as ``redis-cli`` would be: no epoch
-    check, no key schema. Simple replies only (status, integer, error)."""
+    check, no key schema. Simple replies only (status, integer, error). Give it
+    ``index_redis_url(site_file)``: the stack's ``redis_url`` is only the first primary."""
 
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("redis://").split("/")[0].split(":")
@@ -343,7 +369,7 @@ def kill_reconcile_mid_run(site_file: str, log: Path, attempts: int = 5) -> Kill
     reconcile lease: a run killed mid-way, by the OOM killer or a node's reboot."""
     settings = load_settings(site_file, environ={})
     lock = f"{settings.redis.key_prefix}lock:reconcile"
-    with RawRedis(settings.redis.url) as redis, open(log, "ab") as output:
+    with RawRedis(index_redis_url(site_file)) as redis, open(log, "ab") as output:
         for _ in range(attempts):
             run = subprocess.Popen(
                 [*RECONCILE_COMMAND, site_file], stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from support import require_binary
 
 from geo_route.config import load_settings
+from geo_route.index.model import IndexFigures, StatusRecord
 from geo_route.render import render_nginx_conf
-from geo_route.web.metrics import Metrics, UpdaterMetrics, VerificationMetrics
+from geo_route.web.metrics import IndexGauges, Metrics, UpdaterMetrics, VerificationMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "geo-route.json"
@@ -33,7 +34,10 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
     names = set()
     for line in generate_latest(registry).decode().splitlines():
         if line.startswith("# TYPE "):
-            names.add(line.split()[2])
+            _, _, name, kind = line.split()
+            # a family with labels has no samples until a child exists: its sample names by type
+            names.add(name)
+            names.update({"histogram": [f"{name}_bucket", f"{name}_sum", f"{name}_count"]}.get(kind, []))
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
@@ -55,8 +59,23 @@ def real_metrics() -> set[str]:
     VerificationMetrics(verification)
     names = set().union(*(exported_names(r) for r in (Metrics().registry, UpdaterMetrics().registry, verification)))
     nginx = nginx_names()
-    assert len(nginx) == 4, nginx  # requests, sent bytes, fallbacks, connections
-    return names | nginx
+    # requests, sent bytes, fallbacks, connections; requests and bytes by operation, fallbacks by cause
+    assert len(nginx) == 7, nginx
+    return names | nginx | index_gauge_names() | recorded_names()
+
+
+def index_gauge_names() -> set[str]:
+    """What the updater reads from the index at scrape time (``IndexGauges``), from a real store's figures."""
+    figures = IndexFigures(0.0, 1, 1, 2.0, 1, 3.0, 0, 4)
+    records = {name: StatusRecord(5.0, {}) for name in ("reconcile", "verify")}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IndexGauges(lambda: figures, lambda: records))  # type: ignore[arg-type]
+    return exported_names(registry)
+
+
+def recorded_names() -> set[str]:
+    """The recording rules' series (the dashboard may use them)."""
+    return {rule["record"] for rule in rules() if "record" in rule}
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -92,6 +111,10 @@ def rules() -> list[dict[str, Any]]:
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
 
 
+def alerts() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
 def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_variable() -> None:
     board = dashboard()
     assert board["schemaVersion"] >= 39 and board["uid"] and board["title"]
@@ -106,10 +129,12 @@ def test_the_dashboard_is_a_grafana_dashboard_on_a_prometheus_variable() -> None
 
 def test_every_alert_has_a_duration_severity_and_text() -> None:
     for rule in rules():
+        assert ("alert" in rule) != ("record" in rule), rule
+    for rule in alerts():
         assert rule["alert"].startswith("GeoRoute")
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
-    assert sum("for" in rule for rule in rules()) >= len(rules()) - 1  # a verification mismatch alerts at once
+    assert sum("for" in rule for rule in alerts()) >= len(alerts()) - 1  # a verification mismatch alerts at once
 
 
 def test_promtool_accepts_the_rules_and_every_panel_query(tmp_path: Path) -> None:
@@ -149,3 +174,25 @@ def test_every_expression_names_only_metrics_that_exist(source: str, real_metric
 def test_the_name_extraction_sees_every_selector() -> None:
     expr = 'sum by (le) (rate(a_bucket{x="b{c}",y!~"d"}[5m])) / ignoring(z) b_total offset 5m > bool 0 or on() c'
     assert metric_names_in(expr) == {"a_bucket", "b_total", "c"}
+
+
+def test_the_operators_questions_have_real_metrics_not_proxies() -> None:
+    """Issue 14, item 2: hit ratio recorded, bytes by operation, pin age (no longer the share of
+    tag-stale decisions), queues, fallbacks by cause, notification lag by source."""
+    recorded = {rule["record"]: rule["expr"] for rule in rules() if "record" in rule}
+    assert "geo_route_nginx_operation_requests_total" in recorded["geo_route:content_hit_ratio:rate5m"]
+    assert "geo_route_nginx_operation_sent_bytes_total" in recorded["geo_route:content_byte_hit_ratio:rate5m"]
+    pins = next(rule for rule in alerts() if rule["alert"] == "GeoRouteTagPinsPastBound")
+    assert metric_names_in(pins["expr"]) == {"geo_route_tag_pin_age_seconds_bucket", "geo_route_max_tag_age_seconds"}
+    assert not any("tag-stale" in rule["expr"] for rule in rules())
+    used = set().union(*(metric_names_in(expr) for expr in dashboard_exprs()))
+    for name in (
+        "geo_route_nginx_operation_sent_bytes_total",
+        "geo_route_nginx_fallback_causes_total",
+        "geo_route_tag_pin_age_seconds_bucket",
+        "geo_route_resolution_queue",
+        "geo_route_verification_queue",
+        "geo_route_notification_lag_seconds_bucket",
+        "geo_route_last_reconcile_timestamp_seconds",
+    ):
+        assert name in used, name

@@ -6,10 +6,14 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import pytest
 import yaml
 
 from geo_route.config import load_settings
+from geo_route.registry_config import Target, render_registry_config
+from geo_route.render import render_nginx_conf
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 
@@ -79,3 +83,47 @@ def test_python_modules_run_by_compose_exist() -> None:
         if command[:2] == ["python", "-m"]:
             module = DOCKER.parent / (command[2].replace(".", "/") + ".py")
             assert module.is_file(), f"{name}: {command[2]} does not exist"
+
+
+def test_nginx_reaches_the_auth_service_by_its_compose_name() -> None:
+    """NGINX runs in its own container: its auth upstream must be the auth service's name on the
+    compose network and the port it binds, not the service's own bind address (0.0.0.0)."""
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    text = render_nginx_conf(settings, "http")
+    servers = re.findall(r"upstream geo_route_auth \{\s*server (\S+);", text)
+    assert len(servers) == 1, servers
+    host, _, port = servers[0].rpartition(":")
+    services = compose()["services"]
+    assert host in services, f"NGINX's auth upstream {servers[0]} is no compose service"
+    assert services[host].get("command", [])[:1] == ["serve"], f"{host} does not run the auth service"
+    assert port == settings.server.bind[0].rpartition(":")[2]
+
+
+@pytest.mark.parametrize(("site", "target"), [("primary", "primary"), ("secondary", "local")])
+def test_registries_notify_the_updater_as_registry_config_prints(site: str, target: Target) -> None:
+    """Both registries notify the compose updater, with the sections `geo-route registry-config`
+    prints for it (the secret the site file's updater expects, the same ignore lists)."""
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    services = compose()["services"]
+    assert services["updater"]["command"][:1] == ["updater"]
+    port = settings.updater.bind[0].rpartition(":")[2]
+    printed = yaml.safe_load(
+        render_registry_config(settings, "distribution-2.8", target, updater_url=f"http://updater:{port}")
+    )
+    config = yaml.safe_load((DOCKER / f"registry-{site}.yml").read_text())
+    assert config["notifications"] == printed["notifications"]
+    assert config["auth"] == printed["auth"]
+
+
+def test_the_token_realm_is_reachable_by_host_clients_and_by_replicate() -> None:
+    """Clients on the host follow the realm to the token service's published port; the replicate
+    service shares the token service's network namespace, where the realm's loopback is the service."""
+    settings = load_settings(DOCKER / "site.yaml", environ={})
+    realm = urlsplit(settings.token.realm)
+    services = compose()["services"]
+    token_service = services["token-service"]
+    bind = json.loads((DOCKER / "token-service.json").read_text())["bind"]
+    assert (realm.hostname, realm.port) == ("127.0.0.1", int(bind.rpartition(":")[2]))
+    assert f"127.0.0.1:{realm.port}:{realm.port}" in token_service["ports"]
+    assert services["replicate"]["network_mode"] == "service:token-service"
+    assert "tools" in services["replicate"]["profiles"], "replicate runs on demand, not with up"

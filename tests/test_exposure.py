@@ -49,6 +49,8 @@ INTERNAL_PATHS = (
     "/_geo_route/auth",
     "/auth",
     "/metrics",
+    "/status",
+    "/v2/../status",
     "/healthz",
     "/readyz",
     "/events/local/",

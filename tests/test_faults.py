@@ -36,6 +36,7 @@ from faults import (
     ReconcileRun,
     TagWatch,
     delete_manifest_at_primary,
+    index_redis_url,
     judge_pulls,
     kill_reconcile_mid_run,
     local_statuses_between,
@@ -61,7 +62,7 @@ from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisProcess
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import SkopeoError, docker_reference
-from geo_route.devstack.stack import RunningStack, bring_up
+from geo_route.devstack.stack import RedisTopology, RunningStack, bring_up
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
 
@@ -131,7 +132,7 @@ class Matrix:
         self.expected.pin_required.discard(target)
 
     def redis_command(self, *args: str) -> str:
-        with RawRedis(self.client.info.redis_url) as redis:
+        with RawRedis(index_redis_url(self.client.info.site_file)) as redis:
             return redis.command(*args)
 
     def key(self, name: str) -> str:
@@ -189,6 +190,18 @@ def recovered(m: Matrix, outcome: Outcome, how: str) -> Outcome:
     outcome.failures += problems
     m.outcomes.append(outcome)
     return outcome
+
+
+def judge_old_pin(
+    outcome: Outcome, pulls: list[Pull], watch: TagWatch, target: str, old: str, moved: float, back: float
+) -> tuple[int, int]:
+    """For the cells where an older pin comes back (a Redis snapshot, a resumed old Sentinel
+    primary): no pull of ``target`` got ``old`` once the site knew the tag had moved (``moved``);
+    how many pulls of it started after the older state was ``back``, and how many of them got ``old``."""
+    learnt = watch.learnt(moved, {old})
+    outcome.stale = len(stale_pulls(pulls, target, {old}, learnt))
+    later = [p for p in pulls if p.target == target and p.started > back]
+    return len(later), sum(1 for p in later if p.digest == old)
 
 
 def assert_ok(outcome: Outcome) -> None:
@@ -263,15 +276,13 @@ def test_redis_restarted_from_an_older_snapshot(matrix: Matrix) -> None:
 
     with TagWatch(matrix.client, target) as watch:
         pulls = under_fault(matrix, outcome, [target], restart_from_snapshot, reconcile_and_forget_the_snapshot)
-    learnt = watch.learnt(marks["moved"], {old.digest})
-    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
+    after, older = judge_old_pin(outcome, pulls, watch, target, old.digest, marks["moved"], marks["restarted"])
     back = [at for at, digest in watch.samples if at > marks["restarted"] and digest == old.digest]
     reads = reasons_between(matrix.client, int(marks["log"]), matrix.client.access_log_offset(), repository)
     outcome.notes.append(
         f"the snapshot brought the old pin back ({'seen' if back else 'not seen'} by a reader of the index); "
         f"reads of the tag from the restart on: {', '.join(f'{k} {v}' for k, v in reads.items())}; "
-        f"{sum(1 for p in pulls if p.started > marks['restarted'])} pulls after the restart, "
-        f"{sum(1 for p in pulls if p.started > marks['restarted'] and p.digest == old.digest)} with the old digest"
+        f"{after} pulls after the restart, {older} with the old digest"
     )
     assert_ok(recovered(matrix, outcome, "reconcile --once"))
     assert reads.get("primary:tag-unconfirmed/200", 0) > 0, reads
@@ -291,6 +302,56 @@ def test_auth_service_killed_and_restarted(matrix: Matrix) -> None:
     )
     assert_ok(recovered(matrix, outcome, "restart, nothing else"))
     assert set(outcome.routes_during_fault) <= {"auth-unavailable/200", "local/200", "primary/200"}
+
+
+def test_one_of_two_nodes_loses_its_auth_service(matrix: Matrix, tmp_path: Path) -> None:
+    """Two nodes (each NGINX, an auth service and an updater) on one index, a stack of its own:
+    pulls through both while node 2's auth service is SIGKILLed. Node 2's NGINX routes to the
+    primary (auth-unavailable) meanwhile; node 1 is untouched."""
+    outcome = Outcome(
+        "node-auth-killed (2 nodes)",
+        "two nodes on one index, pulls through both; node 2's auth service (gunicorn master and workers) "
+        "SIGKILLed for 3 s, then restarted",
+    )
+    stack = bring_up(tmp_path / "stack", site_overrides=OVERRIDES, nodes=2)
+    one, two = (observe_patiently(StackClient(stack.info.node(number), stack)) for number in (1, 2))
+    try:
+        m = Matrix(one, stack, tmp_path, images=matrix.images)
+        m.publish(REPLICATED, m.image("replicated"), replicated=True)
+        m.publish(PRIMARY_ONLY, m.image("primary-only"), replicated=False)
+        offsets: dict[str, int] = {}
+
+        def kill_node_2s_auth() -> None:
+            offsets["since"] = two.access_log_offset()
+            stack.kill_part("auth-2")
+
+        def restart_node_2s_auth() -> None:
+            offsets["until"] = two.access_log_offset()
+            stack.restart_part("auth-2")
+
+        with PullLoad(two, [REPLICATED, PRIMARY_ONLY], tmp_path / "node-2") as node_2:
+            node_2.wait_for_pulls(3)
+            node_1_pulls = under_fault(m, outcome, [REPLICATED, PRIMARY_ONLY], kill_node_2s_auth, restart_node_2s_auth)
+            node_2.wait_for_pulls(3, started_after=time.monotonic())
+        node_2_pulls = node_2.snapshot()
+        judge_pulls(outcome, node_2_pulls, m.published)
+        outcome.pulls = len(node_1_pulls) + len(node_2_pulls)
+        outcome.slowest_pull_s = round(max(p.seconds for p in [*node_1_pulls, *node_2_pulls]), 2)
+        node_2_routes = routes_between(two, offsets["since"], offsets["until"])
+        outcome.notes.append(
+            f"{len(node_1_pulls)} pulls through node 1 and {len(node_2_pulls)} through node 2; while node 2's "
+            f"auth service was down, node 1's routes: {listed(outcome.routes_during_fault)}; node 2's: "
+            f"{listed(node_2_routes)}"
+        )
+        recovered(m, outcome, "restart, nothing else")
+        matrix.outcomes.append(m.outcomes.pop())
+    finally:
+        one.close()
+        two.close()
+        stack.stop()
+    assert_ok(outcome)
+    assert node_2_routes.get("auth-unavailable/200", 0) > 0, node_2_routes
+    assert "auth-unavailable/200" not in outcome.routes_during_fault, outcome.routes_during_fault
 
 
 def test_updater_killed_while_notifications_arrive(matrix: Matrix) -> None:
@@ -1111,10 +1172,9 @@ def test_a_corrupted_local_blob(matrix: Matrix) -> None:
 SENTINEL_BOUND = 10.0  # seconds: index-unavailable decisions must end within this of the fault
 
 
-@pytest.fixture(scope="module")
-def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    root = tmp_path_factory.mktemp("faults-sentinel")
-    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="sentinel")
+def topology_matrix(matrix: Matrix, root: Path, redis: RedisTopology) -> Iterator[Matrix]:
+    """A matrix on a stack of its own whose index runs on ``redis`` (sharing the main matrix's images)."""
+    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis=redis)
     client = observe_patiently(StackClient(stack.info, stack))
     try:
         m = Matrix(client, stack, root, images=matrix.images)
@@ -1124,6 +1184,11 @@ def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         client.close()
         stack.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+    yield from topology_matrix(matrix, tmp_path_factory.mktemp("faults-sentinel"), "sentinel")
 
 
 def sentinel_failover(m: Matrix, fault: Callable[[str], object], marks: dict[str, float | str]) -> None:
@@ -1227,12 +1292,11 @@ def test_redis_sentinel_primary_stopped_past_down_after(sentinel_matrix: Matrix,
     with ReasonWatch(m.client) as watch, TagWatch(m.client, target) as tags:
         pulls = under_fault(m, outcome, [target, REPLICATED], stop_and_move, resume)
     count, last = sentinel_note(outcome, watch, marks)
-    learnt = tags.learnt(float(marks["moved"]), {old.digest})
-    outcome.stale = len(stale_pulls(pulls, target, {old.digest}, learnt))
-    after = [p for p in pulls if p.target == target and p.started > float(marks["resumed"])]
+    moved, resumed = float(marks["moved"]), float(marks["resumed"])
+    after, older = judge_old_pin(outcome, pulls, tags, target, old.digest, moved, resumed)
     outcome.notes.append(
-        f"the old primary was a replica again {marks['settled_s']} s after SIGCONT; {len(after)} pulls of the tag "
-        f"after it, {sum(1 for p in after if p.digest == old.digest)} with the older digest"
+        f"the old primary was a replica again {marks['settled_s']} s after SIGCONT; {after} pulls of the tag "
+        f"after it, {older} with the older digest"
     )
     recovered(m, outcome, "SIGCONT, nothing else (the sentinels make the old primary a replica)")
     matrix.outcomes.append(m.outcomes.pop())
@@ -1246,17 +1310,7 @@ def test_redis_sentinel_primary_stopped_past_down_after(sentinel_matrix: Matrix,
 
 @pytest.fixture(scope="module")
 def cluster_matrix(matrix: Matrix, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    root = tmp_path_factory.mktemp("faults-cluster")
-    stack = bring_up(root / "stack", site_overrides=OVERRIDES, redis="cluster")
-    client = observe_patiently(StackClient(stack.info, stack))
-    try:
-        m = Matrix(client, stack, root, images=matrix.images)
-        m.publish(REPLICATED, m.image("replicated"), replicated=True)
-        m.publish(PRIMARY_ONLY, m.image("primary-only"), replicated=False)
-        yield m
-    finally:
-        client.close()
-        stack.stop()
+    yield from topology_matrix(matrix, tmp_path_factory.mktemp("faults-cluster"), "cluster")
 
 
 def test_redis_cluster_primary_killed(cluster_matrix: Matrix, matrix: Matrix) -> None:

@@ -177,8 +177,9 @@ class IndexModel:
 
 
 def redis_dump(client: redis.Redis, prefix: str) -> dict[str, tuple[str, Any]]:
-    """Every key under ``prefix`` with its type and value (sets, hashes, strings; other types by name)."""
-    keys = sorted(client.scan_iter(match=f"{prefix}*", count=1000))
+    """Every key under ``prefix`` with its type and value (sets, hashes, strings; other types by name),
+    but ``status``: when the last envelope arrived and its lag (for ``geo-route status``), not index state."""
+    keys = sorted(key for key in client.scan_iter(match=f"{prefix}*", count=1000) if key != f"{prefix}status")
     with client.pipeline(transaction=False) as pipe:
         for key in keys:
             pipe.type(key)

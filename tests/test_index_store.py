@@ -1,12 +1,18 @@
 """The index store contract, against a real redis-server the fixtures start on a free port, again
 on a real Redis Sentinel topology (a primary, a replica, three sentinels) through
-``redis.sentinels``, and on a real Redis Cluster (three primaries) through ``redis.cluster_nodes``.
-A test that starts a redis-server of its own (to stop, hang or restart it) runs on that one only."""
+``redis.sentinels``, and on a real Redis Cluster (three primaries) through ``redis.cluster_nodes``;
+a subset (``TLS_SUBSET``) also on a Sentinel topology with TLS everywhere (a throwaway CA made
+here), an ACL user on the data nodes and a password on the sentinels (``sentinel-tls``). A test
+that starts a redis-server of its own (to stop, hang or restart it) runs on that one only."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
+import ipaddress
+import re
+import secrets
 import signal
 import time
 import uuid
@@ -17,17 +23,24 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+from conftest import access
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from support import RedisServer
 
+from geo_route import contract
 from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
 from geo_route.devstack.redis_cluster import ClusterTopology
-from geo_route.devstack.redis_server import SentinelTopology
-from geo_route.errors import IndexUnavailable
+from geo_route.devstack.redis_server import RedisSecurity, SentinelTopology
+from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import (
     BlobPresence,
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexView,
     LocalRepositoryDropped,
@@ -36,19 +49,82 @@ from geo_route.index.model import (
     PrimaryTag,
     QueryKind,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.status import format_status, gather_status
+from geo_route.web import create_app
+from geo_route.web.status import render_status_html
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
+# What also runs through TLS, the ACL user and the sentinels' password: a lookup of each kind, a
+# transaction, the claim and the leases (every kind of command the store sends).
+TLS_SUBSET = {
+    "test_empty_index_knows_nothing",
+    "test_pinned_tag_reports_digest_time_and_local_presence",
+    "test_apply_is_all_or_nothing",
+    "test_a_claim_hides_the_tag_until_it_ends_and_its_pin_or_requeue_releases_it",
+    "test_a_lease_is_only_released_by_its_owner",
+    "test_a_refetch_is_queued_for_verification_once_and_served_after_it_matched",
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "redis_topology" in metafunc.fixturenames:
         own_server = "tmp_path_factory" in inspect.signature(metafunc.function).parameters
-        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel", "cluster"])
+        tls = ["sentinel-tls"] if metafunc.function.__name__ in TLS_SUBSET else []
+        metafunc.parametrize("redis_topology", ["single"] if own_server else ["single", "sentinel", "cluster", *tls])
+
+
+def throwaway_tls(directory: Path) -> RedisSecurity:
+    """A CA and a server certificate for 127.0.0.1 (what redis-py checks the host name against),
+    made here with ``cryptography``; passwords for the ACL user and the sentinels."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "geo-route test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["server"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key = server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    paths["server-key"].write_bytes(key)
+    paths["server-key"].chmod(0o600)
+    return RedisSecurity(
+        tls_cert=paths["server"],
+        tls_key=paths["server-key"],
+        tls_ca=paths["ca"],
+        username="geo-route",
+        password=secrets.token_hex(16),
+        sentinel_password=secrets.token_hex(16),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +143,28 @@ def cluster_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clust
         yield topology
     finally:
         topology.stop()
+
+
+@pytest.fixture(scope="module")
+def sentinel_tls_topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
+    root = tmp_path_factory.mktemp("sentinel-tls")
+    topology = SentinelTopology(root / "redis", security=throwaway_tls(root / "tls")).start()
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+def sentinel_tls_yaml(topology: SentinelTopology) -> str:
+    """The site file's redis section for ``topology``: TLS to the sentinels and the nodes, the
+    sentinels' password, the nodes' ACL user."""
+    security = topology.security
+    return (
+        f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
+        f'  sentinel_password: "{security.sentinel_password}"\n  sentinel_tls: true\n'
+        f'  username: "{security.username}"\n  password: "{security.password}"\n  tls: true\n'
+        f'  tls_ca_file: "{security.tls_ca}"\n'
+    )
 
 
 @pytest.fixture
@@ -97,9 +195,13 @@ def redis_settings(redis_topology: str, site_file: Callable[..., Path], request:
         return load_settings(
             site_file(redis_url=request.getfixturevalue("redis_server").url, prefix=prefix), environ={}
         )
-    topology: SentinelTopology = request.getfixturevalue("sentinel_topology")
-    sentinels = f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
-    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=sentinels), environ={})
+    if redis_topology == "sentinel-tls":
+        topology: SentinelTopology = request.getfixturevalue("sentinel_tls_topology")
+        extra = sentinel_tls_yaml(topology)
+    else:
+        topology = request.getfixturevalue("sentinel_topology")
+        extra = f"  sentinels: [{', '.join(topology.sentinel_addresses)}]\n  master_name: {topology.master_name}\n"
+    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=extra), environ={})
     primary = topology.nodes[topology.master_part()].url
     return dataclasses.replace(settings, redis=dataclasses.replace(settings.redis, url=primary))
 
@@ -308,8 +410,8 @@ def test_an_invalidation_tombstones_the_tag_on_the_index_clock_and_queues_it(
     assert store.primary_tag("a/b", "v1") is None
     now[0] = 1001.0
     (claimed,) = store.claim_resolutions(10)
-    assert dataclasses.replace(claimed, epoch="") == TagResolution("a/b", "v1", 1001.0, D2, 0)
-    assert store.claim_resolutions(10) == [], "a claim takes it off the queue"
+    assert dataclasses.replace(claimed, epoch="") == TagResolution("a/b", "v1", 1001.0, D2, 0, claimed_until=1061.0)
+    assert store.claim_resolutions(10) == [], "a claim hides it from other claims"
     store.apply([PrimaryTag("a/b", "v1", D2, 1001.0, "application/x-type", hint=f"{D2} 0")])
     view = store.lookup(tag("a/b", "v1"))
     assert (view.pinned_digest, view.confirmed_at, view.media_type, view.current) == (
@@ -318,6 +420,53 @@ def test_an_invalidation_tombstones_the_tag_on_the_index_clock_and_queues_it(
         "application/x-type",
         True,
     )
+
+
+def test_a_claim_hides_the_tag_until_it_ends_and_its_pin_or_requeue_releases_it(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    from geo_route.updater.registry_client import ManifestHead
+    from geo_route.updater.resolver import judge
+
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", tag) for tag in ("pinned", "requeued", "abandoned")])
+    now[0] = 1001.0
+    claimed = {r.tag: r for r in store.claim_resolutions(10, 30)}
+    assert {r.claimed_until for r in claimed.values()} == {1031.0}
+    now[0] = 1030.0
+    assert store.claim_resolutions(10, 30) == [], "claimed: nobody else's to ask until the claim ends"
+    assert store.queued_resolutions() == 3, "but still queued: a claim is not a removal"
+    pin = judge(claimed["pinned"], ManifestHead(D1, "application/x-type")).pin
+    assert pin is not None
+    store.apply([pin])
+    store.requeue(claimed["requeued"], 45.0)  # due at 1046, later than the claim's end
+    now[0] = 1031.0
+    assert [r.tag for r in store.claim_resolutions(10, 30)] == ["abandoned"], (
+        "the claim nobody answered (its updater died) is due again at its end; the pinned one is gone"
+    )
+    now[0] = 1046.0
+    assert [r.tag for r in store.claim_resolutions(10, 30)] == ["requeued"], "the requeue replaced its claim"
+
+
+def test_an_invalidation_during_a_claim_keeps_the_tag_queued_after_the_answer(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    from geo_route.updater.registry_client import ManifestHead
+    from geo_route.updater.resolver import judge
+
+    store, now = clocked
+    store.apply([TagInvalidated("a/b", "v1")])
+    now[0] = 1001.0
+    (claimed,) = store.claim_resolutions(10, 30)
+    now[0] = 1005.0
+    store.apply([TagInvalidated("a/b", "v1", hint=D2)])  # the tag moved while the question was out
+    pin = judge(claimed, ManifestHead(D1, "application/x-type")).pin
+    assert pin is not None
+    store.apply([pin])  # asked before the invalidation: loses, and must not release the new queueing
+    assert store.primary_tag("a/b", "v1") is None
+    now[0] = 1006.0
+    (again,) = store.claim_resolutions(10, 30)
+    assert (again.tag, again.hint) == ("v1", D2), "queued for the invalidation's time, not the claim's end"
 
 
 def test_a_fenced_invalidation_rejects_answers_until_the_fence_and_queues_after_it(
@@ -395,6 +544,32 @@ def test_a_restart_from_an_older_snapshot_makes_every_pin_unconfirmed(
         assert [r.tag for r in store.claim_resolutions(10)] == ["v1"], "and queued for resolution"
         store.apply([PrimaryTag("a/b", "v1", D1, store.now())])
         assert store.lookup(tag("a/b", "v1")).current
+        store.close()
+    finally:
+        server.stop()
+
+
+def test_a_claim_from_before_a_restart_does_not_hold_back_the_unconfirmed_tag(
+    tmp_path_factory: pytest.TempPathFactory, redis_settings: Settings
+) -> None:
+    """A snapshot taken while a resolution was claimed brings the claim back with the old pin; the
+    updater that claimed it may be gone. A read of the (now unconfirmed) tag makes it due at once
+    rather than when that claim would end."""
+    server = RedisServer(tmp_path_factory.mktemp("redis-claimed")).start()
+    try:
+        store = RedisIndexStore(dataclasses.replace(redis_settings.redis, url=server.url, unavailable_cooldown=0))
+        store.apply([ManifestPresence("a/b", D1, True), PrimaryTag("a/b", "v1", D1, store.now())])
+        store.apply([TagInvalidated("a/b", "v1")])
+        (claimed,) = store.claim_resolutions(10, 600)
+        server.save()  # the claim is in the snapshot
+        server.restart()
+        with pytest.raises(IndexUnavailable):
+            store.lookup(tag("a/b", "v1"))  # the connection the restart broke
+        assert store.claim_resolutions(10, 600) == [], "claimed, 600 s to go"
+        view = store.lookup(tag("a/b", "v1", refresh_after=150))
+        assert not view.current, "every entry is of the old epoch"
+        (again,) = store.claim_resolutions(10, 600)
+        assert again.tag == "v1" and again.epoch != claimed.epoch
         store.close()
     finally:
         server.stop()
@@ -653,3 +828,148 @@ def test_a_cluster_failover_costs_that_node_s_buckets_a_few_seconds(tmp_path_fac
         store.close()
     finally:
         topology.stop()
+
+
+# -- Sentinel with TLS, an ACL user and the sentinels' password ------------------------------------
+
+
+def tls_settings(topology: SentinelTopology, site_file: Callable[..., Path], extra: str = "") -> Settings:
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    yaml = sentinel_tls_yaml(topology) + extra
+    return load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix=prefix, extra=yaml), environ={})
+
+
+def test_a_decision_through_sentinel_with_tls_and_passwords(
+    sentinel_tls_topology: SentinelTopology, site_file: Callable[..., Path], make_token: Callable[..., str]
+) -> None:
+    """The auth service on the TLS topology: a pinned tag is decided local, in one round trip
+    through TLS to the primary the sentinels (over TLS, with their password) name, as the ACL user."""
+    settings = tls_settings(sentinel_tls_topology, site_file)
+    app = create_app(settings)
+    index = app.extensions["geo_route"]["index"]
+    index.apply([PrimaryTag("group/app", "v1", D1, index.now(), OCI_MANIFEST), ManifestPresence("group/app", D1, True)])
+    headers = {
+        contract.ORIGINAL_METHOD: "HEAD",
+        contract.ORIGINAL_URI: "/v2/group/app/manifests/v1",
+        contract.AUTHORIZATION: f"Bearer {make_token([access('group/app', 'pull')])}",
+        "Accept": OCI_MANIFEST,
+    }
+    answer = app.test_client().get("/auth", headers=headers)
+    assert (answer.status_code, answer.headers[contract.ROUTE], answer.headers[contract.REASON]) == (
+        200,
+        "local",
+        "tag-pinned",
+    )
+    assert answer.headers[contract.UPSTREAM_PATH] == f"/v2/group/app/manifests/{D1}"
+    index.close()
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    ["  sentinel_tls: false\n", '  sentinel_password: "wrong"\n', '  password: "wrong"\n', "  tls: false\n"],
+    ids=["sentinels-without-tls", "wrong-sentinel-password", "wrong-user-password", "nodes-without-tls"],
+)
+def test_the_tls_topology_refuses_clients_without_tls_or_the_passwords(
+    sentinel_tls_topology: SentinelTopology, site_file: Callable[..., Path], wrong: str
+) -> None:
+    """So the tests above ran through TLS and the passwords: leave one out and the index is unavailable."""
+    key = wrong.split(":")[0].strip()
+    yaml = "".join(
+        line + "\n" for line in sentinel_tls_yaml(sentinel_tls_topology).splitlines() if f" {key}:" not in line
+    )
+    settings = load_settings(site_file(redis_url=DEFAULT_REDIS_URL, prefix="refused:", extra=yaml + wrong), environ={})
+    store = RedisIndexStore(dataclasses.replace(settings.redis, socket_timeout=1.0, connect_timeout=1.0))
+    with pytest.raises(IndexUnavailable):
+        store.lookup(blob("a/b", D1))
+    store.close()
+
+
+# --- what `geo-route status` and the updater's /metrics read ---
+
+
+def test_status_records_keep_the_last_one_per_name_on_the_index_clock(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    store.record_status("reconcile", {"ok": False, "errors": 2})
+    now[0] = 1010.0
+    store.record_status("reconcile", {"ok": True, "errors": 0, "seconds": 1.5})
+    store.record_status("events:local", {"lag": 0.25})
+    records = store.status_records()
+    assert records["reconcile"] == StatusRecord(1010.0, {"ok": True, "errors": 0, "seconds": 1.5})
+    assert records["events:local"] == StatusRecord(1010.0, {"lag": 0.25})
+    assert len(records) == 2, "one entry per name: the hash stays small"
+
+
+def test_figures_count_the_queues_and_how_long_the_oldest_due_has_waited(
+    clocked: tuple[RedisIndexStore, list[float]],
+) -> None:
+    store, now = clocked
+    assert store.figures() == IndexFigures(1000.0, 0, 0, 0.0, 0, 0.0, 0, 0)
+    store.apply([TagInvalidated("a/b", "v1"), TagInvalidated("a/b", "v2", fence=60.0), BlobPresence("a/b", D1, True)])
+    store.lookup(IndexQuery(QueryKind.BLOB, "a/b", D1, refetch=True))  # a refetch: queued for verification
+    store.apply([ContentVerified("c/d", D2, intact=False)])
+    now[0] = 1012.0
+    assert store.figures() == IndexFigures(1012.0, 2, 1, 12.0, 1, 12.0, 1, 1)
+
+
+def test_pin_entries_list_pins_and_tombstones_with_their_epoch(store: RedisIndexStore) -> None:
+    store.apply([PrimaryTag("b/b", "v1", D1, 990.0), PrimaryTag("a/a", "v1", D2, 995.0)])
+    store.apply([TagInvalidated("a/a", "old")])
+    entries, repositories = store.pin_entries(10)
+    assert repositories == 2
+    assert [(e.repository, e.tag, e.digest, e.current) for e in entries] == [
+        ("a/a", "old", "", True),
+        ("a/a", "v1", D2, True),
+        ("b/b", "v1", D1, True),
+    ]
+    assert entries[1].confirmed_at == 995.0
+    first, repositories = store.pin_entries(1)
+    assert {e.repository for e in first} == {"a/a"} and repositories == 2
+
+
+def test_the_topology_names_the_primary_and_what_each_sentinel_says(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    topology = store.topology()
+    assert (topology.mode, topology.role) == (redis_topology, "master")
+    assert topology.version and topology.used_memory
+    if redis_topology == "cluster":
+        nodes = set(redis_settings.redis.cluster_nodes)
+        primaries, replicas = topology.primary.split(", "), [r.split(" ")[0] for r in topology.replicas]
+        assert len(primaries) == 3 and set(primaries) | set(replicas) <= nodes and not set(primaries) & set(replicas)
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]  # the tests' url names the primary
+    assert topology.primary == primary
+    if redis_topology == "single":
+        assert topology.sentinels == () and topology.master_name == ""
+        return
+    assert topology.master_name == redis_settings.redis.master_name
+    assert [address for address, _ in topology.sentinels] == list(redis_settings.redis.sentinels)
+    assert {answer for _, answer in topology.sentinels} == {primary}
+    assert len(topology.replicas) == 1 and " online " in topology.replicas[0]
+    assert redis_settings.redis.password not in repr(topology) or not redis_settings.redis.password
+
+
+def test_status_shows_the_topology_and_names_what_it_could_not_read(
+    store: RedisIndexStore, redis_settings: Settings, redis_topology: str
+) -> None:
+    """``geo-route status`` on either topology, with NGINX's counters unreachable: the rest is shown."""
+
+    def unreachable(url: str) -> str:
+        raise GeoRouteError(f"{url}: connection refused")
+
+    store.apply([PrimaryTag("a/b", "v1", D1, store.now() - 400)])
+    status = gather_status(redis_settings, store, fetch_text=unreachable)
+    text, page = format_status(status), render_status_html(status)
+    assert status.traffic is None and any(p.startswith("nginx metrics: ") for p in status.problems)
+    assert "traffic: unknown" in text and "problem: nginx metrics" in page
+    assert re.search(r"^  a/b:v1 sha256:1{12} 6\.\d min past the bound$", text, re.MULTILINE), text
+    if redis_topology == "cluster":
+        assert f"redis: cluster, primaries {store.topology().primary} (master," in text
+        return
+    primary = redis_settings.redis.url.split("//", 1)[1].split("/", 1)[0]
+    assert f"redis: {redis_topology}, primary {primary} (master," in text
+    for address in redis_settings.redis.sentinels:
+        assert f"  sentinel {address}: primary {primary}" in text
+        assert f"sentinel {address}</th><td>names {primary}" in page

@@ -30,6 +30,7 @@ from faults import (
     Outcome,
     PullLoad,
     RawRedis,
+    index_redis_url,
     judge_pulls,
     notification,
     observe_patiently,
@@ -59,7 +60,7 @@ class Site:
     root: Path
 
     def redis(self) -> RawRedis:
-        return RawRedis(self.stack.info.redis_url)
+        return RawRedis(index_redis_url(self.stack.info.site_file))
 
     def lock_key(self, name: str) -> str:
         return f"{load_settings(self.stack.info.site_file, environ={}).redis.key_prefix}lock:{name}"

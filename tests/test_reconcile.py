@@ -26,7 +26,8 @@ from geo_route.devstack.skopeo import docker_reference
 from geo_route.devstack.stack import bring_up
 from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence, PrimaryTag
 from geo_route.index.redis_store import RedisIndexStore
-from geo_route.updater.reconcile import LOCK_NAME, ReconcileLoop, open_store, reconcile, run_reconcile_command
+from geo_route.updater.reconcile import LOCK_NAME, open_store, reconcile, run_reconcile_command
+from geo_route.updater.reconcile_cycle import ReconcileLoop
 from geo_route.updater.reconcile_report import Progress
 from geo_route.updater.registry_client import OCI_INDEX
 

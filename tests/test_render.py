@@ -272,8 +272,18 @@ def test_metrics_server_listens_apart_and_counts_by_bounded_labels() -> None:
     log_block = server_part[server_part.index("log_by_lua_block {") :]
     log_block = log_block[log_block.index("if ngx.var.geo_route_counted") : log_block.index("\n}")]
     series = set(re.findall(r"'(\w+)\{(\w+)=", log_block))
-    assert series == {("requests_total", "route"), ("sent_bytes_total", "route"), ("fallbacks_total", "local_status")}
+    assert series == {
+        ("requests_total", "route"),
+        ("sent_bytes_total", "route"),
+        ("fallbacks_total", "local_status"),
+        ("operation_requests_total", "route"),
+        ("operation_sent_bytes_total", "route"),
+        ("fallback_causes_total", "cause"),
+    }
+    assert set(re.findall(r"[{,](\w+)=", log_block)) == {"route", "status", "local_status", "operation", "cause"}
     assert "uri" not in log_block and "repository" not in log_block
+    # The operation label is only ever one of the service's own values (operations.Kind), or "none".
+    assert 'string.find(operation, "[^a-z-]") then operation = "none"' in log_block
 
 
 @pytest.mark.parametrize("value", ["9145", "127.0.0.1", "127.0.0.1:9145; evil"])
@@ -306,3 +316,40 @@ def test_nginx_reaches_the_auth_service_on_its_first_unix_socket(tmp_path: Path)
     assert f"server unix:{socket};" in upstream.group(1) and "keepalive" in upstream.group(1), upstream.group(1)
     tcp_only = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={}))
     assert "server 127.0.0.1:8080;" in tcp_only and "unix:" not in tcp_only
+
+
+def auth_upstream_server(text: str) -> str:
+    """The one ``server`` of the rendered ``upstream geo_route_auth``."""
+    block = re.search(r"upstream geo_route_auth \{([^}]*)\}", text)
+    assert block, "no auth upstream rendered"
+    servers = re.findall(r"^\s*server (\S+);", block.group(1), flags=re.MULTILINE)
+    assert len(servers) == 1, servers
+    return servers[0]
+
+
+@pytest.mark.parametrize(
+    ("bind", "reached_at"),
+    [
+        ("0.0.0.0:8080", "127.0.0.1:8080"),
+        ("[::]:8080", "[::1]:8080"),
+        ("10.1.2.3:8080", "10.1.2.3:8080"),
+        ("unix:/run/geo-route/auth.sock", "unix:/run/geo-route/auth.sock"),
+    ],
+)
+def test_nginx_reaches_the_auth_service_at_a_connectable_address(tmp_path: Path, bind: str, reached_at: str) -> None:
+    """A wildcard bind (listen on every address) is no address to connect to: NGINX uses loopback."""
+    settings = load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_SERVER__BIND": bind})
+    assert auth_upstream_server(render_nginx_conf(settings, "http")) == reached_at
+
+
+def test_nginx_auth_server_names_the_auth_service_on_another_host(tmp_path: Path) -> None:
+    """nginx.auth_server: NGINX in another container reaches the service by its name, whatever it binds."""
+    environ = {"GEO_ROUTE_SERVER__BIND": "0.0.0.0:8080", "GEO_ROUTE_NGINX__AUTH_SERVER": "auth:8080"}
+    settings = load_settings(site_for_nginx(tmp_path), environ=environ)
+    assert auth_upstream_server(render_nginx_conf(settings, "http")) == "auth:8080"
+
+
+@pytest.mark.parametrize("value", ["0.0.0.0:8080", "[::]:8080", "auth", "auth:8080; evil"])
+def test_nginx_auth_server_must_be_connectable(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"nginx\.auth_server"):
+        load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__AUTH_SERVER": value})

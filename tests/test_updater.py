@@ -83,8 +83,11 @@ def send(client: FlaskClient, source: str, body: Any, secret: str | None = None)
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
+    """The index's state: every key but ``status`` (when the last envelope arrived and its lag, for
+    ``geo-route status``: bookkeeping that a replay rightly updates, not what the index says)."""
     client = redis.Redis.from_url(settings.redis.url)
-    keys = sorted(client.scan_iter(match=f"{settings.redis.key_prefix}*"))
+    status = f"{settings.redis.key_prefix}status".encode()
+    keys = sorted(key for key in client.scan_iter(match=f"{settings.redis.key_prefix}*") if key != status)
     state = {key: client.dump(key) for key in keys}
     client.close()
     return state
@@ -340,3 +343,11 @@ def test_actor_user_is_never_logged_or_stored(
     with redis.Redis.from_url(updater_settings.redis.url) as raw:
         dump = repr(sorted((key, raw.dump(key)) for key in raw.scan_iter(match="*")))
     assert USER_JWT.encode() not in dump.encode() and "eyJ" not in dump
+
+
+def test_metrics_say_when_the_index_cannot_be_read_at_scrape_time(settings: Settings) -> None:
+    """``settings``' Redis is a closed port: the queue gauges are left out, ``geo_route_index_up`` is 0."""
+    text = create_updater_app(settings).test_client().get("/metrics").get_data(as_text=True)
+    assert "\ngeo_route_index_up 0.0\n" in text
+    assert "geo_route_resolution_queue" not in text and "geo_route_last_reconcile" not in text
+    assert "# TYPE geo_route_envelopes_rejected" in text  # the process's own metrics are still there

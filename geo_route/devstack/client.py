@@ -25,7 +25,7 @@ from geo_route.devstack.processes import fetch, wait_until
 from geo_route.devstack.replicate import ReplicatedTag, replicate_image
 from geo_route.devstack.skopeo import Credentials, Skopeo, docker_reference
 from geo_route.devstack.stack import SERVICE, RunningStack, StackInfo, bring_up
-from geo_route.errors import DevstackError
+from geo_route.errors import DevstackError, IndexUnavailable
 from geo_route.index.model import IndexQuery, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 
@@ -120,7 +120,10 @@ class StackClient:
         """Wait until the index pins ``tag`` to ``digest`` (and, if asked, has that manifest locally)."""
 
         def pinned() -> bool:
-            view = self.index.lookup(IndexQuery(QueryKind.TAG, repository, tag))
+            try:
+                view = self.index.lookup(IndexQuery(QueryKind.TAG, repository, tag))
+            except IndexUnavailable:  # the site's 50 ms Redis timeout, missed on a loaded machine: ask again
+                return False
             return view.pinned_digest == digest and (present is None or view.present == present)
 
         wait_until(pinned, NOTIFICATION_WAIT, f"the index to pin {repository}:{tag} to {digest[:19]}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -67,6 +68,7 @@ def build_oci_image(
     variant: str = "",
     layer_count: int = 2,
     layer_bytes: int = 16 * 1024,
+    architecture: str = "amd64",
 ) -> OciImage:
     """Build an image into the OCI layout at ``layout`` (created if needed) and tag it ``tag`` there.
 
@@ -81,7 +83,7 @@ def build_oci_image(
         tar = layer_tar(index, seed, layer_bytes)
         diff_ids.append(sha256_digest(tar))
         layers.append(write_blob(layout, LAYER_MEDIA_TYPE, gzip.compress(tar, compresslevel=6, mtime=0)))
-    config = write_blob(layout, CONFIG_MEDIA_TYPE, canonical_json(image_config(variant, diff_ids)))
+    config = write_blob(layout, CONFIG_MEDIA_TYPE, canonical_json(image_config(variant, diff_ids, architecture)))
     manifest_body = {
         "schemaVersion": 2,
         "mediaType": MANIFEST_MEDIA_TYPE,
@@ -92,6 +94,57 @@ def build_oci_image(
     manifest = write_blob(layout, MANIFEST_MEDIA_TYPE, canonical_json(manifest_body))
     tag_manifest(layout, tag, manifest)
     return OciImage(layout, tag, manifest, config, tuple(layers))
+
+
+@dataclass(frozen=True)
+class OciIndex:
+    """A tagged multi-platform image: an OCI image index whose children are ``OciImage``s (each also
+    tagged ``TAG-ARCH`` in the layout)."""
+
+    layout: Path
+    tag: str
+    index: Blob
+    children: dict[str, OciImage]  # architecture -> image
+
+    @property
+    def digest(self) -> str:
+        return self.index.digest
+
+    @property
+    def reference(self) -> str:
+        return f"oci:{self.layout}:{self.tag}"
+
+
+def build_oci_index(
+    layout: Path,
+    tag: str = "latest",
+    *,
+    variant: str = "",
+    architectures: tuple[str, ...] = ("amd64", "arm64"),
+    layer_count: int = 2,
+    layer_bytes: int = 16 * 1024,
+) -> OciIndex:
+    """An image index over one ``build_oci_image`` per architecture (linux), tagged ``tag`` in the
+    layout. The children share the base layer; their other layers and configs differ by architecture."""
+    children = {
+        architecture: build_oci_image(
+            layout,
+            f"{tag}-{architecture}",
+            variant=f"{variant}/{architecture}",
+            layer_count=layer_count,
+            layer_bytes=layer_bytes,
+            architecture=architecture,
+        )
+        for architecture in architectures
+    }
+    entries = [
+        {**child.manifest.descriptor(), "platform": {"architecture": architecture, "os": "linux"}}
+        for architecture, child in children.items()
+    ]
+    body = {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": entries}
+    index = write_blob(layout, INDEX_MEDIA_TYPE, canonical_json(body))
+    tag_manifest(layout, tag, index)
+    return OciIndex(layout, tag, index, children)
 
 
 def start_layout(layout: Path) -> None:
@@ -118,10 +171,10 @@ def layer_tar(index: int, seed: str, payload_bytes: int) -> bytes:
     return buffer.getvalue()
 
 
-def image_config(variant: str, diff_ids: list[str]) -> dict[str, Any]:
+def image_config(variant: str, diff_ids: list[str], architecture: str = "amd64") -> dict[str, Any]:
     return {
         "created": FIXED_CREATED,
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "config": {"Labels": {"io.geo-route.devstack.variant": variant}, "Cmd": ["/bin/true"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},

@@ -26,8 +26,13 @@ from geo_route.errors import DevstackError
 LOOPBACK = "127.0.0.1"
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
 APT_PACKAGE_OF = {
+    "buildah": "buildah",
+    "containerd": "containerd",
+    "ctr": "containerd",
     "docker-registry": "docker-registry",
+    "dockerd": "docker.io",
     "nginx": "nginx",
+    "podman": "podman",
     "redis-server": "redis-server",
     "skopeo": "skopeo",
     "wrk": "wrk",

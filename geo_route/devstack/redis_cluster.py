@@ -66,6 +66,7 @@ class ClusterTopology:
     ) -> None:
         if primaries < 3:
             raise DevstackError("a Redis Cluster needs at least 3 primaries")
+        self.primaries = primaries
         self.replicas_per_primary = replicas_per_primary
         count = primaries * (1 + replicas_per_primary)
         self.nodes = {
@@ -100,8 +101,12 @@ class ClusterTopology:
         return {name: node.logged for name, node in self.nodes.items() if node.logged is not None}
 
     def settled(self) -> bool:
-        """Every running node says the cluster is ok with every slot served, and every replica's
-        link to its primary is up."""
+        """Every running node says the cluster is ok with every slot served, as many nodes are
+        primaries as the cluster has (a restarted old primary has become a replica), and every
+        replica's link to its primary is up."""
+        roles = [info_fields(node.port, "replication").get("role") for node in self.running()]
+        if roles.count("master") != self.primaries:
+            return False
         for node in self.running():
             info = str(resp_command(node.port, "CLUSTER", "INFO"))
             fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)

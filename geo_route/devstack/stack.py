@@ -401,7 +401,7 @@ def write_site_file(
 
 def auth_binds(directory: Path) -> list[str]:
     """The auth service's binds: TCP first (tests and scrapers use ``server.bind[0]``), then the Unix
-    socket NGINX uses (``render.auth_address``), unless its path is too long for one (108 bytes)."""
+    socket NGINX uses (``Settings.auth_server``), unless its path is too long for one (108 bytes)."""
     socket = directory / AUTH_SOCKET
     unix = [f"unix:{socket}"] if len(str(socket).encode()) < UNIX_PATH_MAX else []
     return [f"{LOOPBACK}:{free_port()}", *unix]

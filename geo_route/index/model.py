@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from geo_route.errors import GeoRouteError
 
 
 class QueryKind(Enum):
@@ -73,7 +75,8 @@ class PrimaryTag:
 
     ``digest`` empty: the primary answered 404 (a tombstone). It lands only if it is newer than
     what the index holds (a pin strictly newer; a tombstone at least as new), deletes included.
-    ``hint`` is the claimed resolution's hint, cleared when the pin lands (see ``TagResolution``).
+    ``hint`` is the claimed resolution's hint, cleared when the pin lands (see ``TagResolution``);
+    ``claimed_until`` the claim it answers, released as the pin is written (0: none).
     """
 
     repository: str
@@ -83,6 +86,7 @@ class PrimaryTag:
     media_type: str = ""
     hint: str = ""
     epoch: str = ""  # the index epoch it was asked in ("" = any): an answer from before a restart never lands
+    claimed_until: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,9 @@ class TagResolution:
 
     ``asked_at`` is the index's clock when it was claimed (before the question is sent), ``epoch``
     the index's epoch then; ``hint`` the digest an event announced (``""`` none) and ``attempts``
-    how often it was already retried."""
+    how often it was already retried. ``claimed_until``: the claim's end on the index's clock; until
+    then the tag stays in the queue, invisible to other claims, and its pin or requeue releases it.
+    An updater that dies (or meets a failed write) before either leaves it to be claimed again then."""
 
     repository: str
     tag: str
@@ -176,6 +182,7 @@ class TagResolution:
     hint: str = ""
     attempts: int = 0
     epoch: str = ""
+    claimed_until: float = 0.0
 
 
 IndexUpdate = (
@@ -201,3 +208,71 @@ class IndexStore(Protocol):
 
     def ping(self) -> bool:
         """True when the index answers."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFigures:
+    """The updater's queues and the quarantine, read in one round trip (``/metrics``, ``status``).
+
+    ``*_oldest_due``: how long the longest-waiting due entry has waited (0 when none is due)."""
+
+    now: float
+    resolutions: int
+    resolutions_due: int
+    resolutions_oldest_due: float
+    suspects: int
+    suspects_oldest_due: float
+    quarantined: int
+    repositories: int
+
+
+@dataclass(frozen=True, slots=True)
+class PinEntry:
+    """One tag's entry on the index as ``status`` shows it: a pin or a tombstone (``digest`` "")."""
+
+    repository: str
+    tag: str
+    digest: str
+    confirmed_at: float
+    current: bool  # of the index's current epoch
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRecord:
+    """What the updater last recorded under a name (``reconcile``, ``verify``, ``events:local``...):
+    when (the index's clock) and a few figures."""
+
+    at: float
+    fields: dict[str, float | int | str | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTopology:
+    """Where the index lives, without credentials: addresses, roles and what each sentinel says."""
+
+    mode: str  # "single" | "sentinel"
+    primary: str  # host:port (or unix path) of the node the store talks to
+    role: str = ""
+    version: str = ""
+    used_memory: str = ""
+    replicas: tuple[str, ...] = ()  # "host:port state lag"
+    master_name: str = ""
+    sentinels: tuple[tuple[str, str], ...] = ()  # (sentinel address, the primary it names or "unreachable")
+
+
+@runtime_checkable
+class StatusRecorder(Protocol):
+    def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
+        """Keep ``fields`` under ``name``, stamped with the index's clock (one small hash, bounded)."""
+
+
+def record_status_of(store: object, name: str, fields: dict[str, float | int | str | bool]) -> bool:
+    """Record ``fields`` if ``store`` keeps status records (the Redis store does; test doubles may
+    not). Best effort: False when it could not, never raised (the work it describes is done)."""
+    if not isinstance(store, StatusRecorder):
+        return False
+    try:
+        store.record_status(name, fields)
+    except GeoRouteError:
+        return False
+    return True

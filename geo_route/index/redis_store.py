@@ -23,11 +23,15 @@ the OCI grammar never contains spaces or colons; ``M`` a queue member ``"R TAG"`
     P verify:trusted:DIGEST  STRING (expires) stamp of the last verification since a refetch asked for
                                    one: refetches are served here meanwhile
     P verify:cursor          STRING the repository the verification pass finished last
-    P resolve                ZSET  M -> due time: tags to ask the primary about
+    P reconcile:cursor       STRING where the spread reconciliation's cycle is (``reconcile_cycle.Cursor``)
+    P resolve                ZSET  M -> due time: tags to ask the primary about; a claimed one stays,
+                                   due at its claim's end (``claim_resolutions``)
     P resolve:hints          HASH  M -> "<digest> <attempts>": what an event said the tag now is
     P epoch                  STRING the index's epoch; pins of another epoch are unconfirmed
     P server                 STRING the Redis run_id the epoch belongs to
     P lock:NAME              STRING a lease (one reconciliation at a time); value = its owner
+    P status                 HASH  name -> "<stamp> <JSON>": what the updater last recorded (``reconcile``,
+                                   ``verify``, ``events:local``, ``events:primary``) for ``geo-route status``
 
 On a Redis Cluster (``redis.cluster_nodes``) every key but ``verify:cursor`` and the leases also
 carries its bucket's hash tag after ``P`` (``KeySchema``): the repository's keys and its bucket's
@@ -54,6 +58,7 @@ seconds instead of waiting on a dead Redis for every request.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -77,21 +82,26 @@ from geo_route.index.model import (
     ContentVerified,
     DigestDeleted,
     DigestRestored,
+    IndexFigures,
     IndexQuery,
     IndexUpdate,
     IndexView,
     LocalRepositoryDropped,
     LocalTag,
     ManifestPresence,
+    PinEntry,
     PrimaryTag,
     QueryKind,
+    RedisTopology,
     RepositoryInvalidated,
+    StatusRecord,
     TagInvalidated,
     TagResolution,
 )
 
 T = TypeVar("T")
 log = logging.getLogger("geo_route.index")
+CLAIM_SECONDS = 60.0  # a claim neither pinned nor requeued by then is due again (updater.resolve_claim_seconds)
 RESOLVE_QUEUE_MAX = 100_000  # reads stop queueing resolutions beyond this (events still do)
 SUSPECTS_MAX = 100_000  # refetches stop queueing verifications beyond this (they go to the primary)
 TOMBSTONE = "-"
@@ -136,6 +146,15 @@ local function repositories_under(prefix, repository, subtree, itself)
   end
   return names
 end
+local function release_claim(queue_key, member, claimed)
+  if claimed == nil or claimed == '' then return false end
+  local score = redis.call('ZSCORE', queue_key, member)
+  if score and tonumber(score) == tonumber(claimed) then
+    redis.call('ZREM', queue_key, member)
+    return true
+  end
+  return false
+end
 local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, stamp, hint)
   local held = stamp_of(redis.call('HGET', tags_key, tag))
   if held and held > stamp then stamp = held end
@@ -146,7 +165,8 @@ local function invalidate(tags_key, queue_key, hints_key, epoch, tag, member, st
 end
 """
 # KEYS: tags, epoch, deleted, hints, queue, invalidated
-# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any), now
+# ARGV: tag, digest ('' = 404), stamp, media type, member, hint, epoch asked in ('' = any), now,
+#       the claim it answers ('' = none)
 # An answer lands only if it is newer than the tag's entry, than its repository's last
 # invalidation and than its digest's deletion mark, and was asked in the current epoch. One that
 # loses to anything but a pin at least as new is queued again (for when a fence's time has come),
@@ -155,6 +175,7 @@ SET_PIN_IF_NEWER_SCRIPT = (
     LUA_COMMON
     + """
 local stamp = tonumber(ARGV[3])
+release_claim(KEYS[5], ARGV[5], ARGV[9])
 local epoch = epoch_now(KEYS[2])
 local held_value = redis.call('HGET', KEYS[1], ARGV[1])
 local held = stamp_of(held_value)
@@ -236,6 +257,9 @@ end
 return #names
 """
 )
+# A tag already queued keeps its due time (a claim in flight is not asked again), except when its
+# entry is of another epoch: a claim made before a restart or failover (in the snapshot, or on the
+# promoted replica) may have nobody left to answer it, so the read makes the tag due now.
 # KEYS: tags, manifests, epoch, queue, quarantined   ARGV: tag, member, now, refresh_after, queue max
 PINNED_TAG_SCRIPT = (
     LUA_COMMON
@@ -246,16 +270,18 @@ local epoch = epoch_now(KEYS[3])
 local present = 0
 local due = now
 local fresh = false
+local queued = 'NX'
 if pinned then
   local digest, stamp, _, pin_epoch = fields(pinned)
   if stamp > now then due = stamp end
   fresh = pin_epoch == epoch and now - stamp <= tonumber(ARGV[4])
+  if pin_epoch ~= epoch then queued = 'LT' end
   if digest ~= '-' and redis.call('HEXISTS', KEYS[5], digest) == 0 then
     present = redis.call('SISMEMBER', KEYS[2], digest)
   end
 end
 if not fresh and redis.call('ZCARD', KEYS[4]) < tonumber(ARGV[5]) then
-  redis.call('ZADD', KEYS[4], 'NX', due, ARGV[2])
+  redis.call('ZADD', KEYS[4], queued, due, ARGV[2])
 end
 return {pinned or '', present, epoch, string.format('%.6f', now)}
 """
@@ -312,29 +338,42 @@ for _, member in ipairs(due) do redis.call('ZREM', KEYS[1], member) end
 return due
 """
 )
-# KEYS: queue, hints, epoch   ARGV: now, limit  ->  {now, epoch, member, hint, member, hint, ...}
+# A claim leaves the tag in the queue, due again at the claim's end: until then no other claim takes
+# it; its pin or requeue releases it (only while the claim is still the tag's score: an invalidation
+# or a read that queued it meanwhile keeps its own due time), and if neither ever comes (the updater
+# died, Redis failed the write) the tag is claimed again at the claim's end.
+# KEYS: queue, hints, epoch   ARGV: now, limit, claim seconds
+#   ->  {now, epoch, claimed until, member, hint, member, hint, ...}
 CLAIM_SCRIPT = (
     LUA_COMMON
     + """
 local now = clock(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {string.format('%.6f', now), epoch_now(KEYS[3])}
+local claimed = string.format('%.6f', now + tonumber(ARGV[3]))
+local out = {string.format('%.6f', now), epoch_now(KEYS[3]), claimed}
 for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[1], 'XX', claimed, member)
   table.insert(out, member)
   table.insert(out, redis.call('HGET', KEYS[2], member) or '')
 end
 return out
 """
 )
-# KEYS: queue, hints   ARGV: member, due, hint as claimed, hint to store ('' = leave it)
-REQUEUE_SCRIPT = """
-redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+# KEYS: queue, hints   ARGV: member, due, hint as claimed, hint to store ('' = leave it), claim ('' = none)
+REQUEUE_SCRIPT = (
+    LUA_COMMON
+    + """
+if release_claim(KEYS[1], ARGV[1], ARGV[5]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], 'LT', ARGV[2], ARGV[1])
+end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[2], ARGV[1]) == ARGV[3] then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 end
 return 1
 """
+)
 # KEYS: deleted   ARGV: digest, stamp ('' = unconditionally): clear a deletion mark older than stamp
 RESTORE_DIGEST_SCRIPT = """
 local marked = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '')
@@ -350,6 +389,23 @@ return 1
 """
 # KEYS: epoch   ARGV: now  ->  {now, epoch}
 STAMP_SCRIPT = LUA_COMMON + "return {string.format('%.6f', clock(ARGV[1])), epoch_now(KEYS[1])}"
+# KEYS: status   ARGV: name, JSON, now
+RECORD_STATUS_SCRIPT = (
+    LUA_COMMON + "return redis.call('HSET', KEYS[1], ARGV[1], string.format('%.6f', clock(ARGV[3])) .. ' ' .. ARGV[2])"
+)
+# KEYS: resolve, suspects, quarantined, repos   ARGV: now
+# -> {now, resolutions, due, oldest due score, suspects, oldest suspect score, quarantined, repositories}
+FIGURES_SCRIPT = (
+    LUA_COMMON
+    + """
+local now = clock(ARGV[1])
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local suspect = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+return {string.format('%.6f', now), redis.call('ZCARD', KEYS[1]), redis.call('ZCOUNT', KEYS[1], '-inf', now),
+  first[2] or '', redis.call('ZCARD', KEYS[2]), suspect[2] or '', redis.call('HLEN', KEYS[3]),
+  redis.call('SCARD', KEYS[4])}
+"""
+)
 RELEASE_OWN_LEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -368,7 +424,7 @@ class KeySchema:
     every key of the repository and of its bucket (its repos set, epoch, resolution queue,
     quarantine copy, suspects) carries the bucket's hash tag: ``P{gN}local:blobs:R``. A decision
     and an applied batch therefore stay in one hash slot; work across buckets is split per bucket.
-    Only ``verify:cursor`` and the leases stay untagged (single-key commands).
+    Only ``verify:cursor``, ``reconcile:cursor`` and the leases stay untagged (single-key commands).
     """
 
     def __init__(self, prefix: str, buckets: int = 0) -> None:
@@ -376,6 +432,8 @@ class KeySchema:
         self.clustered = buckets > 0
         self.buckets: tuple[str, ...] = tuple(f"{{g{n}}}" for n in range(buckets)) if buckets else ("",)
         self.verify_cursor = f"{prefix}verify:cursor"
+        self.reconcile_cursor = f"{prefix}reconcile:cursor"
+        self.status = f"{prefix}status"
 
     def bucket(self, repository: str) -> str:
         """The hash tag of the repository's bucket ("" on one Redis)."""
@@ -705,6 +763,7 @@ class RedisIndexStore:
     ) -> None:
         self.keys = KeySchema(settings.key_prefix, settings.cluster_buckets if settings.cluster_nodes else 0)
         self._sentinel: redis.sentinel.Sentinel | None = None
+        self._master_name = settings.master_name
         self._cluster: redis.cluster.RedisCluster | None = None
         self._client: Any = client or self._connect(settings)
         if self._cluster is not None:
@@ -938,6 +997,7 @@ class RedisIndexStore:
                 ),
                 (update.tag, update.digest, format_stamp(update.confirmed_at), encode_media_type(update.media_type)),
                 (queue_member(repository, update.tag), update.hint, update.epoch, self._now_arg()),
+                (format_stamp(update.claimed_until or None),),
             )
             return [("SADD", keys.repos(bucket), repository), pin]
         if isinstance(update, TagInvalidated):
@@ -957,18 +1017,20 @@ class RedisIndexStore:
             return [("SADD", keys.repos(bucket), repository), ("HSET", key, update.tag, update.digest)]
         raise TypeError(f"not an index update: {update!r}")
 
-    def claim_resolutions(self, limit: int) -> list[TagResolution]:
-        """Take up to ``limit`` due resolutions off the queue (atomically: several updaters never
-        take the same one), stamped with the index's clock at the claim (of the bucket's node)."""
+    def claim_resolutions(self, limit: int, seconds: float = CLAIM_SECONDS) -> list[TagResolution]:
+        """Claim up to ``limit`` due resolutions for ``seconds`` (atomically: several updaters never
+        claim the same one), stamped with the index's clock at the claim (of the bucket's node). A
+        claim neither pinned nor requeued within ``seconds`` (its updater died, or Redis failed the
+        write) is due again then."""
         claimed: list[TagResolution] = []
         for bucket in self._queued_buckets(self.keys.resolve):
             keys = (self.keys.resolve(bucket), self.keys.hints(bucket), self.keys.epoch(bucket))
-            found = self._eval(CLAIM_SCRIPT, keys, self._now_arg(), str(limit - len(claimed)))
-            asked_at, epoch = float(found[0]), str(found[1])
-            for member, hint in zip(found[2::2], found[3::2], strict=True):
+            found = self._eval(CLAIM_SCRIPT, keys, self._now_arg(), str(limit - len(claimed)), f"{seconds:.6f}")
+            asked_at, epoch, until = float(found[0]), str(found[1]), float(found[2])
+            for member, hint in zip(found[3::2], found[4::2], strict=True):
                 repository, tag = parse_member(str(member))
                 digest, _, attempts = str(hint).partition(" ")
-                claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0), epoch))
+                claimed.append(TagResolution(repository, tag, asked_at, digest, int(attempts or 0), epoch, until))
             if len(claimed) >= limit:
                 break
         return claimed
@@ -998,7 +1060,9 @@ class RedisIndexStore:
         hint = f"{resolution.hint} {attempts}" if resolution.hint and attempts is not None else ""
         bucket = self.keys.bucket(resolution.repository)
         due = format_stamp(resolution.asked_at + delay)
-        self._eval(REQUEUE_SCRIPT, (self.keys.resolve(bucket), self.keys.hints(bucket)), member, due, claimed, hint)
+        claim = format_stamp(resolution.claimed_until or None)
+        keys = (self.keys.resolve(bucket), self.keys.hints(bucket))
+        self._eval(REQUEUE_SCRIPT, keys, member, due, claimed, hint, claim)
 
     def claim_suspects(self, limit: int) -> list[tuple[str, str, bool]]:
         """Take up to ``limit`` due verifications a refetch asked for off their queue:
@@ -1035,6 +1099,13 @@ class RedisIndexStore:
 
     def set_verify_cursor(self, repository: str) -> None:
         self._write(lambda: self._client.set(self.keys.verify_cursor, repository))
+
+    def reconcile_cursor(self) -> str:
+        """Where the spread reconciliation's cycle is ("" before the first)."""
+        return str(self._read(lambda: self._client.get(self.keys.reconcile_cursor)) or "")
+
+    def set_reconcile_cursor(self, value: str) -> None:
+        self._write(lambda: self._client.set(self.keys.reconcile_cursor, value))
 
     def queued_resolutions(self) -> int:
         return sum(self._each_bucket(lambda pipe, bucket: pipe.zcard(self.keys.resolve(bucket))))
@@ -1123,6 +1194,121 @@ class RedisIndexStore:
     def repositories(self) -> set[str]:
         found = self._each_bucket(lambda pipe, bucket: pipe.smembers(self.keys.repos(bucket)))
         return {str(name) for names in found for name in names}
+
+    # --- what `geo-route status` and the updater's /metrics read (never on the decision path) ---
+
+    def record_status(self, name: str, fields: dict[str, float | int | str | bool]) -> None:
+        """Keep ``fields`` under ``name`` (a fixed set of names: the hash stays small), stamped now."""
+        value = json.dumps(fields, separators=(",", ":"))
+        args = (name, value, self._now_arg())
+        if self.keys.clustered:  # an untagged key: wherever its slot is
+            self._write(lambda: self._client.eval(RECORD_STATUS_SCRIPT, 1, self.keys.status, *args))
+            return
+        # on the connection ``apply`` uses (the updater records right after applying an envelope)
+        self._write(lambda: self._lookups.run_script(RECORD_STATUS_SCRIPT, (self.keys.status,), args))
+
+    def status_records(self) -> dict[str, StatusRecord]:
+        found = self._read(lambda: self._client.hgetall(self.keys.status))
+        records = {}
+        for name, value in found.items():
+            stamp, _, text = str(value).partition(" ")
+            try:
+                records[str(name)] = StatusRecord(float(stamp), dict(json.loads(text)))
+            except ValueError:
+                continue  # not ours: skipped
+        return records
+
+    def figures(self) -> IndexFigures:
+        """The queues summed over the buckets (one round trip each; one on one Redis); the oldest
+        wait is the longest of any bucket; every bucket holds a copy of the quarantine."""
+        rows = []
+        for bucket in self.keys.buckets:
+            keys = (
+                self.keys.resolve(bucket),
+                self.keys.suspects(bucket),
+                self.keys.quarantined(bucket),
+                self.keys.repos(bucket),
+            )
+            rows.append(self._eval(FIGURES_SCRIPT, keys, self._now_arg()))
+
+        def waited(row: list[Any], score: Any) -> float:
+            return max(0.0, float(row[0]) - float(score)) if score not in ("", None) else 0.0
+
+        return IndexFigures(
+            now=max(float(row[0]) for row in rows),
+            resolutions=sum(int(row[1]) for row in rows),
+            resolutions_due=sum(int(row[2]) for row in rows),
+            resolutions_oldest_due=max(waited(row, row[3]) for row in rows),
+            suspects=sum(int(row[4]) for row in rows),
+            suspects_oldest_due=max(waited(row, row[5]) for row in rows),
+            quarantined=max(int(row[6]) for row in rows),
+            repositories=sum(int(row[7]) for row in rows),
+        )
+
+    def pin_entries(self, max_repositories: int) -> tuple[list[PinEntry], int]:
+        """Every tag entry of at most ``max_repositories`` repositories (the first by name), and how
+        many repositories the index has: ``status`` reads a bounded share of a large index."""
+        names = sorted(self.repositories())
+        chosen = names[:max_repositories]
+        buckets = self.keys.buckets
+        with self._client.pipeline(transaction=False) as pipe:
+            for bucket in buckets:
+                pipe.get(self.keys.epoch(bucket))
+            for name in chosen:
+                pipe.hgetall(self.keys.primary_tags(name))
+            found = self._read(pipe.execute)
+        epochs = dict(zip(buckets, found[: len(buckets)], strict=True))
+        entries = []
+        for name, table in zip(chosen, found[len(buckets) :], strict=True):
+            epoch = str(epochs[self.keys.bucket(name)])
+            for tag, value in sorted(table.items()):
+                digest, stamp, _, pin_epoch = decode_pin(str(value))
+                entries.append(PinEntry(name, str(tag), digest, stamp, pin_epoch == epoch))
+        return entries, len(names)
+
+    def topology(self) -> RedisTopology:
+        """Where the index is: the node this store talks to (a cluster's primaries), its role and
+        replicas, and with Sentinel the primary each sentinel names. Addresses only: no password is
+        read or returned."""
+        if self._cluster is not None:
+            return self._cluster_topology(self._cluster)
+        info = self._read(lambda: self._client.info())
+        replicas = tuple(
+            f"{value.get('ip')}:{value.get('port')} {value.get('state', '')} lag {value.get('lag', '?')}"
+            for key, value in sorted(info.items())
+            if key.startswith("slave") and isinstance(value, dict)
+        )
+        role, version = str(info.get("role", "")), str(info.get("redis_version", ""))
+        memory = str(info.get("used_memory_human", ""))
+        if self._sentinel is None:
+            return RedisTopology("single", self._node_address(), role, version, memory, replicas)
+        sentinels = tuple(
+            (self._node_address(sentinel), self._named_primary(sentinel)) for sentinel in self._sentinel.sentinels
+        )
+        named = next((answer for _, answer in sentinels if answer != "unreachable"), "unknown")
+        return RedisTopology("sentinel", named, role, version, memory, replicas, self._master_name, sentinels)
+
+    def _cluster_topology(self, cluster: redis.cluster.RedisCluster) -> RedisTopology:
+        primaries = sorted(cluster.get_primaries(), key=lambda node: (node.host, node.port))  # type: ignore[no-untyped-call]
+        replicas = tuple(sorted(f"{n.host}:{n.port} replica" for n in cluster.get_replicas()))  # type: ignore[no-untyped-call]
+        found: Any = self._read(lambda: cluster.info(target_nodes=primaries[0]))
+        info = next(iter(found.values())) if found and isinstance(next(iter(found.values())), dict) else found
+        addresses = ", ".join(f"{node.host}:{node.port}" for node in primaries)
+        version, memory = str(info.get("redis_version", "")), str(info.get("used_memory_human", ""))
+        return RedisTopology("cluster", addresses, str(info.get("role", "")), version, memory, replicas)
+
+    def _node_address(self, client: redis.Redis | None = None) -> str:
+        options = (client or self._client).connection_pool.connection_kwargs
+        if options.get("path"):
+            return str(options["path"])
+        return f"{options.get('host', '?')}:{options.get('port', '?')}"
+
+    def _named_primary(self, sentinel: redis.Redis) -> str:
+        try:
+            found: Any = sentinel.sentinel_get_master_addr_by_name(self._master_name)
+        except redis.RedisError:
+            return "unreachable"
+        return f"{found[0]}:{found[1]}" if isinstance(found, list | tuple) and len(found) == 2 else "unknown"
 
     def _read(self, command: Callable[[], T]) -> T:
         try:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError
-from geo_route.updater.reconcile import ReconcileLoop, Registries, open_store
+from geo_route.updater.reconcile import Registries, open_store
+from geo_route.updater.reconcile_cycle import ReconcileLoop
 from geo_route.updater.resolver import Resolver, ResolverLoop
 from geo_route.updater.verify import Observer, RateLimiter, Verifier, VerifyLoop
 
@@ -39,6 +40,7 @@ class BackgroundLoops:
                 registries.primary,
                 concurrency=updater.resolve_concurrency,
                 batch=updater.resolve_batch,
+                claim_seconds=updater.resolve_claim_seconds,
             )
             resolver = ResolverLoop(worker)
             resolver.start()

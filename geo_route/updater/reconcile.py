@@ -15,8 +15,8 @@ primary's tag pins, while notifications keep arriving.
    the primary has the digest again for is cleared.
 
 Requests use pull tokens minted with the sites' shared signing key (``pull_tokens``); at most
-``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile`` and
-``ReconcileLoop`` runs reconciliations in the updater's background.
+``concurrency`` run at once. ``run_reconcile_command`` is ``geo-route reconcile``; the updater's
+background reconciliation spreads the same work over its interval (``reconcile_cycle``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag
+from geo_route.index.model import DigestDeleted, DigestRestored, IndexUpdate, PrimaryTag, record_status_of
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.pull_tokens import PullTokens
 from geo_route.updater.reconcile_report import PrimaryTally, Progress, ReconcileReport, RepositoryTally
@@ -79,10 +79,15 @@ class Registries:
     primary: RegistryClient
 
     @classmethod
-    def from_settings(cls, settings: Settings, timeout: float = HTTP_TIMEOUT) -> Registries:
+    def from_settings(
+        cls, settings: Settings, timeout: float = HTTP_TIMEOUT, throttle: Callable[[], None] | None = None
+    ) -> Registries:
+        """``throttle`` is called before every request to either registry (a shared rate limit)."""
         tokens = PullTokens.from_settings(settings)
-        local = RegistryClient(settings.local_registry.url, tokens, timeout=timeout)
-        primary = RegistryClient(settings.primary.url, tokens, timeout=timeout, tls_context=primary_tls(settings))
+        local = RegistryClient(settings.local_registry.url, tokens, timeout=timeout, throttle=throttle)
+        primary = RegistryClient(
+            settings.primary.url, tokens, timeout=timeout, tls_context=primary_tls(settings), throttle=throttle
+        )
         return cls(local, primary)
 
     def close(self) -> None:
@@ -177,16 +182,32 @@ def run_locked(
     if report.locked:
         return report
     try:
-        with LeaseKeeper(store, lock_seconds), ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
-            run = ReconcileRun(store, registries, requests, report, options.stop)
-            run.walk_local(options.concurrency, options.progress, options.progress_every)
-            run.refresh_primary_pins()
-    except IndexUnavailable as exc:
-        report.add_errors([f"index: {exc}"])
+        run_under_lease(store, registries, options, lock_seconds, None, report)
     finally:
         release_lock(store, report)
         report.seconds = time.monotonic() - started
+    record_status_of(store, "reconcile", report.status_fields())
     return report
+
+
+def run_under_lease(
+    store: ReconcileStore,
+    registries: Registries,
+    options: RunOptions,
+    lock_seconds: int,
+    names: list[str] | None,
+    report: ReconcileReport,
+) -> None:
+    """The work of a run while its caller holds the lease (renewed meanwhile), counted into
+    ``report``: every repository (``names`` None), or only ``names`` (a slice of a spread cycle,
+    ``reconcile_cycle``)."""
+    try:
+        with LeaseKeeper(store, lock_seconds), ThreadPoolExecutor(options.concurrency, "reconcile-http") as requests:
+            run = ReconcileRun(store, registries, requests, report, options.stop)
+            run.walk_local(options.concurrency, options.progress, options.progress_every, names)
+            run.refresh_primary_pins(names)
+    except IndexUnavailable as exc:
+        report.add_errors([f"index: {exc}"])
 
 
 class LeaseStore(Protocol):
@@ -247,8 +268,11 @@ class ReconcileRun:
         self.report = report
         self.stop = stop
 
-    def walk_local(self, workers: int, progress: ProgressCallback | None, progress_every: int) -> None:
-        names = self.list_repositories()
+    def walk_local(
+        self, workers: int, progress: ProgressCallback | None, progress_every: int, names: list[str] | None = None
+    ) -> None:
+        """Every repository (the catalog's and the index's), or only ``names``."""
+        names = self.list_repositories() if names is None else names
         if names is None:
             return
         counter = ProgressCounter(progress, progress_every, len(names))
@@ -291,14 +315,16 @@ class ReconcileRun:
         blobs, manifests = self.store.local_snapshot(repository)
         return Snapshot(frozenset(blobs), frozenset(manifests), self.store.local_tags(repository))
 
-    def refresh_primary_pins(self) -> None:
-        """``HEAD`` every tag the index knows at the primary; pin the answers (see the module docstring)."""
+    def refresh_primary_pins(self, names: list[str] | None = None) -> None:
+        """``HEAD`` every tag the index knows at the primary (of ``names`` only, if given); pin the
+        answers (see the module docstring)."""
         if self.stop.is_set():
             self.report.cancelled = True
             return
-        known = self.known_tags()
+        names = sorted(self.store.repositories()) if names is None else names
+        known = self.known_tags(names)
         # Before any question: an invalidation after it still wins (per bucket on a Redis Cluster).
-        stamps = self.store.stamps(self.store.repositories() | set(known))
+        stamps = self.store.stamps(set(names) | set(known))
         asked = gather(self.requests, self.ask_primary, [(repo, tag) for repo, tags in known.items() for tag in tags])
         updates: list[IndexUpdate] = []
         tally = self.report.primary_tags
@@ -311,15 +337,15 @@ class ReconcileRun:
             update = pin_update(repository, tag, answer, pinned, asked_at, tally, epoch)
             if update is not None:
                 updates.append(update)
-        updates.extend(self.restored_digests(stamps))
-        updates.extend(self.deleted_digests())
+        updates.extend(self.restored_digests(stamps, names))
+        updates.extend(self.deleted_digests(names))
         for start in range(0, len(updates), APPLY_CHUNK):
             self.store.apply(updates[start : start + APPLY_CHUNK])
 
-    def known_tags(self) -> dict[str, dict[str, str | None]]:
+    def known_tags(self, names: list[str]) -> dict[str, dict[str, str | None]]:
         """repository → tag → pinned digest (``None``: tagged locally, not pinned)."""
         known: dict[str, dict[str, str | None]] = {}
-        for repository in sorted(self.store.repositories()):
+        for repository in names:
             tags: dict[str, str | None] = dict.fromkeys(self.store.local_tags(repository))
             tags.update({tag: digest for tag, (digest, _) in self.store.primary_tags(repository).items()})
             if tags:
@@ -329,12 +355,12 @@ class ReconcileRun:
     def ask_primary(self, key: tuple[str, str]) -> ManifestHead | None:
         return self.registries.primary.head_manifest(*key)
 
-    def deleted_digests(self) -> list[IndexUpdate]:
+    def deleted_digests(self, names: list[str]) -> list[IndexUpdate]:
         """Manifests held here that the primary answers 404 for by digest: deleted there with no
         event (GitLab's online garbage collection, a lost or dropped event). They are marked
         deleted, so they stop being served by digest, and tags pinned to them are re-resolved."""
         held = []
-        for repository in sorted(self.store.repositories()):
+        for repository in names:
             _, manifests = self.store.local_snapshot(repository)
             held += [(repository, digest) for digest in sorted(manifests - self.store.deleted_digests(repository))]
         deleted: list[IndexUpdate] = []
@@ -346,12 +372,10 @@ class ReconcileRun:
         self.report.primary_tags.deleted += len(deleted)
         return deleted
 
-    def restored_digests(self, stamps: dict[str, tuple[float, str]]) -> list[IndexUpdate]:
+    def restored_digests(self, stamps: dict[str, tuple[float, str]], names: list[str]) -> list[IndexUpdate]:
         """Digests marked deleted at the primary that the primary serves again (pushed anew); a
         mark newer than the repository's stamp stays (the digest was deleted again while we asked)."""
-        marked = [
-            (repo, digest) for repo in sorted(self.store.repositories()) for digest in self.store.deleted_digests(repo)
-        ]
+        marked = [(repo, digest) for repo in names for digest in self.store.deleted_digests(repo)]
         updates: list[IndexUpdate] = []
         for (repository, digest), answer in gather(self.requests, lambda key: self.ask_primary(key), marked):
             if isinstance(answer, RegistryError):
@@ -394,33 +418,39 @@ def open_store(settings: Settings) -> RedisIndexStore:
 def run_reconcile_command(
     settings: Settings, once: bool, print_line: Callable[[str], None], verify_rate: int | None = None
 ) -> int:
-    """``geo-route reconcile``: one run (exit 0 when it ran cleanly, else 1), or a run every
-    ``updater.reconcile_interval`` seconds (at least 1) until SIGINT/SIGTERM (exit 0).
-    ``verify_rate`` (bytes per second, 0 = no limit; ``None`` = no verification): after each run,
-    a full verification pass (``--verify``), which must be clean too."""
+    """``geo-route reconcile``: with ``once``, one full run at once (exit 0 when it ran cleanly, else
+    1); without, the updater's spread cycle in the foreground (``reconcile_cycle``: one cycle per
+    ``updater.reconcile_interval``, at most ``updater.reconcile_requests_per_second``), each cycle's
+    report printed, until SIGINT/SIGTERM (exit 0). ``verify_rate`` (bytes per second, 0 = no limit;
+    ``None`` = no verification): after the run or each cycle, a full verification pass
+    (``--verify``), which must be clean too."""
+    from geo_route.updater.reconcile_cycle import request_throttle, run_cycles
+
     try:
-        registries = Registries.from_settings(settings)
+        registries = Registries.from_settings(settings, throttle=None if once else request_throttle(settings))
     except GeoRouteError as exc:
         print_line(f"reconcile: {exc}")
         return 1
     store = open_store(settings)
     stop = threading.Event()
+
+    def report_and_verify(report: ReconcileReport) -> bool:
+        print_line(report.format())
+        if verify_rate is None or stop.is_set():
+            return report.ok
+        verified = verify_once(settings, store, registries, verify_rate, stop)
+        print_line(verified.format())
+        return report.ok and verified.ok
+
     try:
         with stop_on_signals(stop):
-            while True:
-                report = reconcile(
-                    settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
-                )
-                print_line(report.format())
-                ok = report.ok
-                if verify_rate is not None and not stop.is_set():
-                    verified = verify_once(settings, store, registries, verify_rate, stop)
-                    print_line(verified.format())
-                    ok = ok and verified.ok
-                if once:
-                    return 0 if ok else 1
-                if stop.wait(max(settings.updater.reconcile_interval, 1)):
-                    return 0
+            if not once:
+                run_cycles(settings, store, registries, stop, on_cycle=report_and_verify, on_error=print_line)
+                return 0
+            report = reconcile(
+                settings, store, progress=lambda p: print_line(p.format()), registries=registries, stop=stop
+            )
+            return 0 if report_and_verify(report) else 1
     finally:
         registries.close()
         store.close()
@@ -452,67 +482,3 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-class ReconcileLoop:
-    """Reconciliation every ``updater.reconcile_interval`` seconds (at least 1) in a daemon thread.
-
-    The first run starts at once. ``stop()`` asks a running reconciliation to finish the repository
-    it is in and skip the rest, then waits for the thread. ``last_report`` is the latest report.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        store: ReconcileStore | None = None,
-        on_report: Callable[[ReconcileReport], None] | None = None,
-    ) -> None:
-        self.settings = settings
-        self.interval = max(settings.updater.reconcile_interval, 1)
-        self.on_report = on_report
-        self.last_report: ReconcileReport | None = None
-        self.runs = 0
-        self._store = store
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None:
-            raise RuntimeError("ReconcileLoop already started")
-        self._thread = threading.Thread(target=self.run_until_stopped, name="geo-route-reconcile", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_until_stopped(self) -> None:
-        store = self._store
-        own_store = store is None
-        registries: Registries | None = None
-        try:
-            while not self._stop.is_set():
-                try:
-                    store = store or open_store(self.settings)
-                    registries = registries or Registries.from_settings(self.settings)
-                    self.record(reconcile(self.settings, store, registries=registries, stop=self._stop))
-                except GeoRouteError as exc:
-                    log.error("reconcile: %s", exc)
-                except Exception:  # the loop must outlive a bug in one run
-                    log.exception("reconcile: unexpected error")
-                self._stop.wait(self.interval)
-        finally:
-            if registries is not None:
-                registries.close()
-            if own_store and isinstance(store, RedisIndexStore):
-                store.close()
-
-    def record(self, report: ReconcileReport) -> None:
-        self.runs += 1
-        self.last_report = report
-        level = logging.INFO if report.ok or report.locked else logging.WARNING
-        log.log(level, "%s", report.format())
-        if self.on_report is not None:
-            self.on_report(report)

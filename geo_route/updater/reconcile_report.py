@@ -74,6 +74,23 @@ class ReconcileReport:
         room = MAX_ERROR_SAMPLES - len(self.error_samples)
         self.error_samples += messages[: max(room, 0)]
 
+    def status_fields(self) -> dict[str, float | int | str | bool]:
+        """What ``geo-route status`` shows of the last run (kept in the index)."""
+        pins = self.primary_tags
+        return {
+            "ok": self.ok,
+            "cancelled": self.cancelled,
+            "seconds": round(self.seconds, 3),
+            "repositories": self.repositories,
+            "added": self.manifests.added + self.blobs.added + self.local_tags.added,
+            "removed": self.manifests.removed + self.blobs.removed + self.local_tags.removed,
+            "tags_confirmed": pins.refreshed,
+            "tags_moved": pins.changed,
+            "tags_removed": pins.removed,
+            "errors": self.errors,
+            **({"first_error": self.error_samples[0][:200]} if self.error_samples else {}),
+        }
+
     def format(self) -> str:
         if self.locked:
             return "reconcile: another reconciliation is running (lock held); nothing done"

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from geo_route.errors import GeoRouteError
 from geo_route.negotiation import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
@@ -160,7 +160,9 @@ class RegistryClient:
         *,
         timeout: float = 10.0,
         tls_context: ssl.SSLContext | None = None,
+        throttle: Callable[[], None] | None = None,
     ) -> None:
+        """``throttle``, if given, is called before every request (and may sleep: a rate limit)."""
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not a registry origin: {origin!r}")
@@ -169,6 +171,7 @@ class RegistryClient:
         self._host = parts.hostname
         self._port = parts.port
         self._authorizer = authorizer
+        self._throttle = throttle
         self._timeout = timeout
         self._tls = tls_context or (ssl.create_default_context() if self._https else None)
         self._local = threading.local()
@@ -179,6 +182,17 @@ class RegistryClient:
 
     def list_repositories(self) -> list[str]:
         return self._list_pages("/v2/_catalog", "repositories", None)
+
+    def list_repositories_after(self, last: str, limit: int) -> list[str]:
+        """One page of the catalog: at most ``limit`` repositories after ``last`` in its (lexical)
+        order, as the registry pages it (``n`` and ``last``); fewer only at the catalog's end."""
+        query = urlencode({"n": limit, **({"last": last} if last else {})})
+        answer = self.request("GET", f"/v2/_catalog?{query}", None)
+        self._expect(answer, "GET /v2/_catalog")
+        try:
+            return [str(name) for name in json.loads(answer.body).get("repositories") or []]
+        except (ValueError, AttributeError) as exc:
+            raise RegistryError(f"GET /v2/_catalog: not the expected JSON ({exc})") from None
 
     def list_tags(self, repository: str) -> list[str] | None:
         """The repository's tags; ``None`` when the registry does not know the repository (404)."""
@@ -300,6 +314,8 @@ class RegistryClient:
         return RegistryError(f"{what}: HTTP {answer.status} {detail}".rstrip(), answer.status)
 
     def request(self, method: str, target: str, repository: str | None, accept: str | None = None) -> Answer:
+        if self._throttle is not None:
+            self._throttle()
         headers = {"Authorization": self._authorizer.authorization(repository), "User-Agent": USER_AGENT}
         if accept:
             headers["Accept"] = accept

@@ -5,7 +5,10 @@ site invalidate a tag and queue it; a read of a tag whose pin is missing, unconf
 refresh queues it in the same round trip as its decision. Each resolution is stamped with the
 index's clock when it is claimed, before the question is sent, so an invalidation that happens
 while it is in flight is newer and wins (docs/consistency.md). Several updater workers and nodes
-claim from one queue; a claim is atomic, so none is asked twice at once.
+claim from one queue; a claim is atomic, so none is asked twice at once. A claim is not a removal:
+the tag stays queued, due again when the claim ends (``updater.resolve_claim_seconds``), and its
+pin or requeue releases it; so a resolution claimed by an updater that dies, or whose write Redis
+fails, is claimed again by any updater then, never lost.
 
 An event's digest is a hint: the primary announces a tagged push before it writes the tag link
 (protocol notes §1.3), so an answer other than the hint is asked again (``HINT_RETRIES`` times,
@@ -25,6 +28,7 @@ from typing import Protocol
 
 from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import IndexUpdate, PrimaryTag, TagResolution
+from geo_route.index.redis_store import CLAIM_SECONDS
 from geo_route.updater.registry_client import ManifestHead, RegistryError
 
 HINT_RETRIES = 3
@@ -41,7 +45,7 @@ class TagSource(Protocol):
 
 
 class ResolutionStore(Protocol):
-    def claim_resolutions(self, limit: int) -> list[TagResolution]: ...
+    def claim_resolutions(self, limit: int, seconds: float) -> list[TagResolution]: ...
     def requeue(self, resolution: TagResolution, delay: float, attempts: int | None = None) -> None: ...
     def apply(self, updates: Iterable[IndexUpdate]) -> None: ...
 
@@ -68,7 +72,14 @@ def judge(resolution: TagResolution, answer: ManifestHead | GeoRouteError | None
     hint = f"{resolution.hint} {resolution.attempts}" if resolution.hint else ""
     media_type = answer.media_type if answer is not None else ""
     pin = PrimaryTag(
-        resolution.repository, resolution.tag, digest, resolution.asked_at, media_type, hint, resolution.epoch
+        resolution.repository,
+        resolution.tag,
+        digest,
+        resolution.asked_at,
+        media_type,
+        hint,
+        resolution.epoch,
+        resolution.claimed_until,
     )
     return Verdict(pin=pin, outcome="pinned" if digest else "tombstoned")
 
@@ -76,16 +87,25 @@ def judge(resolution: TagResolution, answer: ManifestHead | GeoRouteError | None
 class Resolver:
     """Claims due resolutions in batches and asks the primary ``concurrency`` at a time."""
 
-    def __init__(self, store: ResolutionStore, source: TagSource, *, concurrency: int = 8, batch: int = 64) -> None:
+    def __init__(
+        self,
+        store: ResolutionStore,
+        source: TagSource,
+        *,
+        concurrency: int = 8,
+        batch: int = 64,
+        claim_seconds: float = CLAIM_SECONDS,
+    ) -> None:
         self.store = store
         self.source = source
         self.batch = batch
+        self.claim_seconds = claim_seconds
         self.counts: Counter[str] = Counter()
         self._pool = ThreadPoolExecutor(concurrency, "geo-route-resolve")
 
     def resolve_due(self) -> int:
         """Resolve what is due now; the number of resolutions claimed."""
-        claimed = self.store.claim_resolutions(self.batch)
+        claimed = self.store.claim_resolutions(self.batch, self.claim_seconds)
         if not claimed:
             return 0
         answers = list(self._pool.map(self.ask, claimed))

@@ -35,7 +35,7 @@ from enum import Enum
 from typing import Protocol
 
 from geo_route.errors import GeoRouteError, IndexUnavailable
-from geo_route.index.model import ContentVerified, IndexUpdate
+from geo_route.index.model import ContentVerified, IndexUpdate, record_status_of
 from geo_route.updater.reconcile import LeaseKeeper
 from geo_route.updater.registry_client import RegistryError
 
@@ -181,6 +181,22 @@ class VerifyReport:
         if check.result in (Result.ERROR, Result.SKIPPED) and len(self.error_samples) < MAX_SAMPLES:
             self.error_samples.append(f"{repository}@{digest}: {check.problem}")
 
+    def status_fields(self) -> dict[str, float | int | str | bool]:
+        """What ``geo-route status`` shows of the last pass (kept in the index)."""
+        r = self.results
+        return {
+            "ok": self.ok,
+            "cancelled": self.cancelled,
+            "seconds": round(self.seconds, 3),
+            "manifests": self.manifests,
+            "blobs": self.blobs,
+            "bytes": self.bytes,
+            "mismatch": r["mismatch"],
+            "missing": r["missing"],
+            "errors": r["error"],
+            "quarantined": self.quarantined,
+        }
+
     def format(self) -> str:
         if self.locked:
             return "verify: another verifier is running (lease held); nothing done"
@@ -300,6 +316,7 @@ class Verifier:
             self.store.set_verify_cursor("")
         report.quarantined = len(self.store.quarantined())
         report.seconds = time.monotonic() - started
+        record_status_of(self.store, "verify", report.status_fields())
         return report
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,9 +12,11 @@ from flask import Flask, Response
 from geo_route.config import Settings
 from geo_route.index.model import IndexStore
 from geo_route.routing import Policy
+from geo_route.status import StatusSource
 from geo_route.tokens import TokenVerifier
 from geo_route.web.auth import AuthEndpoint, mount_auth
 from geo_route.web.metrics import Metrics
+from geo_route.web.status import status_view
 
 
 def create_app(
@@ -26,6 +29,7 @@ def create_app(
     """The auth service. Keys are loaded and the Redis pool is built once, here."""
     app = Flask("geo_route")
     metrics = Metrics()
+    metrics.tag_age_bound.set(settings.routing.max_tag_age)
     if verifier is None:
         verifier = TokenVerifier.from_settings(settings.token, clock=clock, on_cache=metrics.count_token_cache)
     if index is None:
@@ -40,6 +44,7 @@ def create_app(
     app.add_url_rule("/healthz", "healthz", lambda: Response(b"ok\n", 200, mimetype="text/plain"))
     app.add_url_rule("/readyz", "readyz", lambda: readiness(index))
     app.add_url_rule("/metrics", "metrics", lambda: Response(metrics.render(), 200, content_type=metrics.content_type))
+    app.add_url_rule("/status", "status", status_view(settings, status_store_opener(settings)))
     return app
 
 
@@ -50,6 +55,23 @@ def create_asgi_app(settings: Settings) -> Any:
 
     app = create_app(settings)
     return AsgiService(app.extensions["geo_route"]["auth"], app)
+
+
+def status_store_opener(settings: Settings) -> Callable[[], StatusSource]:
+    """A store of its own for /status, opened on first use, with reconciliation's longer timeouts
+    (it reads whole hashes; the decision path's store keeps its short ones)."""
+    opened: list[StatusSource] = []
+    lock = threading.Lock()
+
+    def store() -> StatusSource:
+        with lock:
+            if not opened:
+                from geo_route.updater.reconcile import open_store
+
+                opened.append(open_store(settings))
+            return opened[0]
+
+    return store
 
 
 def readiness(index: IndexStore) -> Response:

@@ -85,7 +85,7 @@ class AuthEndpoint:
         except Exception:  # the contract: even a bug routes to the primary, never a 5xx
             log.exception("decision failed for %s %s; routing to primary", operation.method, operation.kind.value)
             decision = primary(Reason.INTERNAL_ERROR)
-        headers = response_headers(decision, reuse)
+        headers = response_headers(decision, reuse, operation.kind.value)
         self._metrics.count_decision(decision, operation.kind.value, time.perf_counter() - started)
         return decision.status, headers
 
@@ -101,6 +101,8 @@ class AuthEndpoint:
         now = self._clock()
         self.invalidate(invalidations_for_write(operation, credential, self._policy))
         view = self.look_up(operation, refetch)
+        if view.pinned_digest and view.current and view.now:  # a tag read that found a pin
+            self._metrics.observe_pin_age(max(0.0, view.now - view.confirmed_at))
         decision = route(operation, view, self._policy, now, accept)
         return decision, cache_seconds(operation, decision, credential, self._policy, now)
 
@@ -145,9 +147,12 @@ class ThrottledWarning:
         self._logger.warning(message + suffix, *args)
 
 
-def response_headers(decision: Decision, reuse_seconds: int = 0) -> list[tuple[str, str]]:
+def response_headers(
+    decision: Decision, reuse_seconds: int = 0, operation: str = Kind.UNRECOGNIZED.value
+) -> list[tuple[str, str]]:
     headers = [
         (contract.REASON, decision.reason),
+        (contract.OPERATION, operation),
         ("Content-Length", "0"),
         (contract.REUSE_SECONDS, str(reuse_seconds)),
     ]

@@ -7,14 +7,20 @@ Under gunicorn with several workers, ``geo-route serve`` sets ``PROMETHEUS_MULTI
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from geo_route.errors import IndexUnavailable
+from geo_route.index.model import IndexFigures, StatusRecord
 from geo_route.routing import Decision
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+# Pin ages (seconds): fine up to the default routing.max_tag_age (300), coarse past it.
+PIN_AGE_BUCKETS = (1, 5, 15, 30, 60, 90, 120, 150, 180, 240, 300, 450, 600, 900, 1800, 3600, 21600, 86400)
 
 
 class Metrics:
@@ -42,6 +48,18 @@ class Metrics:
         self.index_errors = Counter(
             "geo_route_index_errors", "Index lookups that failed or timed out.", registry=self.registry
         )
+        self.pin_age = Histogram(
+            "geo_route_tag_pin_age_seconds",
+            "Age (index clock) of the pin a tag read found: current epoch, tombstones left out.",
+            buckets=PIN_AGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.tag_age_bound = Gauge(
+            "geo_route_max_tag_age_seconds",
+            "routing.max_tag_age: a pin older than this is not served locally.",
+            multiprocess_mode="max",
+            registry=self.registry,
+        )
 
         self._decision_children: dict[tuple[str, str, str], Any] = {}
 
@@ -54,6 +72,9 @@ class Metrics:
         child.inc()
         self.decision_seconds.observe(seconds)
 
+    def observe_pin_age(self, seconds: float) -> None:
+        self.pin_age.observe(seconds)
+
     def count_token_cache(self, hit: bool) -> None:
         (self.token_cache_hits if hit else self.token_cache_misses).inc()
 
@@ -61,21 +82,84 @@ class Metrics:
         return render_registry(self.registry)
 
 
-def render_registry(registry: CollectorRegistry) -> bytes:
-    """This process's metrics, or every gunicorn worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+def render_registry(registry: CollectorRegistry, *read_at_scrape: object) -> bytes:
+    """This process's metrics, or every gunicorn worker's when ``PROMETHEUS_MULTIPROC_DIR`` is set,
+    then those of ``read_at_scrape`` (collectors that read shared state, the same in every worker)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         aggregated = CollectorRegistry()
         multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
-        return generate_latest(aggregated)
-    return generate_latest(registry)
+        registry = aggregated
+    text = generate_latest(registry)
+    if read_at_scrape:
+        extra = CollectorRegistry(auto_describe=False)
+        for collector in read_at_scrape:
+            extra.register(collector)  # type: ignore[arg-type]
+        text += generate_latest(extra)
+    return text
+
+
+class IndexGauges:
+    """The updater's queues and last runs, read from the index when ``/metrics`` is scraped (one
+    round trip; the same in every worker and node, so no multiprocess gauge is needed)."""
+
+    def __init__(self, figures: Callable[[], IndexFigures], records: Callable[[], dict[str, StatusRecord]]) -> None:
+        self._figures = figures
+        self._records = records
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("geo_route_index_up", "1 when the index answered this scrape.")
+        try:
+            figures, records = self._figures(), self._records()
+        except IndexUnavailable:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for name, help_text, value in (
+            (
+                "geo_route_resolution_queue",
+                "Tags queued for resolution at the primary (due or later).",
+                figures.resolutions,
+            ),
+            ("geo_route_resolution_queue_due", "Queued resolutions that are due now.", figures.resolutions_due),
+            (
+                "geo_route_resolution_oldest_due_seconds",
+                "How long the longest-waiting due resolution has waited.",
+                figures.resolutions_oldest_due,
+            ),
+            (
+                "geo_route_verification_queue",
+                "Local content queued for verification (refetched: suspects).",
+                figures.suspects,
+            ),
+            (
+                "geo_route_verification_oldest_due_seconds",
+                "How long the longest-waiting suspect has waited.",
+                figures.suspects_oldest_due,
+            ),
+            (
+                "geo_route_quarantined",
+                "Digests whose local copy failed verification (served by the primary).",
+                figures.quarantined,
+            ),
+        ):
+            yield GaugeMetricFamily(name, help_text, value=value)
+        for record, name, help_text in (
+            ("reconcile", "geo_route_last_reconcile_timestamp_seconds", "When the last reconciliation ended."),
+            ("verify", "geo_route_last_verify_pass_timestamp_seconds", "When the last verification pass ended."),
+        ):
+            if record in records:
+                yield GaugeMetricFamily(name, help_text + " (index clock)", value=records[record].at)
 
 
 class UpdaterMetrics:
-    """The index updater's metrics, in its own registry."""
+    """The index updater's metrics, in its own registry; ``index_gauges`` are read at scrape time."""
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, index_gauges: IndexGauges | None = None) -> None:
+        self.index_gauges = index_gauges
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter(
             "geo_route_events",
@@ -91,7 +175,8 @@ class UpdaterMetrics:
         )
         self.lag_seconds = Histogram(
             "geo_route_notification_lag_seconds",
-            "Now minus the event's timestamp, at receipt.",
+            "Now minus the event's timestamp, at receipt, by source (local, primary).",
+            ["source"],
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600),
             registry=self.registry,
         )
@@ -106,7 +191,7 @@ class UpdaterMetrics:
         )
 
     def render(self) -> bytes:
-        return render_registry(self.registry)
+        return render_registry(self.registry, *([self.index_gauges] if self.index_gauges else []))
 
 
 class VerificationMetrics:

@@ -25,10 +25,10 @@ from flask import Flask, Response, jsonify, request
 
 from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
-from geo_route.index.model import IndexStore, IndexUpdate
+from geo_route.index.model import IndexStore, IndexUpdate, StatusRecorder
 from geo_route.updater.notifications import EnvelopeError, Outcome, Source, interpret_events, parse_envelope
 from geo_route.web.app import readiness
-from geo_route.web.metrics import UpdaterMetrics
+from geo_route.web.metrics import IndexGauges, UpdaterMetrics
 
 log = logging.getLogger("geo_route.updater")
 
@@ -104,7 +104,7 @@ class EventsEndpoint:
             return self.refuse(503, "index-unavailable", "index unavailable; retry later")
         self._metrics.apply_seconds.observe(time.perf_counter() - started)
         self._recent.remember([self.dedupe_key(o) for o in fresh if o.event is not None and o.event.id])
-        self.count(fresh, duplicates, received_at)
+        self.count(fresh, duplicates, received_at, applied=bool(updates))
         return jsonify(summary(fresh, duplicates))
 
     def authorized(self, header: str) -> bool:
@@ -122,16 +122,30 @@ class EventsEndpoint:
         """Ids are remembered per endpoint: two registries' events never shadow each other."""
         return f"{self.source.value} {outcome.event.id if outcome.event is not None else ''}"
 
-    def count(self, fresh: list[Outcome], duplicates: list[Outcome], received_at: float) -> None:
+    def count(self, fresh: list[Outcome], duplicates: list[Outcome], received_at: float, applied: bool) -> None:
         source = self.source.value
+        lags = []
         for outcome in fresh:
             self._metrics.events.labels(source, outcome.action, outcome.status).inc()
             if outcome.status == "malformed":
                 log.warning("%s: malformed event ignored: %s", source, outcome.problem)
             elif outcome.event is not None and outcome.event.timestamp is not None:
-                self._metrics.lag_seconds.observe(max(0.0, received_at - outcome.event.timestamp))
+                lags.append(max(0.0, received_at - outcome.event.timestamp))
+                self._metrics.lag_seconds.labels(source).observe(lags[-1])
         if duplicates:
             self._metrics.duplicates.labels(source).inc(len(duplicates))
+        if lags and applied:
+            self.record_lag(lags)
+
+    def record_lag(self, lags: list[float]) -> None:
+        """The lag of an envelope that changed the index, for ``geo-route status`` (one small write
+        after the envelope's transaction; best effort: the envelope is applied either way)."""
+        if not isinstance(self._index, StatusRecorder):
+            return
+        try:
+            self._index.record_status(f"events:{self.source.value}", {"lag": lags[-1], "max_lag": max(lags)})
+        except IndexUnavailable as exc:
+            log.debug("%s: could not record the notification lag: %s", self.source.value, exc)
 
     def refuse(self, status: int, reason: str, message: str) -> tuple[Response, int]:
         self._metrics.rejected.labels(self.source.value, reason).inc()
@@ -145,15 +159,22 @@ def summary(fresh: list[Outcome], duplicates: list[Outcome]) -> dict[str, Any]:
     return {"status": "ok", **counts, "duplicates": len(duplicates)}
 
 
+def index_gauges(index: IndexStore) -> IndexGauges | None:
+    """The queues and last runs, read from the index at scrape time (a test double has none)."""
+    from geo_route.index.redis_store import RedisIndexStore
+
+    return IndexGauges(index.figures, index.status_records) if isinstance(index, RedisIndexStore) else None
+
+
 def create_updater_app(
     settings: Settings, *, index: IndexStore | None = None, clock: Callable[[], float] = time.time
 ) -> Flask:
     app = Flask("geo_route.updater")
-    metrics = UpdaterMetrics()
     if index is None:
         from geo_route.index.redis_store import RedisIndexStore
 
         index = RedisIndexStore(settings.redis)
+    metrics = UpdaterMetrics(index_gauges(index))
     recent = RecentEventIds(settings.updater.dedupe_size)
     app.extensions["geo_route"] = {"settings": settings, "index": index, "metrics": metrics}
     for source, secret in (
