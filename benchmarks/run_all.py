@@ -104,6 +104,10 @@ def plan(quick: bool) -> list[tuple[str, list[str]]]:
         ("flood", [python, str(bench / "flood.py"), *q]),
         ("index_capacity", [python, str(bench / "index_capacity.py"), *INDEX_CAPACITY_ARGS[quick]]),
         ("verify_pass", [python, str(bench / "verify_pass.py"), "--size-gb", "0.2" if quick else "1"]),
+        (
+            "pin_age_cost",
+            [python, str(bench / "pin_age_cost.py"), *(["--calls", "20000", "--repeat", "1"] if quick else [])],
+        ),
     ]
     for name, module, argv, quick_argv in MODULE_SCENARIOS:
         steps.append(
@@ -125,7 +129,7 @@ MODULE_SCENARIOS: list[tuple[str, str, list[str], list[str]]] = [
     # The replicated pull with blobs sent from the local registry's storage (issue 15, item 1).
     ("sendfile_pull", "sendfile_pull", ["--rounds", "5"], ["--rounds", "1", "--image-mb", "24", "--layers", "4"]),
 ]
-NO_JSON = ("reconcile", "verify_pass")  # their figures come from what they print
+NO_JSON = ("reconcile", "verify_pass", "pin_age_cost")  # their figures come from what they print
 
 
 def run(name: str, command: list[str], directory: Path) -> Outcome:
