@@ -32,6 +32,7 @@ from support import RedisServer
 
 from geo_route import contract
 from geo_route.config import DEFAULT_REDIS_URL, RedisSettings, Settings, load_settings
+from geo_route.devstack.processes import wait_until
 from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisSecurity, SentinelTopology
 from geo_route.errors import GeoRouteError, IndexUnavailable
@@ -823,7 +824,9 @@ def test_a_cluster_failover_costs_that_node_s_buckets_a_few_seconds(tmp_path_fac
             recovered_at = time.monotonic()
             assert (view.pinned_digest, view.current) == (D1, False), "the promoted replica starts a new epoch"
         assert recovered_at is not None, "the store never reached the promoted replica"
-        assert topology.primary_part(store.keys.epoch(store.keys.bucket(doomed))) != killed
+        # The store reached the promoted replica; the other nodes learn it by gossip, some a moment later.
+        promoted = lambda: topology.primary_part(store.keys.epoch(store.keys.bucket(doomed))) != killed  # noqa: E731
+        wait_until(promoted, 10, "every running node to name the promoted replica")
         assert recovered_at - killed_at < 15, recovered_at - killed_at
         store.close()
     finally:
