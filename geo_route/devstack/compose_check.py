@@ -41,8 +41,8 @@ from geo_route.devstack.base_images import (
     find_debian_mirrors,
     read_apt_sources,
 )
-from geo_route.devstack.containers import DAEMON_TIMEOUT, ContainerClientError, DockerDaemon, answers_ping
-from geo_route.devstack.processes import require_binary, start_until_ready
+from geo_route.devstack.containers import ContainerClientError, DockerDaemon
+from geo_route.devstack.processes import require_binary
 from geo_route.devstack.skopeo import Credentials
 from geo_route.errors import DevstackError
 
@@ -74,19 +74,10 @@ class IsolatedDockerDaemon(DockerDaemon):
     networks and published ports it creates are invisible to the host, and it reaches nothing outside.
     ``unshare`` and ``sh`` exec into dockerd, so the PID stopped is dockerd's own."""
 
-    def start(self, timeout: float = DAEMON_TIMEOUT) -> IsolatedDockerDaemon:
-        dockerd = require_binary("dockerd", "docker.io")
+    def daemon_argv(self) -> list[str]:
         unshare = require_binary("unshare", "util-linux")
         require_binary("ip", "iproute2")
-        self.containerd.start(timeout)
-        try:
-            argv = [unshare, "--net", "--", "sh", "-c", LOOPBACK_UP, dockerd, *self.daemon_options()]
-            ready = lambda: answers_ping(self.socket)  # noqa: E731
-            self.logged = start_until_ready(argv, self.directory, "dockerd", ready, timeout=timeout)
-        except BaseException:
-            self.containerd.stop()
-            raise
-        return self
+        return [unshare, "--net", "--", "sh", "-c", LOOPBACK_UP, *super().daemon_argv()]
 
 
 @dataclass

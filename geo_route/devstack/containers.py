@@ -251,16 +251,19 @@ class DockerDaemon:
         return f"unix://{self.socket}"
 
     def start(self, timeout: float = DAEMON_TIMEOUT) -> DockerDaemon:
-        binary = require_binary("dockerd", "docker.io")
+        argv = self.daemon_argv()
         self.containerd.start(timeout)
         try:
-            argv = [binary, *self.daemon_options()]
             ready = lambda: answers_ping(self.socket)  # noqa: E731
             self.logged = start_until_ready(argv, self.directory, "dockerd", ready, timeout=timeout)
         except BaseException:
             self.containerd.stop()
             raise
         return self
+
+    def daemon_argv(self) -> list[str]:
+        """How dockerd is started (a subclass may run it inside something else)."""
+        return [require_binary("dockerd", "docker.io"), *self.daemon_options()]
 
     def daemon_options(self) -> list[str]:
         config = self.directory / "daemon.json"
