@@ -3,6 +3,6 @@
 # cache's key so no bearer token reaches the disk). The official nginx image has neither.
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends nginx libnginx-mod-http-lua libnginx-mod-http-set-misc \
+    && apt-get install -y --no-install-recommends nginx libnginx-mod-http-lua libnginx-mod-http-set-misc lua-cjson \
     && rm -rf /var/lib/apt/lists/*
 CMD ["nginx", "-g", "daemon off;"]

@@ -22,6 +22,8 @@ import jinja2
 from geo_route import contract
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError
+from geo_route.negotiation import NEGOTIATED_TYPES
+from geo_route.storage import MANIFEST_MAX_BYTES
 
 
 def find_templates() -> Path:
@@ -89,6 +91,8 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         # local_registry.storage_root: blobs from the registry's files ("" off), with its http.headers
         "storage_root": settings.local_registry.storage_root.rstrip("/") or settings.local_registry.storage_root,
         "storage_headers": [line.split(": ", 1) for line in settings.local_registry.http_headers],
+        "storage_manifest_max_bytes": MANIFEST_MAX_BYTES,
+        "storage_manifest_types": sorted(NEGOTIATED_TYPES),
         "geo_headers": list(contract.ROUTING_HEADERS),
         "reuse_header": contract.REUSE_SECONDS,
         "recent_fallbacks": RECENT_FALLBACKS,

@@ -23,7 +23,7 @@ from geo_route.index.model import (
 )
 from geo_route.negotiation import serves_pinned_manifest
 from geo_route.operations import Kind, Operation, is_valid_digest
-from geo_route.storage import blob_files
+from geo_route.storage import blob_files, manifest_files
 from geo_route.tokens import Credential, TokenProblem
 
 
@@ -102,7 +102,7 @@ class Policy:
     dialect: Dialect = "distribution-2.8"  # the registries' challenge text (token.dialect)
     refetch_recheck: float = 0.0  # a refetch of content verified longer ago asks for another verification
     refetch_route: RefetchRoute = "local"  # where a refetch waiting for its verification is served
-    blobs_from_storage: bool = False  # NGINX sends a blob present here from the registry's files
+    from_storage: bool = False  # NGINX sends a blob or manifest present here from the registry's files
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -118,7 +118,7 @@ class Policy:
             dialect=settings.token.dialect,
             refetch_recheck=settings.routing.refetch_recheck,
             refetch_route=settings.routing.refetch_route,
-            blobs_from_storage=bool(settings.local_registry.storage_root),
+            from_storage=bool(settings.local_registry.storage_root),
         )
 
 
@@ -134,8 +134,9 @@ class Decision:
     # PRIMARY: served from here instead if the primary is unreachable (a tag's last pin within
     # stale_if_error; a refetched blob or manifest waiting for its verification)
     stale_path: str = ""
-    # LOCAL, a blob present here with blobs_from_storage: its file and the repository's link to it,
-    # below the registry's storage root (NGINX sends the file if both exist, else asks the registry)
+    # LOCAL, a blob or manifest present here with from_storage: its file and the repository's link
+    # to it, below the registry's storage root (NGINX sends the file if both exist, else asks the
+    # registry)
     storage_path: str = ""
     storage_link: str = ""
 
@@ -219,12 +220,13 @@ def route(operation: Operation, view: IndexView, policy: Policy, now: float, acc
             Reason.MANIFEST_QUARANTINED,
             Reason.MANIFEST_VERIFYING,
         )
-        return _route_content(view, policy, path, *reasons)
+        decision = _route_content(view, policy, path, *reasons)
+        return with_storage_files(decision, operation, policy)
     if kind is Kind.MANIFEST_BY_TAG:
         decision = _route_pinned_tag(operation, view, policy, now, accept)
         if decision.route is Route.PRIMARY:
             return replace(decision, stale_path=stale_path(operation, view, policy, now, accept))
-        return decision
+        return with_storage_files(decision, operation, policy, view.pinned_digest)
     return primary(Reason.UNRECOGNIZED)  # pragma: no cover - every kind is handled above
 
 
@@ -245,12 +247,22 @@ def _route_content(
     return primary(absent)
 
 
-def with_storage_files(decision: Decision, operation: Operation, policy: Policy) -> Decision:
-    """A blob present here (never a refetch waiting for its verification) names its files when
-    NGINX may send them itself (``local_registry.storage_root``)."""
-    if not policy.blobs_from_storage or decision.reason != Reason.BLOB_LOCAL:
+# The local answers NGINX may give from storage, and the files each is in.
+STORED_REASONS = {
+    Reason.BLOB_LOCAL: blob_files,
+    Reason.MANIFEST_LOCAL: manifest_files,
+    Reason.TAG_PINNED: manifest_files,
+}
+
+
+def with_storage_files(decision: Decision, operation: Operation, policy: Policy, digest: str = "") -> Decision:
+    """A blob or manifest present here, or a tag's pinned manifest (never a refetch waiting for its
+    verification), names its files when NGINX may send them itself (``local_registry.storage_root``).
+    ``digest``: the pinned digest of a tag (else the operation's own)."""
+    files_of = STORED_REASONS.get(decision.reason)
+    if not policy.from_storage or files_of is None:
         return decision
-    files = blob_files(operation.repository, operation.digest)
+    files = files_of(operation.repository, digest or operation.digest)
     if files is None:
         return decision
     return replace(decision, storage_path=files.data, storage_link=files.link)

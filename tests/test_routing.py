@@ -500,7 +500,7 @@ def test_a_refetch_waiting_for_verification_is_never_reused() -> None:
     assert cache_seconds(operation, decide(operation, PULL, HERE, caching, NOW), PULL, caching, NOW) == 30
 
 
-STORAGE = Policy(PINNED.realm, PINNED.service, "pinned", blobs_from_storage=True)
+STORAGE = Policy(PINNED.realm, PINNED.service, "pinned", from_storage=True)
 BLOB_FILE = f"/docker/registry/v2/blobs/sha256/11/{'1' * 64}/data"
 BLOB_LINK = f"/docker/registry/v2/repositories/group/app/_layers/sha256/{'1' * 64}/link"
 
@@ -513,6 +513,20 @@ def test_a_blob_present_here_names_its_files_when_blobs_come_from_storage(method
     assert (decision.storage_path, decision.storage_link) == (BLOB_FILE, BLOB_LINK)
 
 
+MANIFEST_FILE = f"/docker/registry/v2/blobs/sha256/22/{'2' * 64}/data"
+MANIFEST_LINK = f"/docker/registry/v2/repositories/group/app/_manifests/revisions/sha256/{'2' * 64}/link"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(("reference", "view"), [(D2, HERE), ("v1", pin(D2))])
+def test_a_manifest_present_here_names_its_revision_files(method: str, reference: str, view: IndexView) -> None:
+    """By digest, and a tag by its pinned digest (the registry answers a local tag by that digest)."""
+    operation = classify_request(method, f"/v2/group/app/manifests/{reference}")
+    decision = decide(operation, grants(("repository", "group/app", "pull")), view, STORAGE, NOW, OCI_MANIFEST)
+    assert decision.route is Route.LOCAL
+    assert (decision.storage_path, decision.storage_link) == (MANIFEST_FILE, MANIFEST_LINK)
+
+
 @pytest.mark.parametrize(
     ("policy", "uri", "view", "credential"),
     [
@@ -522,7 +536,11 @@ def test_a_blob_present_here_names_its_files_when_blobs_come_from_storage(method
         (STORAGE, f"/v2/app/blobs/{D1}", IndexView(verifying=True), PULL),  # a refetch: the registry serves it
         (STORAGE, f"/v2/app/blobs/{D1}", HERE, NOTHING),  # a denial names nothing
         (STORAGE, f"/v2/app/blobs/{D1}", HERE, TokenProblem.MISSING),
-        (STORAGE, f"/v2/app/manifests/{D1}", HERE, PULL),  # manifests always come from the registry
+        (STORAGE, f"/v2/app/manifests/{D1}", IndexView(verifying=True), PULL),
+        (STORAGE, f"/v2/app/manifests/{D1}", ABSENT, PULL),
+        (STORAGE, "/v2/app/manifests/v1", pin(present=False), PULL),  # the pinned manifest is not here
+        (STORAGE, "/v2/app/manifests/v1", pin(confirmed_at=0.0, current=False), PULL),
+        (STORAGE, "/v2/app/manifests/v1", pin(), NOTHING),
     ],
 )
 def test_nothing_else_names_storage_files(policy: Policy, uri: str, view: IndexView, credential: object) -> None:

@@ -1,12 +1,15 @@
-"""Blobs from the local registry's storage (local_registry.storage_root), differential: the same
-requests straight at the real docker-registry and through the site, which sends the blob from the
-registry's files itself. Identical status, body and headers; the same outcome for every refusal;
-the registry (then the primary) for anything NGINX cannot answer as the registry does.
+"""Blobs and manifests from the local registry's storage (local_registry.storage_root),
+differential: the same requests straight at the real docker-registry and through the site, which
+sends the blob or manifest from the registry's files itself. Identical status, body and headers;
+the same outcome for every refusal; the registry (then the primary) for anything NGINX cannot
+answer as the registry does. Manifests come in every format (Docker schema 2 and list, OCI
+manifest and index, an OCI manifest without a mediaType), under every kind of Accept.
 
 One stack for the module (refetch memory off: the same address fetches each blob many times here,
 and a refetch is served by the registry while it is verified, by design). Without the repository
 link check in NGINX, ``test_without_the_repositorys_link_the_file_is_not_sent`` fails (the file is
-sent to a repository the registry refuses it to).
+sent to a repository the registry refuses it to), and without the revision link check
+``test_without_the_repositorys_revision_link_a_manifest_is_not_sent``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -31,8 +35,8 @@ from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.keys import load_private_key
 from geo_route.devstack.processes import HttpAnswer
 from geo_route.devstack.stack import READER, READER_REPOSITORY
-from geo_route.index.model import BlobPresence, ContentVerified
-from geo_route.storage import blob_files
+from geo_route.index.model import BlobPresence, ContentVerified, ManifestPresence
+from geo_route.storage import blob_files, manifest_files
 
 pytestmark = pytest.mark.integration
 
@@ -207,10 +211,21 @@ REFUSALS = {
 }
 
 
+def content_path(site: Site, repository: str, kind: str) -> str:
+    """A blob only ``repository`` and ATTACKED hold, or their image's manifest by digest or tag."""
+    return {
+        "blob": f"/v2/{repository}/blobs/{site.layer}",
+        "manifest": f"/v2/{repository}/manifests/{site.image.digest}",
+        "tag": f"/v2/{repository}/manifests/v1",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["blob", "manifest", "tag"])
 @pytest.mark.parametrize("case", sorted(REFUSALS))
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-def test_what_the_registry_refuses_is_refused(site: Site, case: str, method: str) -> None:
-    direct, through, entry = both(site, method, f"/v2/{REPOSITORY}/blobs/{site.layer}", REFUSALS[case](site))
+def test_what_the_registry_refuses_is_refused(site: Site, case: str, method: str, kind: str) -> None:
+    headers = {**REFUSALS[case](site), "Accept": site.image.manifest.media_type}
+    direct, through, entry = both(site, method, content_path(site, REPOSITORY, kind), headers)
     assert outcome(through) == outcome(direct) == "refused 401"
     assert through.body == direct.body and entry.route == ""
 
@@ -224,12 +239,14 @@ def test_a_blob_of_another_repository_is_not_served_from_this_one(site: Site) ->
 
 
 @contextlib.contextmanager
-def index_claims_present(site: Site, repository: str, digest: str) -> Iterator[None]:
-    site.client.index.apply([BlobPresence(repository, digest, True)])
+def index_claims_present(
+    site: Site, repository: str, digest: str, presence: type[BlobPresence | ManifestPresence] = BlobPresence
+) -> Iterator[None]:
+    site.client.index.apply([presence(repository, digest, True)])
     try:
         yield
     finally:
-        site.client.index.apply([BlobPresence(repository, digest, False)])
+        site.client.index.apply([presence(repository, digest, False)])
 
 
 def test_without_the_repositorys_link_the_file_is_not_sent(site: Site) -> None:
@@ -334,10 +351,13 @@ def test_a_valid_token_of_the_attacks_repository_gets_the_blob_from_storage(site
     assert [from_storage(entry) for entry in site.client.access_log(offset)] == [True]
 
 
+@pytest.mark.parametrize("kind", ["blob", "manifest"])
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_a_bad_token_gets_the_local_registrys_refusal(site: Site, forged: dict[str, str], attack: str) -> None:
+def test_a_bad_token_gets_the_local_registrys_refusal(
+    site: Site, forged: dict[str, str], attack: str, kind: str
+) -> None:
     token = forged[attack]
-    uri = f"/v2/{ATTACKED}/blobs/{site.layer}"
+    uri = content_path(site, ATTACKED, kind)
     for method in ("GET", "HEAD"):
         offset = site.client.access_log_offset()
         through = refusal(sent(site.client.info.secondary_url, method, uri, token))
@@ -376,3 +396,219 @@ def test_a_path_trick_never_gets_another_repositorys_blob(site: Site, forger: Fo
     answer = sent(site.client.info.secondary_url, "GET", uri, token)
     assert "sha256:" + hashlib.sha256(answer.body).hexdigest() != other_only, f"{uri} served {OTHER}'s blob"
     assert not any(from_storage(entry) for entry in site.client.access_log(offset)), uri
+
+
+# -- manifests from storage (@geo_route_storage_manifest): by digest, and a tag by its pinned digest
+
+FORMATS = "group/formats"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+ACCEPT_ALL = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST))
+MANIFEST_REASONS = ("manifest-local", "tag-pinned")
+
+
+@dataclass(frozen=True)
+class Formats:
+    """Tags of FORMATS, each replicated: tag -> (digest, media type; "" for a manifest without one)."""
+
+    tags: dict[str, tuple[str, str]]
+
+
+def put_manifest(site: Site, tag: str, body: dict[str, object], content_type: str = "") -> tuple[str, int]:
+    """PUT a manifest to the primary through the site; (its digest, its size)."""
+    data = json.dumps(body, indent=3).encode()  # not canonical: the bytes served must be the stored ones
+    content_type = content_type or str(body["mediaType"])
+    headers = {**bearer(site, f"repository:{FORMATS}:push,pull"), "Content-Type": content_type}
+    answer = ask_pairs(site.client.info.secondary_url, "PUT", f"/v2/{FORMATS}/manifests/{tag}", headers, data)
+    assert answer.status == 201, (tag, answer.status, answer.body)
+    return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+
+
+@pytest.fixture(scope="module")
+def formats(site: Site) -> Formats:
+    """An OCI manifest (pushed by skopeo) and, PUT by hand over the same blobs, a Docker schema 2
+    manifest, a Docker manifest list, an OCI index and an OCI manifest without a mediaType."""
+    image = site.image
+    config = {"size": image.config.size, "digest": image.config.digest}
+    layers = [{"size": layer.size, "digest": layer.digest} for layer in image.layers]
+    manifests = {"oci": (site.client.push(image, FORMATS, "oci"), image.manifest.size)}
+    docker = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", **layer} for layer in layers],
+    }
+    manifests["docker"] = put_manifest(site, "docker", docker)
+    tags = {"oci": (manifests["oci"][0], OCI_MANIFEST), "docker": (manifests["docker"][0], DOCKER_MANIFEST)}
+    platform = {"architecture": "amd64", "os": "linux"}
+    for tag, media_type, child, child_type in (
+        ("list", DOCKER_LIST, "docker", DOCKER_MANIFEST),
+        ("index", OCI_INDEX, "oci", OCI_MANIFEST),
+    ):
+        digest, size = manifests[child]
+        entry = {"mediaType": child_type, "size": size, "digest": digest, "platform": platform}
+        tags[tag] = (
+            put_manifest(site, tag, {"schemaVersion": 2, "mediaType": media_type, "manifests": [entry]})[0],
+            media_type,
+        )
+    bare = {
+        "schemaVersion": 2,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer} for layer in layers],
+    }
+    tags["bare"] = (put_manifest(site, "bare", bare, OCI_MANIFEST)[0], "")
+    site.client.replicate(FORMATS, sorted(tags))
+    return Formats(tags)
+
+
+def ask_pairs(
+    url: str, method: str, path: str, headers: dict[str, str] | list[tuple[str, str]], body: bytes | None = None
+) -> Answer:
+    """``ask`` with headers as pairs: a name may repeat (several Accept headers, as clients send)."""
+    pairs = list(headers.items()) if isinstance(headers, dict) else headers
+    connection = http.client.HTTPConnection(address_of(url), timeout=30)
+    try:
+        connection.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in pairs:
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return Answer(response.status, tuple(response.getheaders()), response.read())
+    finally:
+        connection.close()
+
+
+def both_pairs(
+    site: Site, method: str, path: str, headers: list[tuple[str, str]]
+) -> tuple[Answer, Answer, AccessLogEntry]:
+    """``both`` with repeatable headers."""
+    direct = ask_pairs(site.client.info.local_registry_url, method, path, headers)
+    offset = site.client.access_log_offset()
+    through = ask_pairs(site.client.info.secondary_url, method, path, headers)
+    entries = site.client.access_log(offset)
+    assert len(entries) == 1, entries
+    return direct, through, entries[0]
+
+
+def manifest_from_storage(entry: AccessLogEntry) -> bool:
+    """NGINX answered a local manifest itself: no registry was asked."""
+    return entry.route == "local" and entry.reason in MANIFEST_REASONS and entry.upstream == ""
+
+
+# (Accept headers, whether the manifest's own type must be among them to be served from storage)
+# "{type}" is the requested manifest's media type; every other request is the registry's.
+ACCEPTS: list[tuple[str, list[str], bool]] = [
+    ("its type", ["{type}"], True),
+    ("every type", [ACCEPT_ALL], True),
+    ("one header per type", [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST], True),
+    ("spaces and tabs", [" \t{type}\t , text/plain"], True),
+    ("a q parameter", ["{type}; q=0.5"], False),
+    ("upper case", ["{TYPE}"], False),
+    ("*/*", ["*/*"], False),
+    ("none", [], False),
+    ("another type only", ["application/json"], False),
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(("accept", "values", "stored"), ACCEPTS, ids=[case[0] for case in ACCEPTS])
+@pytest.mark.parametrize("tag", ["oci", "docker", "list", "index", "bare"])
+def test_a_manifest_by_digest_is_answered_exactly_as_the_registry(
+    site: Site, formats: Formats, tag: str, accept: str, values: list[str], stored: bool, method: str
+) -> None:
+    """Answered from storage only when the Accept names the manifest's own mediaType, as is."""
+    digest, media_type = formats.tags[tag]
+    headers = bearer(site, f"repository:{FORMATS}:pull")
+    pairs = list(headers.items())
+    pairs += [("Accept", v.replace("{type}", media_type).replace("{TYPE}", media_type.upper())) for v in values]
+    direct, through, entry = both_pairs(site, method, f"/v2/{FORMATS}/manifests/{digest}", pairs)
+    assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
+    assert through.body == direct.body
+    assert manifest_from_storage(entry) is (stored and media_type != ""), (entry, direct.status)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("accept", ["its type", "every type", "one header per type"])
+@pytest.mark.parametrize("tag", ["oci", "docker", "list", "index"])
+def test_a_pinned_tag_is_answered_from_storage_exactly_as_the_registry(
+    site: Site, formats: Formats, tag: str, accept: str, method: str
+) -> None:
+    """By tag, the site answers with the manifest the tag is pinned to, as the registry does by tag."""
+    media_type = formats.tags[tag][1]
+    values = next(values for name, values, _ in ACCEPTS if name == accept)
+    pairs = [*bearer(site, f"repository:{FORMATS}:pull").items()]
+    pairs += [("Accept", value.replace("{type}", media_type)) for value in values]
+    direct, through, entry = both_pairs(site, method, f"/v2/{FORMATS}/manifests/{tag}", pairs)
+    assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
+    assert through.body == direct.body and through.status == 200
+    assert manifest_from_storage(entry) and entry.reason == "tag-pinned", entry
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"If-None-Match": '"{digest}"'},
+        {"If-None-Match": '"sha256:other"'},
+        {"If-Match": '"{digest}"'},
+        {"If-Modified-Since": "Mon, 01 Jan 2024 00:00:00 GMT"},
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("reference", ["digest", "tag"])
+def test_a_conditional_manifest_request_is_the_registrys(
+    site: Site, formats: Formats, reference: str, extra: dict[str, str]
+) -> None:
+    digest, media_type = formats.tags["oci"]
+    pairs = [*bearer(site, f"repository:{FORMATS}:pull").items(), ("Accept", media_type)]
+    pairs += [(name, value.replace("{digest}", digest)) for name, value in extra.items()]
+    path = f"/v2/{FORMATS}/manifests/{digest if reference == 'digest' else 'oci'}"
+    direct, through, entry = both_pairs(site, "GET", path, pairs)
+    assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
+    assert through.body == direct.body
+    assert entry.route == "local" and entry.upstream != "", entry
+
+
+def test_without_the_repositorys_revision_link_a_manifest_is_not_sent(site: Site, formats: Formats) -> None:
+    """The index wrongly claims OTHER holds FORMATS' manifest: its file is in storage, but OTHER has
+    no revision link to it, so, as the registry does, it is not served to OTHER."""
+    digest, media_type = formats.tags["oci"]
+    files = manifest_files(OTHER, digest)
+    assert files is not None and not (site.storage / files.link.lstrip("/")).exists()
+    assert (site.storage / files.data.lstrip("/")).exists()
+    with index_claims_present(site, OTHER, digest, ManifestPresence):
+        for method in ("GET", "HEAD"):
+            pairs = [*bearer(site, f"repository:{OTHER}:pull").items(), ("Accept", media_type)]
+            direct, through, entry = both_pairs(site, method, f"/v2/{OTHER}/manifests/{digest}", pairs)
+            assert outcome(through) == outcome(direct) == "refused 404"
+            assert entry.reason == "manifest-local" and entry.route == "fallback", entry
+
+
+def test_a_missing_manifest_file_falls_back_to_the_registry_then_the_primary(site: Site, formats: Formats) -> None:
+    digest, media_type = formats.tags["docker"]
+    files = manifest_files(FORMATS, digest)
+    assert files is not None
+    pairs = [*bearer(site, f"repository:{FORMATS}:pull").items(), ("Accept", media_type)]
+    for reference in (digest, "docker"):
+        with moved_away(site.storage / files.data.lstrip("/")):
+            direct, through, entry = both_pairs(site, "GET", f"/v2/{FORMATS}/manifests/{reference}", pairs)
+        assert direct.status != 200  # the local registry has lost it too
+        assert through.status == 200 and "sha256:" + hashlib.sha256(through.body).hexdigest() == digest
+        assert (entry.route, entry.upstream != "") == ("fallback", True), entry
+
+
+def test_every_manifest_of_a_pull_comes_from_storage(site: Site, tmp_path: Path) -> None:
+    """skopeo by tag: the tag's manifest and every blob, with no registry asked."""
+    offset = site.client.access_log_offset()
+    assert site.client.pull(REPOSITORY, "v1", tmp_path / "pulled") == site.image.digest
+    reads = [
+        e
+        for e in site.client.access_log(offset)
+        if e.method == "GET" and ("/blobs/" in e.uri or "/manifests/" in e.uri)
+    ]
+    manifests = [entry for entry in reads if "/manifests/" in entry.uri]
+    assert manifests and all(manifest_from_storage(entry) for entry in manifests), manifests
+    assert all(from_storage(entry) or manifest_from_storage(entry) for entry in reads), reads
