@@ -231,7 +231,9 @@ def draw_new_plots(outcomes: list[Outcome], plt: Any) -> dict[str, str]:
         figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
         names = list(head)
         left.bar(
-            names, [head[n]["requests_per_s"] for n in names], color=["tab:blue", "tab:gray", "tab:green"][: len(names)]
+            names,
+            [head[n]["requests_per_s"] for n in names],
+            color=["tab:blue", "tab:purple", "tab:gray", "tab:green"][: len(names)],
         )
         left.set_ylabel("manifest HEAD req/s (median)")
         for index, name in enumerate(names):
@@ -359,6 +361,9 @@ def ratio_rows(outcomes: list[Outcome]) -> list[tuple[str, float, str, bool | No
     if head.get("fronts"):
         target = f">= {head['target']}x"
         rows.append(("manifest HEAD rate, site / plain NGINX (decision cache off)", head["ratio"], target, head["met"]))
+        if "storage_ratio" in head:
+            what = "manifest HEAD rate, site with storage_root (answered from storage) / plain NGINX"
+            rows.append((what, head["storage_ratio"], target, head["storage_met"]))
         before = head["fronts"].get("site-before")
         if before:
             rows.append(("manifest HEAD rate, site before issue 15 / plain NGINX", before["ratio"], "(before)", None))
@@ -432,8 +437,11 @@ def head_rate_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
         f"`HEAD /v2/<repo>/manifests/<digest>` with a pull token, {config['connections']} keep-alive connections "
         f"(2 ab processes), {config['rounds']} rounds of {config['duration']} s per front, fronts alternating. "
         "`site`: the site as configured now (the auth service on gunicorn's ASGI worker, NGINX reaching it on "
-        "its Unix socket through kept-alive connections); `site-before`: a second node of the same stack with "
-        "the transport of before (sync workers on TCP: a new connection per decision, closed gracefully); "
+        "its Unix socket through kept-alive connections), every HEAD answered by the local registry; "
+        "`site-storage`: another node, the same with `local_registry.storage_root`, so NGINX answers the "
+        "replicated manifest from the registry's files (no registry asked); `site-before`: a node of the "
+        "same stack with the transport of before (sync workers on TCP: a new connection per decision, "
+        "closed gracefully); "
         "`plain`: NGINX in front of the same local registry without `auth_request`. Decision cache off (the "
         "same token every request; manifest decisions are never reused anyway). CPU per request is each "
         "component's CPU time (from /proc) over the run divided by the requests served.",
@@ -449,6 +457,9 @@ def head_rate_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
         )
     verdict = "met" if data["met"] else "**MISSED**"
     lines += ["", f"Target: site ≥ {data['target']}x plain NGINX: {verdict} ({data['ratio']:.2f}x)."]
+    if "storage_ratio" in data:
+        verdict = "met" if data["storage_met"] else "**MISSED**"
+        lines += [f"With `storage_root` (site-storage): {verdict} ({data['storage_ratio']:.2f}x)."]
     lines += problems_lines(outcome)
     if "head_rate" in plots:
         lines += ["", f"![manifest HEAD rate and CPU per request]({plots['head_rate']})"]
