@@ -3,9 +3,11 @@
 As kubelets do when a deployment rolls out: ``--clients`` (200) clients each get their own pull
 token from the development stack's token service (``StackClient.token``: 200 distinct tokens, so
 neither NGINX's decision cache nor the service's token cache can answer one client from another's
-work), then all pull the same image at the same moment, through the site and, in the other half of
-each round, straight at the local registry with the same tokens. Rounds alternate the order (site
-first, then direct first); each side's figures are the medians over the rounds.
+work), then all pull the same image at the same moment: through the site (``site``: manifests and
+blobs from the local registry), through a second node of the same site with
+``local_registry.storage_root`` (``site-storage``: NGINX answers manifests and blobs from the
+registry's files), and straight at the local registry, each with fresh tokens. Rounds alternate the
+order (reversed every other round); each side's figures are the medians over the rounds.
 
 The client performs the registry pull protocol for real, with the token on every request: ``GET``
 the manifest by tag (the ``Accept`` a container runtime sends), then ``GET`` the config and every
@@ -76,7 +78,8 @@ TARGET_P99_RATIO = 1.2
 START_DELAY = 2.0  # seconds from handing out the work to the common start (every thread is waiting by then)
 READ_CHUNK = 1 << 20
 CLIENT_TIMEOUT = 120.0
-SIDES = ("site", "direct")
+SIDES = ("site", "site-storage", "direct")
+STORAGE = "site-storage"  # a node with local_registry.storage_root: manifests and blobs answered by NGINX
 BEFORE = "site-before"  # --before: a node with the auth transport of before issue 15 (sync workers, TCP)
 BEFORE_OVERRIDES = {"server": {"worker_class": "sync", "bind": ["127.0.0.1:0"]}}
 
@@ -307,6 +310,12 @@ def measure(root: Path, args: argparse.Namespace, problems: list[str]) -> dict[s
         }
         addresses = {"site": client.secondary, "direct": client.local_registry}
         logs = {"site": client.info.nginx_access_log}
+        storage = Path(client.info.directory) / "secondary" / "storage"
+        node = client.stack.add_node({"local_registry": {"storage_root": str(storage)}})
+        number = f"-{node.number}"
+        parts[STORAGE] = {"auth": processes["auth" + number].pid, "nginx": processes["nginx" + number].pid}
+        parts[STORAGE] |= registry  # asked for nothing unless a file is missing
+        addresses[STORAGE], logs[STORAGE] = node.secondary_url.split("://", 1)[1], node.nginx_access_log
         if args.before:
             node = client.stack.add_node(BEFORE_OVERRIDES)
             number = f"-{node.number}"
@@ -337,7 +346,7 @@ def print_storm(round_number: int, result: StormResult) -> None:
     cpu = "  ".join(f"{part} {seconds:.2f} s" for part, seconds in result.cpu_seconds.items())
     routed = f"  not local {not_local(result)} of {sum(result.routes.values())}" if result.routes else ""
     print(
-        f"round {round_number} {result.side:<11} p50 {summary['p50']:6.2f} s  p99 {summary['p99']:6.2f} s"
+        f"round {round_number} {result.side:<12} p50 {summary['p50']:6.2f} s  p99 {summary['p99']:6.2f} s"
         f"  max {summary['max']:6.2f} s  wall {result.wall_seconds:6.2f} s  failed {result.failures}"
         f"  CPU: {cpu}{routed}",
         flush=True,
@@ -391,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     site, direct = summaries["site"], summaries["direct"]
     ratio = site["p99"] / direct["p99"] if direct["p99"] else 0.0
     met = 0 < ratio <= TARGET_P99_RATIO
-    print(f"\n{'':<11} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'wall s':>7}   (medians over {args.rounds} rounds)")
+    print(f"\n{'':<12} {'p50 s':>7} {'p99 s':>7} {'max s':>7} {'wall s':>7}   (medians over {args.rounds} rounds)")
     for side, summary in summaries.items():
         print(
-            f"{side:<11} {summary['p50']:7.2f} {summary['p99']:7.2f} {summary['max']:7.2f}"
+            f"{side:<12} {summary['p50']:7.2f} {summary['p99']:7.2f} {summary['max']:7.2f}"
             f" {summary['wall_seconds']:7.2f}"
         )
     auth = site["cpu_seconds"].get("auth", 0.0)
@@ -403,15 +412,25 @@ def main(argv: list[str] | None = None) -> int:
         f" per pull, {site['cpu_us_per_request'].get('auth', 0):.0f} us per request)"
     )
     print(f"p99 site/direct {ratio:.2f}x  target <= {TARGET_P99_RATIO}x: {'MET' if met else 'MISSED'}")
+    stored = summaries[STORAGE]
+    storage_ratio = stored["p99"] / direct["p99"] if direct["p99"] else 0.0
+    storage_met = 0 < storage_ratio <= TARGET_P99_RATIO
+    print(
+        f"p99 {STORAGE}/direct {storage_ratio:.2f}x  target <= {TARGET_P99_RATIO}x:"
+        f" {'MET' if storage_met else 'MISSED'} (manifests and blobs answered from storage)"
+    )
     wall_seconds = time.monotonic() - wall
     if args.json:
         document = {
             "config": {k: getattr(args, k) for k in ("clients", "rounds", "layers", "layer_bytes", "processes")},
-            **summaries,  # "site", "direct" and, with --before, "site-before"
+            **summaries,  # "site", "site-storage", "direct" and, with --before, "site-before"
             "ratio_p99": ratio,
             "ratio_p50": site["p50"] / direct["p50"] if direct["p50"] else 0.0,
             "target": TARGET_P99_RATIO,
             "met": met,
+            "storage_ratio_p99": storage_ratio,
+            "storage_ratio_p50": stored["p50"] / direct["p50"] if direct["p50"] else 0.0,
+            "storage_met": storage_met,
             "storms": {side: [asdict(storm) | {"pulls": None} for storm in storms] for side, storms in results.items()},
             "problems": problems,
             "wall_seconds": wall_seconds,

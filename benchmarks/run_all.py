@@ -258,7 +258,7 @@ def draw_new_plots(outcomes: list[Outcome], plt: Any) -> dict[str, str]:
         plt.close(figure)
     storm = find(outcomes, "pull_storm").data
     if storm.get("site"):
-        sides = [side for side in ("site", "site-before", "direct") if storm.get(side)]
+        sides = [side for side in ("site", "site-storage", "site-before", "direct") if storm.get(side)]
         figure, axis = plt.subplots(figsize=(7, 3.6))
         positions = range(len(sides))
         axis.bar([p - 0.2 for p in positions], [storm[s]["p50"] for s in sides], 0.4, label="p50")
@@ -373,6 +373,9 @@ def ratio_rows(outcomes: list[Outcome]) -> list[tuple[str, float, str, bool | No
             ("pull storm p99, site / direct local registry", storm["ratio_p99"], f"<= {storm['target']}x", storm["met"])
         )
         rows.append(("pull storm p50, site / direct local registry", storm["ratio_p50"], "", None))
+        if "storage_ratio_p99" in storm:
+            what = "pull storm p99, site with storage_root / direct local registry"
+            rows.append((what, storm["storage_ratio_p99"], f"<= {storm['target']}x", storm["storage_met"]))
         before = storm.get("site-before")
         if before and storm["direct"]["p99"]:
             rows.append(
