@@ -105,23 +105,31 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(client, image, other, storage)
 
 
-def ask(url: str, method: str, path: str, headers: dict[str, str]) -> Answer:
+Headers = dict[str, str] | list[tuple[str, str]]  # as pairs, a name may repeat (several Accept headers)
+
+
+def ask(url: str, method: str, path: str, headers: Headers, body: bytes | None = None) -> Answer:
     """One request on a fresh connection; a body cut short (the registry's 416 declares the blob's
     length and sends a line) is what arrived."""
     connection = http.client.HTTPConnection(address_of(url), timeout=30)
     try:
-        connection.request(method, path, headers=headers)
+        connection.putrequest(method, path)
+        for name, value in headers.items() if isinstance(headers, dict) else headers:
+            connection.putheader(name, value)
+        if body is not None:
+            connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
         response = connection.getresponse()
         try:
-            body = response.read()
+            received = response.read()
         except http.client.IncompleteRead as short:
-            body = short.partial
-        return Answer(response.status, tuple(response.getheaders()), body)
+            received = short.partial
+        return Answer(response.status, tuple(response.getheaders()), received)
     finally:
         connection.close()
 
 
-def both(site: Site, method: str, path: str, headers: dict[str, str]) -> tuple[Answer, Answer, AccessLogEntry]:
+def both(site: Site, method: str, path: str, headers: Headers) -> tuple[Answer, Answer, AccessLogEntry]:
     """(straight at the local registry, through the site, the site's access log entry)."""
     direct = ask(site.client.info.local_registry_url, method, path, headers)
     offset = site.client.access_log_offset()
@@ -421,7 +429,7 @@ def put_manifest(site: Site, tag: str, body: dict[str, object], content_type: st
     data = json.dumps(body, indent=3).encode()  # not canonical: the bytes served must be the stored ones
     content_type = content_type or str(body["mediaType"])
     headers = {**bearer(site, f"repository:{FORMATS}:push,pull"), "Content-Type": content_type}
-    answer = ask_pairs(site.client.info.secondary_url, "PUT", f"/v2/{FORMATS}/manifests/{tag}", headers, data)
+    answer = ask(site.client.info.secondary_url, "PUT", f"/v2/{FORMATS}/manifests/{tag}", headers, data)
     assert answer.status == 201, (tag, answer.status, answer.body)
     return "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
 
@@ -463,37 +471,6 @@ def formats(site: Site) -> Formats:
     return Formats(tags)
 
 
-def ask_pairs(
-    url: str, method: str, path: str, headers: dict[str, str] | list[tuple[str, str]], body: bytes | None = None
-) -> Answer:
-    """``ask`` with headers as pairs: a name may repeat (several Accept headers, as clients send)."""
-    pairs = list(headers.items()) if isinstance(headers, dict) else headers
-    connection = http.client.HTTPConnection(address_of(url), timeout=30)
-    try:
-        connection.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in pairs:
-            connection.putheader(name, value)
-        if body is not None:
-            connection.putheader("Content-Length", str(len(body)))
-        connection.endheaders(body)
-        response = connection.getresponse()
-        return Answer(response.status, tuple(response.getheaders()), response.read())
-    finally:
-        connection.close()
-
-
-def both_pairs(
-    site: Site, method: str, path: str, headers: list[tuple[str, str]]
-) -> tuple[Answer, Answer, AccessLogEntry]:
-    """``both`` with repeatable headers."""
-    direct = ask_pairs(site.client.info.local_registry_url, method, path, headers)
-    offset = site.client.access_log_offset()
-    through = ask_pairs(site.client.info.secondary_url, method, path, headers)
-    entries = site.client.access_log(offset)
-    assert len(entries) == 1, entries
-    return direct, through, entries[0]
-
-
 def manifest_from_storage(entry: AccessLogEntry) -> bool:
     """NGINX answered a local manifest itself: no registry was asked."""
     return entry.route == "local" and entry.reason in MANIFEST_REASONS and entry.upstream == ""
@@ -525,7 +502,7 @@ def test_a_manifest_by_digest_is_answered_exactly_as_the_registry(
     headers = bearer(site, f"repository:{FORMATS}:pull")
     pairs = list(headers.items())
     pairs += [("Accept", v.replace("{type}", media_type).replace("{TYPE}", media_type.upper())) for v in values]
-    direct, through, entry = both_pairs(site, method, f"/v2/{FORMATS}/manifests/{digest}", pairs)
+    direct, through, entry = both(site, method, f"/v2/{FORMATS}/manifests/{digest}", pairs)
     assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
     assert through.body == direct.body
     assert manifest_from_storage(entry) is (stored and media_type != ""), (entry, direct.status)
@@ -542,7 +519,7 @@ def test_a_pinned_tag_is_answered_from_storage_exactly_as_the_registry(
     values = next(values for name, values, _ in ACCEPTS if name == accept)
     pairs = [*bearer(site, f"repository:{FORMATS}:pull").items()]
     pairs += [("Accept", value.replace("{type}", media_type)) for value in values]
-    direct, through, entry = both_pairs(site, method, f"/v2/{FORMATS}/manifests/{tag}", pairs)
+    direct, through, entry = both(site, method, f"/v2/{FORMATS}/manifests/{tag}", pairs)
     assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
     assert through.body == direct.body and through.status == 200
     assert manifest_from_storage(entry) and entry.reason == "tag-pinned", entry
@@ -566,7 +543,7 @@ def test_a_conditional_manifest_request_is_the_registrys(
     pairs = [*bearer(site, f"repository:{FORMATS}:pull").items(), ("Accept", media_type)]
     pairs += [(name, value.replace("{digest}", digest)) for name, value in extra.items()]
     path = f"/v2/{FORMATS}/manifests/{digest if reference == 'digest' else 'oci'}"
-    direct, through, entry = both_pairs(site, "GET", path, pairs)
+    direct, through, entry = both(site, "GET", path, pairs)
     assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
     assert through.body == direct.body
     assert entry.route == "local" and entry.upstream != "", entry
@@ -582,7 +559,7 @@ def test_without_the_repositorys_revision_link_a_manifest_is_not_sent(site: Site
     with index_claims_present(site, OTHER, digest, ManifestPresence):
         for method in ("GET", "HEAD"):
             pairs = [*bearer(site, f"repository:{OTHER}:pull").items(), ("Accept", media_type)]
-            direct, through, entry = both_pairs(site, method, f"/v2/{OTHER}/manifests/{digest}", pairs)
+            direct, through, entry = both(site, method, f"/v2/{OTHER}/manifests/{digest}", pairs)
             assert outcome(through) == outcome(direct) == "refused 404"
             assert entry.reason == "manifest-local" and entry.route == "fallback", entry
 
@@ -594,7 +571,7 @@ def test_a_missing_manifest_file_falls_back_to_the_registry_then_the_primary(sit
     pairs = [*bearer(site, f"repository:{FORMATS}:pull").items(), ("Accept", media_type)]
     for reference in (digest, "docker"):
         with moved_away(site.storage / files.data.lstrip("/")):
-            direct, through, entry = both_pairs(site, "GET", f"/v2/{FORMATS}/manifests/{reference}", pairs)
+            direct, through, entry = both(site, "GET", f"/v2/{FORMATS}/manifests/{reference}", pairs)
         assert direct.status != 200  # the local registry has lost it too
         assert through.status == 200 and "sha256:" + hashlib.sha256(through.body).hexdigest() == digest
         assert (entry.route, entry.upstream != "") == ("fallback", True), entry
