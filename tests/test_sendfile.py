@@ -589,3 +589,18 @@ def test_every_manifest_of_a_pull_comes_from_storage(site: Site, tmp_path: Path)
     manifests = [entry for entry in reads if "/manifests/" in entry.uri]
     assert manifests and all(manifest_from_storage(entry) for entry in manifests), manifests
     assert all(from_storage(entry) or manifest_from_storage(entry) for entry in reads), reads
+
+
+@pytest.mark.parametrize(
+    "extra", [{"Range": "bytes=0-9"}, {"Range": "bytes=-5"}, {"Accept-Encoding": "gzip"}], ids=repr
+)
+def test_a_manifest_range_or_encoding_is_ignored_as_the_registry_ignores_it(
+    site: Site, formats: Formats, extra: dict[str, str]
+) -> None:
+    """The registry answers a manifest whole, whatever the Range or Accept-Encoding: so does NGINX."""
+    digest, media_type = formats.tags["oci"]
+    pairs = [*bearer(site, f"repository:{FORMATS}:pull").items(), ("Accept", media_type), *extra.items()]
+    direct, through, entry = both(site, "GET", f"/v2/{FORMATS}/manifests/{digest}", pairs)
+    assert (through.status, through.listed(), through.names()) == (direct.status, direct.listed(), direct.names())
+    assert through.body == direct.body and through.status == 200
+    assert manifest_from_storage(entry), entry
