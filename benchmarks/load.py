@@ -29,9 +29,10 @@ answer is 2xx (apart from at most one 499 per connection: what a tool had in fli
 every request kind took its expected route (``local`` for replicated content, ``primary`` for the
 primary-only image), so no request silently fell back or went around an overloaded auth service.
 
-Phase 2, many distinct tokens: ``--tokens`` (default 60,000: 20,000 would only just fill the caches
-of 2 workers if each got half the tokens, and one of the ASGI workers may get a third) distinct valid
-pull tokens are minted with the stack's signing key
+Phase 2, many distinct tokens: ``--tokens`` (default 40,000: 20,000 would only just fill the caches
+of 2 workers if each got half; more rounds follow until every worker's cache has been full for 3
+rounds, as one ASGI worker may get a tenth of the tokens) distinct valid pull tokens are minted with
+the stack's signing key
 (``updater.signing_key``; ``geo_route.updater.pull_tokens``, each with its own ``jti``) and each is used
 once, ``--token-round`` at a time, by 32 keep-alive connections (``GET`` of a small blob through
 NGINX). The auth service caches verified tokens in a bounded LRU per
@@ -386,7 +387,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-clients", type=int, default=50, help="of which ab HEAD connections (default 50)")
     parser.add_argument("--duration", type=int, default=None, help="seconds of mixed load (default 60)")
     parser.add_argument("--timeout", type=int, default=10, help="seconds before a request counts as timed out")
-    parser.add_argument("--tokens", type=int, default=None, help="distinct tokens of phase 2 (default 60000)")
+    parser.add_argument("--tokens", type=int, default=None, help="distinct tokens of phase 2 (default 40000)")
     parser.add_argument("--token-round", type=int, default=None, help="tokens between samples (default 5000)")
     parser.add_argument("--token-cache-size", type=int, default=None, help="token.cache_size (default: the site's)")
     parser.add_argument("--events", type=int, default=None, help="distinct events of phase 3 (default 60000)")
@@ -396,7 +397,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default="", help="write the results to this file")
     parser.add_argument("--report", default="", help="put the printed results into this Markdown file's load section")
     args = parser.parse_args(argv)
-    full = {"duration": 60, "tokens": 60_000, "token_round": 5000, "events": 60_000, "event_round": 10_000}
+    full = {"duration": 60, "tokens": 40_000, "token_round": 5000, "events": 60_000, "event_round": 10_000}
     defaults = QUICK if args.quick else full
     for name, value in defaults.items():
         if getattr(args, name) is None:
