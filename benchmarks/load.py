@@ -30,16 +30,21 @@ every request kind took its expected route (``local`` for replicated content, ``
 primary-only image), so no request silently fell back or went around an overloaded auth service.
 
 Phase 2, many distinct tokens: ``--tokens`` (default 40,000: 20,000 would only just fill the caches
-of 2 workers) distinct valid pull tokens are minted with the stack's signing key
+of 2 workers if each got half; more rounds follow until every worker's cache has been full for 3
+rounds, as one ASGI worker may get a tenth of the tokens) distinct valid pull tokens are minted with
+the stack's signing key
 (``updater.signing_key``; ``geo_route.updater.pull_tokens``, each with its own ``jti``) and each is used
 once, ``--token-round`` at a time, by 32 keep-alive connections (``GET`` of a small blob through
 NGINX). The auth service caches verified tokens in a bounded LRU per
-worker (``token.cache_size``, default 10,000; ``geo_route.tokens.TokenCache``); /metrics exposes only
-hit and miss counters, not the cache's size. After each round: the VmRSS of the auth service
-(gunicorn master + workers, from /proc) and the cache counters. Then the first round's tokens are sent
-again: they must miss (evicted), which bounds what the cache holds. Checks: every request 200, and
-once the caches are full (1.25 x workers x cache_size tokens sent) the auth service's RSS grows by
-at most 20 % of what the same number of tokens added while filling (or by at most 1 MiB).
+worker (``token.cache_size``, default 10,000; ``geo_route.tokens.TokenCache``); /metrics exposes
+hit and miss counters and each worker's entries. After each round: the VmRSS of the auth service
+(gunicorn master + workers, from /proc), the cache counters and entries. Then the first round's tokens
+are sent again: they must miss (evicted), which bounds what the cache holds. Checks: every request
+200, and once every worker's cache is full (its ``geo_route_token_cache_entries`` at cache_size;
+not a number of tokens sent: NGINX's kept-alive connections stay with the ASGI worker that accepted
+them, so one worker's cache can still be filling long after the other's is full, which once read as
+1.7 MiB of growth "once full", ``benchlib/token_churn.py``) the auth service's RSS grows by at most
+20 % of what the same number of tokens added while filling (or by at most 1 MiB).
 
 Phase 3, many distinct notification events (``--events``, default 60,000): one-event envelopes with
 new ids POSTed to the updater's ``/events/local`` over 4 keep-alive connections, as a registry sends

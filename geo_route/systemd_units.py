@@ -6,12 +6,19 @@ workers then stop their loops and release the reconcile and verify leases (gunic
 still stopping after its graceful timeout; the loops' own joins are bounded by 80 s), and each
 ``TimeoutStopSec`` is longer than all of that, so systemd never cuts a graceful stop short (a lease a
 killed worker could not release expires after ``updater.reconcile_lease``).
+
+A ``unix:`` bind under ``/run`` (e.g. ``unix:/run/geo-route/auth.sock``, where NGINX connects) gets
+its directory as a ``RuntimeDirectory``: ``/run`` is a tmpfs, so nothing else would create it at
+boot. Mode 0750, owned by the unit's user and group: NGINX's workers, in that group, reach the
+0660 socket. The directories outlive a restart (``RuntimeDirectoryPreserve=restart``), and a stop
+too when both units' sockets share one (``yes``): stopping the updater must not delete the auth
+service's socket (gunicorn replaces a stale socket file when it starts).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -34,6 +41,7 @@ class UnitOptions:
 
 def render_units(settings: Settings, options: UnitOptions) -> dict[str, str]:
     """Unit file name → text, for the auth service and the updater."""
+    shared = set(run_socket_dirs(settings.server.bind)) & set(run_socket_dirs(settings.updater.bind))
     return {
         AUTH_UNIT: render_unit(
             description="geo-route auth service (NGINX auth_request)",
@@ -41,6 +49,7 @@ def render_units(settings: Settings, options: UnitOptions) -> dict[str, str]:
             binds=settings.server.bind,
             stop_seconds=GUNICORN_GRACEFUL_SECONDS + 15,
             options=options,
+            shared_dirs=shared,
         ),
         UPDATER_UNIT: render_unit(
             description="geo-route index updater (registry notifications, tag resolution, reconcile, verify)",
@@ -48,6 +57,7 @@ def render_units(settings: Settings, options: UnitOptions) -> dict[str, str]:
             binds=settings.updater.bind,
             stop_seconds=max(GUNICORN_GRACEFUL_SECONDS, UPDATER_STOP_SECONDS) + 15,
             options=options,
+            shared_dirs=shared,
         ),
     }
 
@@ -62,10 +72,34 @@ def hidden_path_warnings(options: UnitOptions) -> list[str]:
     ]
 
 
+def run_socket_dirs(binds: Sequence[str]) -> list[str]:
+    """The directories of the ``unix:`` binds that lie under ``/run``, relative to it, in bind order:
+    what ``RuntimeDirectory=`` must create (``/var/run`` is ``/run``; ``/run`` itself is not one)."""
+    dirs: list[str] = []
+    for bind in binds:
+        if not bind.startswith("unix:"):
+            continue
+        parent = PurePosixPath(bind.removeprefix("unix:")).parent
+        for run in ("/run", "/var/run"):
+            if parent.is_relative_to(run) and parent != PurePosixPath(run):
+                relative = str(parent.relative_to(run))
+                if ".." not in relative.split("/") and relative not in dirs:
+                    dirs.append(relative)
+    return dirs
+
+
 def render_unit(
-    *, description: str, command: str, binds: Sequence[str], stop_seconds: int, options: UnitOptions
+    *,
+    description: str,
+    command: str,
+    binds: Sequence[str],
+    stop_seconds: int,
+    options: UnitOptions,
+    shared_dirs: Set[str] = frozenset(),
 ) -> str:
     runtime = f"geo-route-{'auth' if command == 'serve' else command}"
+    runtime_dirs = [runtime, *(d for d in run_socket_dirs(binds) if d != runtime)]
+    preserve = "yes" if shared_dirs & set(runtime_dirs) else "restart" if len(runtime_dirs) > 1 else "no"
     socket_dirs = {str(PurePosixPath(b.removeprefix("unix:")).parent) for b in binds if b.startswith("unix:")}
     writable = [f"/run/{runtime}", *sorted(socket_dirs - {f"/run/{runtime}"})]
     executable = str(PurePosixPath(options.prefix) / "bin" / "geo-route")
@@ -88,8 +122,9 @@ def render_unit(
         f"User={options.user}",
         f"Group={options.group or options.user}",
         f"LimitNOFILE={LIMIT_NOFILE}",
-        f"RuntimeDirectory={runtime}",
+        f"RuntimeDirectory={' '.join(_quote(d) for d in runtime_dirs)}",
         "RuntimeDirectoryMode=0750",
+        f"RuntimeDirectoryPreserve={preserve}",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "ProtectHome=yes",

@@ -124,6 +124,7 @@ class TokenVerifier:
         *,
         clock: Callable[[], float] = time.time,
         on_cache: Callable[[bool], None] | None = None,
+        on_cache_entries: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings
         self._keys = keys
@@ -131,6 +132,7 @@ class TokenVerifier:
         self._clock = clock
         self._cache = TokenCache(settings.cache_size, clock)
         self._on_cache = on_cache or (lambda hit: None)
+        self._on_cache_entries = on_cache_entries or (lambda entries: None)
 
     @classmethod
     def from_settings(cls, settings: TokenSettings, **kwargs: Any) -> TokenVerifier:
@@ -156,6 +158,7 @@ class TokenVerifier:
             return cached
         grants = self._verify_uncached(token)
         self._cache.put(token, grants)
+        self._on_cache_entries(len(self._cache))
         return grants
 
     def _verify_uncached(self, token: str) -> Grants:

@@ -152,14 +152,42 @@ def test_units_escape_and_grant_what_the_binds_need(tmp_path: Path) -> None:
     assert service["ExecStart"].endswith('serve -c "/etc/geo route/50%%.yaml"')
     assert service["CapabilityBoundingSet"] == service["AmbientCapabilities"] == "CAP_NET_BIND_SERVICE"
     assert service["ReadWritePaths"] == "/run/geo-route-auth /run/geo-route"
-    assert parse_unit(units[UPDATER_UNIT])["Service"]["CapabilityBoundingSet"] == ""
+    updater = parse_unit(units[UPDATER_UNIT])["Service"]
+    assert updater["CapabilityBoundingSet"] == ""
+    # /run is a tmpfs: the socket's directory exists only because the unit creates it, group-readable
+    # so NGINX (in the group) reaches the 0660 socket; it outlives a restart.
+    assert (service["RuntimeDirectory"], service["RuntimeDirectoryMode"]) == ("geo-route-auth geo-route", "0750")
+    assert service["RuntimeDirectoryPreserve"] == "restart"
+    assert (updater["RuntimeDirectory"], updater["RuntimeDirectoryPreserve"]) == ("geo-route-updater", "no")
     assert hidden_path_warnings(UnitOptions(site_file="/tmp/site.yaml"))
 
 
-def test_written_units_pass_systemd_analyze_verify(site_file: Path, tmp_path: Path) -> None:
+SHARED_SOCKETS = (
+    'server: {bind: ["127.0.0.1:8080", "unix:/run/geo-route/auth.sock"]}\n'
+    'updater: {bind: ["unix:/var/run/geo-route/updater.sock"]}\n'
+)
+
+
+def test_socket_directories_under_run_are_created_and_kept_while_another_unit_uses_them(tmp_path: Path) -> None:
+    units = render_units(load_settings(write(tmp_path, BASE + SHARED_SOCKETS)), UnitOptions(site_file="/etc/s.yaml"))
+    for name in (AUTH_UNIT, UPDATER_UNIT):
+        service = parse_unit(units[name])["Service"]
+        assert service["RuntimeDirectory"] == f"{name.removesuffix('.service')} geo-route"
+        assert service["RuntimeDirectoryMode"] == "0750"
+        # Stopping one unit must not delete the other's socket with the directory they share.
+        assert service["RuntimeDirectoryPreserve"] == "yes"
+    text = BASE + 'server: {bind: ["unix:/srv/geo-route/auth.sock", "unix:/run/auth.sock"]}\n'
+    service = parse_unit(render_units(load_settings(write(tmp_path, text)), UnitOptions(site_file="/s"))[AUTH_UNIT])
+    assert service["Service"]["RuntimeDirectory"] == "geo-route-auth"  # neither is a directory under /run
+    assert service["Service"]["ReadWritePaths"] == "/run/geo-route-auth /run /srv/geo-route"
+
+
+@pytest.mark.parametrize("sockets", ["", SHARED_SOCKETS], ids=["tcp", "unix-sockets"])
+def test_written_units_pass_systemd_analyze_verify(tmp_path: Path, sockets: str) -> None:
     assert shutil.which("systemd-analyze"), (
         "systemd-analyze is missing: apt-get install systemd (script/bootstrap does)"
     )
+    site_file = write(tmp_path, TLS_SITE + sockets)
     # ExecStart must name an executable that exists: this virtualenv's geo-route.
     prefix = str(Path(sys.executable).parent.parent)
     assert main(["systemd-units", "-c", str(site_file), "--prefix", prefix, "-o", str(tmp_path / "units")]) == 0

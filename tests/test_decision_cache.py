@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +17,7 @@ import pytest
 from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient, started_stack
 from geo_route.devstack.images import build_oci_image
-from geo_route.devstack.processes import wait_until
+from geo_route.devstack.processes import descendants, wait_until
 
 
 @pytest.fixture
@@ -80,3 +85,32 @@ def test_another_token_gets_its_own_decision(stack: StackClient, tmp_path: Path)
     before = decisions_made(stack)
     assert get(stack, blob, stack.token("repository:group/app:pull")) == 200
     assert decisions_made(stack) == before + 1
+
+
+def test_a_client_gone_while_its_decision_is_pending_is_logged_as_valid_json(stack: StackClient) -> None:
+    """NGINX logs a request it never answered with status "000": here a client that closed while the
+    auth subrequest waited on the (cacheable, so not aborted) decision. The log format maps it to 0,
+    so the line stays JSON (a bare 000 is not a JSON number) for every reader and log shipper."""
+    assert stack.stack is not None
+    workers = descendants(stack.stack.processes["auth"].pid)
+    uri = "/v2/group/app/blobs/sha256:" + "0" * 64
+    token = stack.token("repository:group/app:pull")
+    host, port = stack.info.secondary_url.removeprefix("http://").rsplit(":", 1)
+    since = stack.access_log_offset()
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(f"GET {uri} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+            time.sleep(0.3)  # NGINX has sent the subrequest to the stopped auth service
+    finally:
+        for pid in workers:
+            os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: stack.access_log_offset() > since, 10, "NGINX to log the abandoned request")
+    with open(stack.info.nginx_access_log, "rb") as stream:
+        stream.seek(since)
+        lines = [line for line in stream.read().decode().splitlines() if uri in line]
+    assert len(lines) == 1, lines
+    assert json.loads(lines[0])["status"] == 0, lines[0]
+    [entry] = [e for e in stack.access_log(since) if e.uri == uri]
+    assert (entry.status, entry.bytes_sent, entry.route) == (0, 0, "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from geo_route import contract
 from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
@@ -229,6 +231,37 @@ def test_index_claiming_content_the_local_registry_lacks(shared: StackClient, tm
     shared.index.apply(claims)
     entries = assert_pull_succeeds(shared, tmp_path, "e2e/phantom", built)
     assert {e.route for e in entries} == {"fallback"}, "the service said local, the local registry 404'd"
+
+
+def test_each_auth_worker_reports_its_token_cache_entries(shared: StackClient) -> None:
+    """geo_route_token_cache_entries{pid}: one series per live worker, which is how benchmarks/load.py
+    knows every worker's cache is full (NGINX's connections reach the ASGI workers unevenly)."""
+    assert shared.stack is not None
+    settings = load_settings(shared.info.site_file, environ={})
+    workers = {str(pid) for pid in descendants(shared.stack.processes["auth"].pid)}
+    bind = next(b for b in settings.server.bind if not b.startswith("unix:"))
+
+    def entries() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://{bind}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        found = re.findall(r'^geo_route_token_cache_entries\{pid="(\d+)"\} (\S+)$', text, re.MULTILINE)
+        return {pid: float(value) for pid, value in found}
+
+    def decide_with_a_new_token() -> bool:
+        headers = {
+            contract.ORIGINAL_METHOD: "GET",
+            contract.ORIGINAL_URI: "/v2/e2e/cache/blobs/sha256:" + "0" * 64,
+            contract.AUTHORIZATION: f"Bearer {shared.token('repository:e2e/cache:pull')}",
+        }
+        request = urllib.request.Request(f"http://{bind}/auth", headers=headers)  # a new connection each
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.status == 200
+        cached = entries()
+        assert set(cached) == workers, cached  # every live worker, from its start (0 until it caches)
+        return all(value >= 1 for value in cached.values())
+
+    wait_until(decide_with_a_new_token, 30, "every auth worker to cache a token")
+    assert all(value <= settings.token.cache_size for value in entries().values())
 
 
 def test_stack_json_names_every_process(shared: StackClient) -> None:

@@ -335,6 +335,15 @@ class TestCache:
         assert first is second
         assert hits == [False, True]
 
+    def test_reports_its_entries_up_to_its_size(self, settings: Settings, make_token: MakeToken, clock: Clock) -> None:
+        entries: list[int] = []
+        bounded = dataclasses.replace(settings.token, cache_size=2)
+        verifier = TokenVerifier.from_settings(bounded, clock=clock, on_cache_entries=entries.append)
+        tokens = [make_token() for _ in range(4)]
+        for token in [tokens[0], tokens[0], *tokens[1:]]:
+            verifier.verify(token)
+        assert entries == [1, 2, 2, 2]  # after each insertion (a hit inserts nothing)
+
     def test_never_served_past_exp(self, settings: Settings, make_token: MakeToken, clock: Clock) -> None:
         hits: list[bool] = []
         verifier = TokenVerifier.from_settings(settings.token, clock=clock, on_cache=hits.append)

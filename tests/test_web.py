@@ -153,6 +153,13 @@ def test_health_readiness_and_metrics(client: FlaskClient, make_token: MakeToken
     assert "geo_route_index_errors_total 0.0" in metrics
 
 
+def test_metrics_show_how_many_tokens_the_cache_holds(client: FlaskClient, make_token: MakeToken) -> None:
+    for token in [make_token(), make_token(), make_token()]:
+        for _ in range(2):
+            ask(client, "GET", f"/v2/group/app/blobs/{D1}", token)
+    assert "geo_route_token_cache_entries 3.0" in client.get("/metrics").get_data(as_text=True)
+
+
 def test_tokens_never_appear_in_logs(
     client: FlaskClient, make_token: MakeToken, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,7 +40,7 @@ INDEX_MEDIA_TYPES = (
 class AccessLogEntry:
     method: str
     uri: str
-    status: int
+    status: int  # 0: NGINX sent no answer (it logs "000", e.g. the client left while the decision was pending)
     bytes_sent: int
     route: str
     reason: str

@@ -31,7 +31,12 @@ def create_app(
     metrics = Metrics()
     metrics.tag_age_bound.set(settings.routing.max_tag_age)
     if verifier is None:
-        verifier = TokenVerifier.from_settings(settings.token, clock=clock, on_cache=metrics.count_token_cache)
+        verifier = TokenVerifier.from_settings(
+            settings.token,
+            clock=clock,
+            on_cache=metrics.count_token_cache,
+            on_cache_entries=metrics.token_cache_entries.set,
+        )
     if index is None:
         from geo_route.index.redis_store import RedisIndexStore
 

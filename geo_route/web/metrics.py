@@ -45,6 +45,14 @@ class Metrics:
         )
         self.token_cache_hits = token_cache.labels("hit")
         self.token_cache_misses = token_cache.labels("miss")
+        # Per worker (a pid label under gunicorn): NGINX's kept-alive connections stay with the worker
+        # that accepted them, so the workers' caches fill unevenly (benchmarks/load.py waits for all).
+        self.token_cache_entries = Gauge(
+            "geo_route_token_cache_entries",
+            "Verified tokens this worker caches (at most token.cache_size), as of its last insertion.",
+            multiprocess_mode="liveall",
+            registry=self.registry,
+        )
         self.index_errors = Counter(
             "geo_route_index_errors", "Index lookups that failed or timed out.", registry=self.registry
         )
