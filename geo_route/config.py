@@ -314,8 +314,9 @@ class ServerSettings:
 
     bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8080",))
     workers: int = _checked(check_positive, default=2)
-    # asgi: gunicorn's asyncio worker (geo_route/web/asgi.py), NGINX's subrequests on kept-alive connections
-    worker_class: Literal["sync", "gthread", "asgi"] = "asgi"
+    # httptools: gunicorn's asyncio worker with geo-route's own HTTP layer (geo_route/web/protocol.py),
+    # NGINX's subrequests on kept-alive connections; asgi: the same on gunicorn's ASGI protocol
+    worker_class: Literal["sync", "gthread", "asgi", "httptools"] = "httptools"
     threads: int = _checked(check_positive, default=1)
     keepalive: int = _checked(check_not_negative, default=75)
     timeout: int = _checked(check_positive, default=30)

@@ -16,7 +16,10 @@ from geo_route.config import Settings
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNIX_SOCKET_UMASK = 0o117  # a unix: bind's socket: 0660
 GRACEFUL_STOP_SECONDS = 2  # nginx.auth_timeout's default: no decision in flight waits longer
-WORKER_CLASSES = {"asgi": "geo_route.asgi_worker.AsgiWorker"}  # server.worker_class -> gunicorn's worker_class
+WORKER_CLASSES = {  # server.worker_class -> gunicorn's worker_class
+    "httptools": "geo_route.http_worker.HttpWorker",
+    "asgi": "geo_route.asgi_worker.AsgiWorker",
+}
 
 
 def prepare_multiprocess_metrics() -> None:
@@ -64,10 +67,11 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
 def serve(settings: Settings) -> None:
     """The auth service (``geo-route serve``)."""
     prepare_multiprocess_metrics()  # before prometheus_client is imported
-    from geo_route.web.app import create_app, create_asgi_app
+    from geo_route.web.app import create_app, create_asgi_app, create_auth_service
 
     server = settings.server
-    build = create_asgi_app if server.worker_class == "asgi" else create_app
+    builders = {"httptools": create_auth_service, "asgi": create_asgi_app}
+    build = builders.get(server.worker_class, create_app)
     options = {
         "bind": list(server.bind),
         "workers": server.workers,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response
@@ -55,6 +56,20 @@ def create_asgi_app(settings: Settings) -> Any:
 
     app = create_app(settings)
     return AsgiService(app.extensions["geo_route"]["auth"], app)
+
+
+@dataclass(frozen=True)
+class AuthService:
+    """What the event-loop worker (``server.worker_class: httptools``) serves: ``/auth`` from its
+    own HTTP layer (``geo_route.web.protocol``), every other path from the Flask app."""
+
+    auth: AuthEndpoint
+    wsgi_app: Callable[..., Any]
+
+
+def create_auth_service(settings: Settings) -> AuthService:
+    app = create_app(settings)
+    return AuthService(app.extensions["geo_route"]["auth"], app)
 
 
 def status_store_opener(settings: Settings) -> Callable[[], StatusSource]:
