@@ -212,10 +212,14 @@ class HttpProtocol(asyncio.Protocol):
         status, answer = self._connections.auth.answer(
             method or "", uri or "", authorization, accept or "", refetch=refetch == "1"
         )
-        lines = [STATUS_LINES[status]]
-        lines += [f"{name}: {value}\r\n".encode("latin-1") for name, value in answer]
-        lines.append(b"\r\n")
-        self._write(b"".join(lines), keep_alive)
+        text = "".join([f"{name}: {value}\r\n" for name, value in answer])
+        self._write(STATUS_LINES[status] + text.encode("latin-1") + self._end(keep_alive), keep_alive)
+
+    def _end(self, keep_alive: bool) -> bytes:
+        """The end of a response's header: an HTTP/1.0 client that asked to keep the connection is told."""
+        if keep_alive and self._parser.get_http_version() == "1.0":
+            return b"Connection: keep-alive\r\n\r\n"
+        return b"\r\n"
 
     def _next(self) -> None:
         """Serve the queued requests in order: ``/auth`` at once, the first WSGI one in a thread."""
@@ -243,12 +247,12 @@ class HttpProtocol(asyncio.Protocol):
         lines = [f"HTTP/1.1 {status}\r\n".encode("latin-1")]
         if head:  # the app's own Content-Length, if any: the body it would have sent
             lines += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers]
-            lines.append(b"\r\n")
+            lines.append(self._end(keep_alive))
         else:
             lines += [
                 f"{name}: {value}\r\n".encode("latin-1") for name, value in headers if name.lower() != "content-length"
             ]
-            lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+            lines.append(b"Content-Length: %d\r\n" % len(body) + self._end(keep_alive))
             lines.append(body)
         self._write(b"".join(lines), keep_alive)
         self._next()
