@@ -39,6 +39,19 @@ def remove_in_process(directory: str, pid: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def assign_worker_socket(arbiter: Any, worker: Any) -> None:
+    """In gunicorn's master, before a worker forks: the number of the worker socket it serves
+    (``server.socket_per_worker``): the one fewest live workers serve, the lowest of those (a replaced
+    worker's socket goes to its successor; while both run, e.g. after a HUP, they share it)."""
+    workers = getattr(arbiter, "num_workers", 1) or 1
+    served = [0] * workers
+    for other in arbiter.WORKERS.values():
+        number = getattr(other, "geo_route_socket", None)
+        if number is not None and number < workers:
+            served[number] += 1
+    worker.geo_route_socket = served.index(min(served))
+
+
 def mark_worker_dead(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
@@ -73,7 +86,8 @@ def serve(settings: Settings) -> None:
     builders = {"httptools": create_auth_service, "asgi": create_asgi_app}
     build = builders.get(server.worker_class, create_app)
     options = {
-        "bind": list(server.bind),
+        "bind": [*server.bind, *settings.worker_sockets],  # each worker serves one of the latter (socket_per_worker)
+        "pre_fork": assign_worker_socket,
         "workers": server.workers,
         "threads": server.threads,
         "worker_class": WORKER_CLASSES.get(server.worker_class, server.worker_class),

@@ -65,11 +65,12 @@ class AuthService:
 
     auth: AuthEndpoint
     wsgi_app: Callable[..., Any]
+    worker_sockets: tuple[str, ...] = ()  # Settings.worker_sockets: worker N serves the Nth of these only
 
 
 def create_auth_service(settings: Settings) -> AuthService:
     app = create_app(settings)
-    return AuthService(app.extensions["geo_route"]["auth"], app)
+    return AuthService(app.extensions["geo_route"]["auth"], app, settings.worker_sockets)
 
 
 def status_store_opener(settings: Settings) -> Callable[[], StatusSource]:
