@@ -59,6 +59,17 @@ class HttpWorker(ASGIWorker):  # type: ignore[misc]
         await self.stop_serving()
         executor.shutdown(wait=False, cancel_futures=True)
 
+    def handle_exit_signal(self) -> None:
+        """SIGTERM: from now on each connection closes after its next answer (not a heartbeat later)."""
+        super().handle_exit_signal()
+        if hasattr(self, "connections"):
+            self.connections.alive = False
+
+    def handle_quit_signal(self) -> None:
+        super().handle_quit_signal()
+        if hasattr(self, "connections"):
+            self.connections.alive = False
+
     def listeners(self) -> list[Any]:
         """gunicorn's listening sockets less the other workers' own (``server.socket_per_worker``)."""
         own = getattr(self, "geo_route_socket", None)  # set in the master by server.assign_worker_socket
