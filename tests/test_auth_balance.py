@@ -22,7 +22,7 @@ import pytest
 
 from geo_route.config import load_settings
 from geo_route.devstack.client import StackClient, started_stack
-from geo_route.devstack.processes import descendants
+from geo_route.devstack.processes import descendants, fetch_from, wait_until
 
 CONCURRENT = 24  # requests in flight at once: NGINX opens a connection to the service for each
 
@@ -97,3 +97,23 @@ def test_a_burst_of_nginx_connections_is_spread_over_the_auth_workers(client: St
     held = [held_by(pid, inodes) for pid in workers]
     assert sum(held) >= CONCURRENT // 2, held  # NGINX keeps them alive (keepalive 16 per NGINX worker)
     assert min(held) >= sum(held) // 4, f"connections per worker: {held}"
+
+
+def serves(bind: str) -> bool:
+    try:
+        return fetch_from(bind, "/healthz", timeout=1.0).status == 200
+    except OSError:
+        return False
+
+
+def test_a_worker_that_died_is_replaced_on_its_own_socket(client: StackClient) -> None:
+    """Each worker socket has a worker after one is killed: the master gives the new worker the
+    socket fewest live workers serve (its predecessor's), not one another worker already serves."""
+    assert client.stack is not None
+    settings = load_settings(client.info.site_file, environ={})
+    master = client.stack.processes["auth"].pid
+    assert all(serves(bind) for bind in settings.auth_servers)
+    killed = descendants(master)[0]
+    os.kill(killed, signal.SIGKILL)
+    wait_until(lambda: killed not in descendants(master) and len(descendants(master)) == 2, 30, "a new worker")
+    wait_until(lambda: all(serves(bind) for bind in settings.auth_servers), 30, "every worker socket served")

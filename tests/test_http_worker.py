@@ -127,6 +127,23 @@ def test_pipelined_requests_are_answered_in_order(service: Service) -> None:
         assert (status, headers[contract.REASON]) == (200, "blob-local")
 
 
+def test_a_hundred_pipelined_requests_behind_flask_ones_are_all_answered_in_order(service: Service) -> None:
+    """More requests queued than the connection reads ahead (it stops reading past MAX_QUEUED)."""
+    healthz = b"GET /healthz HTTP/1.1\r\nHost: auth\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", service.port)) as connection:
+        connection.sendall((healthz + auth_request(service.token)) * 50)
+        answers = read_answers(connection, 100, timeout=30)
+    assert [status for status, _, _ in answers] == [200] * 100
+    assert [body == b"ok\n" for _, _, body in answers] == [True, False] * 50
+    assert all(headers[contract.REASON] == "blob-local" for _, headers, _ in answers[1::2])
+
+
+def test_the_status_page_answers_a_loopback_peer(service: Service) -> None:
+    """/status is for loopback peers only (404 for others): the WSGI environ carries the peer's address."""
+    status, _ = http_get(f"http://127.0.0.1:{service.port}/status", timeout=30)
+    assert status == 200
+
+
 def test_an_http_1_0_client_asking_for_keep_alive_keeps_its_connection(service: Service) -> None:
     with socket.create_connection(("127.0.0.1", service.port)) as connection:
         for _ in range(3):

@@ -37,6 +37,7 @@ from geo_route.web.auth import AuthEndpoint
 log = logging.getLogger("geo_route.http")
 
 MAX_BODY_BYTES = 1 << 20  # the service takes no uploads; its endpoints read no body at all
+MAX_QUEUED = 32  # requests read ahead behind a WSGI one; past that the connection is not read until they are answered
 AUTH_PATHS = (b"/auth", b"/auth?")
 AUTH_METHODS = (b"GET", b"HEAD")
 WANTED = {
@@ -124,6 +125,7 @@ class HttpProtocol(asyncio.Protocol):
         self._header_size = 0
         self._pending: deque[tuple[bytes, bytes, list[tuple[bytes, bytes]], bytes, bool]] = deque()
         self._busy = False  # a WSGI request is running: later answers wait for it
+        self._paused = False  # reading paused: too many requests queued (MAX_QUEUED)
         self._close_after = False
         self._answered = 0  # requests answered, for the idle sweep
         self._idle_since = (0, 0)  # (answered, sweeps) at the last sweep that saw a change
@@ -197,6 +199,9 @@ class HttpProtocol(asyncio.Protocol):
         body = b"".join(self._body)
         self._body, self._body_size = [], 0
         self._pending.append((self._parser.get_method(), self._url, headers, body, keep_alive))
+        if len(self._pending) > MAX_QUEUED and self._transport is not None and not self._paused:
+            self._paused = True
+            self._transport.pause_reading()
         if not self._busy:
             self._next()
 
@@ -234,6 +239,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._connections.executor, run_wsgi, self._connections.wsgi_app, environ
             )
             future.add_done_callback(functools.partial(self._wsgi_done, keep_alive=keep_alive, head=method == b"HEAD"))
+        if self._paused and len(self._pending) <= MAX_QUEUED // 2 and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
 
     def _wsgi_done(
         self, done: asyncio.Future[tuple[str, list[tuple[str, str]], bytes]], *, keep_alive: bool, head: bool
@@ -260,6 +268,7 @@ class HttpProtocol(asyncio.Protocol):
     def _environ(self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> dict[str, Any]:
         parsed = httptools.parse_url(url)
         server_name, server_port = self._connections.server_name
+        remote_addr, remote_port = peer(self._transport)
         environ: dict[str, Any] = {
             "REQUEST_METHOD": method.decode("latin-1"),
             "SCRIPT_NAME": "",
@@ -269,7 +278,8 @@ class HttpProtocol(asyncio.Protocol):
             "SERVER_NAME": server_name,
             "SERVER_PORT": server_port,
             "SERVER_PROTOCOL": f"HTTP/{self._parser.get_http_version()}",
-            "REMOTE_ADDR": "",
+            "REMOTE_ADDR": remote_addr,  # /status answers only loopback peers
+            "REMOTE_PORT": remote_port,
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
             "wsgi.input": io.BytesIO(body),
@@ -301,6 +311,14 @@ class HttpProtocol(asyncio.Protocol):
         if not keep_alive or not self._connections.alive:
             self._close_after = True
             transport.close()
+
+
+def peer(transport: asyncio.BaseTransport | None) -> tuple[str, str]:
+    """The client's address and port as WSGI names them ("" for a Unix socket's peer)."""
+    name = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return str(name[0]), str(name[1])
+    return "", ""
 
 
 def run_wsgi(app: Callable[..., Any], environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
