@@ -54,7 +54,7 @@ tag pin is written without an index clock or media type for commits that have ne
 Usage:
     .venv/bin/python benchmarks/auth_bench.py [--request blob|manifest|tag] [--mode both|saturation|paced] [--rate R]
         [--repeat 3] [--duration 10] [--quick] [--connections 32] [--workers N]
-        [--worker-class asgi|sync|gthread] [--threads N] [--[no-]reuse-port] [--json FILE] [--profile FILE]
+        [--worker-class httptools|asgi|sync|gthread] [--threads N] [--[no-]reuse-port] [--json FILE] [--profile FILE]
 
 Exit status: 0 when every run completed without errors (whether or not the target is met); 1 when
 the load saw errors (non-2xx answers, socket errors, decisions other than the expected one, index errors

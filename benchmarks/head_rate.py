@@ -5,12 +5,14 @@ Everything is real and private to the run, on loopback, in ONE development stack
 a manifest HEAD by digest ``local``. The fronts measured side by side, all on that stack's index and
 local registry:
 
-* ``site``: node 1, the site as configured by default (``server.worker_class: asgi``, NGINX reaching
-  the auth service on its Unix socket through kept-alive connections), decision cache OFF;
+* ``site``: node 1, the site as configured by default (``server.worker_class: httptools``, NGINX
+  reaching the auth service on its Unix socket through kept-alive connections), decision cache OFF;
 * ``site-storage``: another node, the same as ``site`` with ``local_registry.storage_root`` set to
   the local registry's storage: NGINX answers the replicated manifest from the registry's files
   (``@geo_route_storage_manifest``), so no registry is asked; its rate may exceed plain NGINX's, whose
   every HEAD costs the registry's CPU;
+* ``site-asgi``: another node, the same as ``site`` but ``server.worker_class: asgi`` (gunicorn's own
+  ASGI protocol around the same decision: the default before the httptools worker);
 * ``site-before``: another node (``RunningStack.add_node``) with the auth transport geo-route had
   before issue 15: gunicorn sync workers on TCP (a connection per decision, closed gracefully);
 * ``plain``: a minimal NGINX started next to the stack (the same worker count, an access log,
@@ -251,11 +253,12 @@ def head_once(address: str, uri: str, token: str) -> tuple[int, str]:
 
 # The nodes measured next to node 1 ("site"): their site file is node 1's with these sections merged in.
 NODE_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "site-asgi": {"server": {"worker_class": "asgi"}},  # gunicorn's ASGI protocol (the default until issue 15's end)
     "site-before": {"server": {"worker_class": "sync", "bind": [f"{LOOPBACK}:0"]}},  # before issue 15
     # local_registry.storage_root: set to the stack's local registry storage below
     "site-storage": {"local_registry": {}},
 }
-FRONTS = ("site", "site-storage", "site-before", "plain")
+FRONTS = ("site", "site-storage", "site-asgi", "site-before", "plain")
 # Redis gets 0.5 s instead of 50 ms: the run measures the decision's cost, and on the shared, saturated
 # machine a lookup missing 50 ms would be an index-unavailable answer (primary) the checks reject.
 SITE_OVERRIDES = {"redis": {"socket_timeout": 0.5}}

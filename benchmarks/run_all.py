@@ -233,7 +233,7 @@ def draw_new_plots(outcomes: list[Outcome], plt: Any) -> dict[str, str]:
         left.bar(
             names,
             [head[n]["requests_per_s"] for n in names],
-            color=["tab:blue", "tab:purple", "tab:gray", "tab:green"][: len(names)],
+            color=["tab:blue", "tab:purple", "tab:orange", "tab:gray", "tab:green"][: len(names)],
         )
         left.set_ylabel("manifest HEAD req/s (median)")
         for index, name in enumerate(names):
@@ -439,12 +439,12 @@ def head_rate_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
     lines += [
         f"`HEAD /v2/<repo>/manifests/<digest>` with a pull token, {config['connections']} keep-alive connections "
         f"(2 ab processes), {config['rounds']} rounds of {config['duration']} s per front, fronts alternating. "
-        "`site`: the site as configured now (the auth service on gunicorn's ASGI worker, NGINX reaching it on "
-        "its Unix socket through kept-alive connections), every HEAD answered by the local registry; "
-        "`site-storage`: another node, the same with `local_registry.storage_root`, so NGINX answers the "
-        "replicated manifest from the registry's files (no registry asked); `site-before`: a node of the "
-        "same stack with the transport of before (sync workers on TCP: a new connection per decision, "
-        "closed gracefully); "
+        "`site`: the site as configured now (the auth service on its httptools worker, NGINX reaching each "
+        "worker on its own Unix socket through kept-alive connections), every HEAD answered by the local "
+        "registry; `site-storage`: another node, the same with `local_registry.storage_root`, so NGINX "
+        "answers the replicated manifest from the registry's files (no registry asked); `site-asgi`: a node "
+        "on gunicorn's ASGI protocol (the default before); `site-before`: a node with "
+        "the transport of before (sync workers on TCP: a new connection per decision, closed gracefully); "
         "`plain`: NGINX in front of the same local registry without `auth_request`. Decision cache off (the "
         "same token every request; manifest decisions are never reused anyway). CPU per request is each "
         "component's CPU time (from /proc) over the run divided by the requests served.",
@@ -477,8 +477,9 @@ HEAD_RATE_NOTES = (
     "issue 15 the service spent about a third of its time in the decision itself (classification, the token "
     "cache, one Redis round trip, the metrics) and two thirds in gunicorn's HTTP handling: a sync worker "
     "accepts, parses, builds a WSGI environ, answers, and closes each subrequest's connection gracefully (it "
-    "waits for NGINX's FIN). The ASGI worker keeps NGINX's connections alive and needs no thread hand-off: "
-    "its CPU per decision is the `auth` column above. A Unix socket instead of loopback TCP measured the same "
+    "waits for NGINX's FIN). The ASGI worker keeps NGINX's connections alive and needs no thread hand-off "
+    "(`site-asgi`); the httptools worker (`site`) also drops gunicorn's ASGI protocol, answering `/auth` from "
+    "the parser's callbacks. A Unix socket instead of loopback TCP measured the same "
     "within noise (the loopback stack is cheap next to Python). Reaching 0.9x would need the service's CPU "
     "per decision near zero, i.e. a decision not in Python at all; the decision itself costs ~60 µs of "
     "Python CPU in process (`decision_cost.py`)."

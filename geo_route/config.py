@@ -104,6 +104,9 @@ def check_algorithms(value: tuple[str, ...]) -> str | None:
     return None if value else "must list at least one algorithm"
 
 
+UNIX_PATH_MAX = 108  # sun_path, with its terminating NUL
+
+
 def check_binds(value: tuple[str, ...]) -> str | None:
     for bind in value:
         if not (bind.startswith("unix:") or re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]+):\d{1,5}", bind)):
@@ -314,13 +317,19 @@ class ServerSettings:
 
     bind: tuple[str, ...] = _checked(check_binds, default=("127.0.0.1:8080",))
     workers: int = _checked(check_positive, default=2)
-    # asgi: gunicorn's asyncio worker (geo_route/web/asgi.py), NGINX's subrequests on kept-alive connections
-    worker_class: Literal["sync", "gthread", "asgi"] = "asgi"
+    # httptools: gunicorn's asyncio worker with geo-route's own HTTP layer (geo_route/web/protocol.py),
+    # NGINX's subrequests on kept-alive connections; asgi: the same on gunicorn's ASGI protocol
+    worker_class: Literal["sync", "gthread", "asgi", "httptools"] = "httptools"
     threads: int = _checked(check_positive, default=1)
     keepalive: int = _checked(check_not_negative, default=75)
     timeout: int = _checked(check_positive, default=30)
     backlog: int = _checked(check_positive, default=2048)
     reuse_port: bool = False
+    # With a unix: bind and worker_class httptools, each worker also listens on a socket of its own,
+    # PATH.N (PATH the first unix: bind, N = 0 .. workers-1), and NGINX's upstream names them all (round
+    # robin). A worker keeps the connections it accepts: on one shared socket the first worker to wake
+    # took every connection NGINX opened, and one core made every decision.
+    socket_per_worker: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -445,6 +454,21 @@ class Settings:
         unix = next((bind for bind in self.server.bind if bind.startswith("unix:")), "")
         return self.nginx.auth_server or unix or connectable_address(self.server.bind[0])
 
+    @property
+    def worker_sockets(self) -> tuple[str, ...]:
+        """``server.socket_per_worker``'s binds, ``unix:PATH.N`` for each worker N: NGINX's way to the
+        service when it uses the first ``unix:`` bind and the workers are ``httptools`` ones; else none."""
+        server = self.server
+        if self.nginx.auth_server or not server.socket_per_worker or server.worker_class != "httptools":
+            return ()
+        unix = self.auth_server
+        return tuple(f"{unix}.{number}" for number in range(server.workers)) if unix.startswith("unix:") else ()
+
+    @property
+    def auth_servers(self) -> tuple[str, ...]:
+        """The servers of NGINX's ``upstream geo_route_auth``: each worker's socket, or ``auth_server``."""
+        return self.worker_sockets or (self.auth_server,)
+
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
     """Defaults, then the YAML file at ``path``, then ``GEO_ROUTE_*`` from ``environ``."""
@@ -471,6 +495,12 @@ def check_consistency(settings: Settings) -> list[str]:
     if bool(nginx.tls_certificate) != bool(nginx.tls_certificate_key):
         problems.append("nginx.tls_certificate: tls_certificate and tls_certificate_key go together")
     problems.extend(settings.redis.problems())
+    for bind in settings.worker_sockets[-1:]:
+        if len(bind.removeprefix("unix:").encode()) >= UNIX_PATH_MAX:
+            problems.append(
+                f"server.bind: {bind!r}, a worker's socket (server.socket_per_worker), is too long for a Unix"
+                f" socket ({UNIX_PATH_MAX - 1} bytes at most): a shorter path, or socket_per_worker: false"
+            )
     return problems
 
 

@@ -71,7 +71,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "listen_tls": bool(nginx.tls_certificate),
         "local": upstream_of(settings.local_registry.url),
         "primary": upstream_of(settings.primary.url),
-        "auth_server": settings.auth_server,  # host:port, [v6]:port and unix:PATH read the same in NGINX
+        "auth_servers": settings.auth_servers,  # host:port, [v6]:port and unix:PATH read the same in NGINX
         "auth_timeout": f"{nginx.auth_timeout:g}s",
         "original_method_header": contract.ORIGINAL_METHOD,
         "original_uri_header": contract.ORIGINAL_URI,

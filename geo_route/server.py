@@ -16,7 +16,10 @@ from geo_route.config import Settings
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNIX_SOCKET_UMASK = 0o117  # a unix: bind's socket: 0660
 GRACEFUL_STOP_SECONDS = 2  # nginx.auth_timeout's default: no decision in flight waits longer
-WORKER_CLASSES = {"asgi": "geo_route.asgi_worker.AsgiWorker"}  # server.worker_class -> gunicorn's worker_class
+WORKER_CLASSES = {  # server.worker_class -> gunicorn's worker_class
+    "httptools": "geo_route.http_worker.HttpWorker",
+    "asgi": "geo_route.asgi_worker.AsgiWorker",
+}
 
 
 def prepare_multiprocess_metrics() -> None:
@@ -34,6 +37,19 @@ def remove_in_process(directory: str, pid: int) -> None:
     directory with it, and the next worker then failed to boot on its missing files)."""
     if os.getpid() == pid:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def assign_worker_socket(arbiter: Any, worker: Any) -> None:
+    """In gunicorn's master, before a worker forks: the number of the worker socket it serves
+    (``server.socket_per_worker``): the one fewest live workers serve, the lowest of those (a replaced
+    worker's socket goes to its successor; while both run, e.g. after a HUP, they share it)."""
+    workers = getattr(arbiter, "num_workers", 1) or 1
+    served = [0] * workers
+    for other in arbiter.WORKERS.values():
+        number = getattr(other, "geo_route_socket", None)
+        if number is not None and number < workers:
+            served[number] += 1
+    worker.geo_route_socket = served.index(min(served))
 
 
 def mark_worker_dead(server: Any, worker: Any) -> None:
@@ -64,12 +80,14 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
 def serve(settings: Settings) -> None:
     """The auth service (``geo-route serve``)."""
     prepare_multiprocess_metrics()  # before prometheus_client is imported
-    from geo_route.web.app import create_app, create_asgi_app
+    from geo_route.web.app import create_app, create_asgi_app, create_auth_service
 
     server = settings.server
-    build = create_asgi_app if server.worker_class == "asgi" else create_app
+    builders = {"httptools": create_auth_service, "asgi": create_asgi_app}
+    build = builders.get(server.worker_class, create_app)
     options = {
-        "bind": list(server.bind),
+        "bind": [*server.bind, *settings.worker_sockets],  # each worker serves one of the latter (socket_per_worker)
+        "pre_fork": assign_worker_socket,
         "workers": server.workers,
         "threads": server.threads,
         "worker_class": WORKER_CLASSES.get(server.worker_class, server.worker_class),

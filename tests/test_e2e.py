@@ -170,18 +170,21 @@ def test_auth_service_stopped_pulls_still_succeed(own: StackClient, tmp_path: Pa
 def test_nginx_asks_the_auth_service_on_a_private_unix_socket_and_falls_back_when_it_dies(
     own: StackClient, tmp_path: Path
 ) -> None:
-    binds = load_settings(own.info.site_file, environ={}).server.bind
-    socket = Path(next(bind for bind in binds if bind.startswith("unix:")).removeprefix("unix:"))
+    settings = load_settings(own.info.site_file, environ={})
+    first = next(bind for bind in settings.server.bind if bind.startswith("unix:"))
+    assert settings.auth_servers == (f"{first}.0", f"{first}.1")  # one socket per worker (socket_per_worker)
     conf = (Path(own.info.directory) / "nginx" / "nginx.conf").read_text()
-    assert f"server unix:{socket};" in conf
-    mode = socket.stat().st_mode
-    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)  # no access for other users
+    sockets = [Path(server.removeprefix("unix:")) for server in settings.auth_servers]
+    for path in sockets:
+        assert f"server unix:{path} max_fails=0;" in conf
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660, oct(mode)  # no access for other users
     built = published_replicated(own, tmp_path, "e2e/unix")
     # decided through the socket (on a loaded machine a lookup may still miss redis.socket_timeout: primary)
     assert "local" in {e.route for e in assert_pull_succeeds(own, tmp_path, "e2e/unix", built)}
     assert own.stack is not None
-    own.stack.kill_part("auth")  # SIGKILL: the socket file stays, nobody accepts on it
-    assert socket.exists()
+    own.stack.kill_part("auth")  # SIGKILL: the socket files stay, nobody accepts on them
+    assert all(path.exists() for path in sockets)
     entries = assert_pull_succeeds(own, tmp_path, "e2e/unix", built)
     assert {e.route for e in entries} == {"auth-unavailable"}
 
@@ -189,8 +192,7 @@ def test_nginx_asks_the_auth_service_on_a_private_unix_socket_and_falls_back_whe
 def test_a_burst_of_connections_waits_in_the_auth_services_backlog(own: StackClient) -> None:
     """300 connections at once while every worker is busy (stopped): all queue in the socket's backlog
     (server.backlog), none is refused (a refused one is NGINX's 502: a request sent to the primary)."""
-    binds = load_settings(own.info.site_file, environ={}).server.bind
-    path = next(bind for bind in binds if bind.startswith("unix:")).removeprefix("unix:")
+    path = load_settings(own.info.site_file, environ={}).auth_servers[0].removeprefix("unix:")  # a worker's own
     assert own.stack is not None
     workers = descendants(own.stack.processes["auth"].pid)
     assert len(workers) == 2, workers

@@ -307,13 +307,21 @@ def test_refetches_are_remembered_per_client_address_and_told_to_the_service(tmp
 
 
 def test_nginx_reaches_the_auth_service_on_its_first_unix_socket(tmp_path: Path) -> None:
+    """One socket per worker (server.socket_per_worker, PATH.N), else the unix: bind itself."""
     socket = tmp_path / "auth.sock"
-    both = {"GEO_ROUTE_SERVER__BIND": f'["127.0.0.1:8080", "unix:{socket}"]'}
+    both = {"GEO_ROUTE_SERVER__BIND": f'["127.0.0.1:8080", "unix:{socket}"]', "GEO_ROUTE_SERVER__WORKERS": "3"}
     (tmp_path / "unix").mkdir()
     text = render_nginx_conf(load_settings(site_for_nginx(tmp_path / "unix"), environ=both))
     upstream = re.search(r"upstream geo_route_auth \{(.*?)\}", text, re.DOTALL)
     assert upstream is not None
-    assert f"server unix:{socket};" in upstream.group(1) and "keepalive" in upstream.group(1), upstream.group(1)
+    servers = re.findall(r"^\s*server ([^;]+);", upstream.group(1), flags=re.MULTILINE)
+    expected = [f"unix:{socket}.{n} max_fails=0" for n in range(3)]  # never set aside (a restart decides at once)
+    assert servers == expected and "keepalive" in upstream.group(1), upstream.group(1)
+    one_socket = ({"GEO_ROUTE_SERVER__SOCKET_PER_WORKER": "false"}, {"GEO_ROUTE_SERVER__WORKER_CLASS": "asgi"})
+    for number, override in enumerate(one_socket):
+        (tmp_path / f"one{number}").mkdir()
+        settings = load_settings(site_for_nginx(tmp_path / f"one{number}"), environ={**both, **override})
+        assert auth_upstream_server(render_nginx_conf(settings)) == f"unix:{socket}"
     tcp_only = render_nginx_conf(load_settings(site_for_nginx(tmp_path), environ={}))
     assert "server 127.0.0.1:8080;" in tcp_only and "unix:" not in tcp_only
 
@@ -333,12 +341,13 @@ def auth_upstream_server(text: str) -> str:
         ("0.0.0.0:8080", "127.0.0.1:8080"),
         ("[::]:8080", "[::1]:8080"),
         ("10.1.2.3:8080", "10.1.2.3:8080"),
-        ("unix:/run/geo-route/auth.sock", "unix:/run/geo-route/auth.sock"),
+        ("unix:/run/geo-route/auth.sock", "unix:/run/geo-route/auth.sock.0"),
     ],
 )
 def test_nginx_reaches_the_auth_service_at_a_connectable_address(tmp_path: Path, bind: str, reached_at: str) -> None:
     """A wildcard bind (listen on every address) is no address to connect to: NGINX uses loopback."""
-    settings = load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_SERVER__BIND": bind})
+    environ = {"GEO_ROUTE_SERVER__BIND": bind, "GEO_ROUTE_SERVER__WORKERS": "1"}
+    settings = load_settings(site_for_nginx(tmp_path), environ=environ)
     assert auth_upstream_server(render_nginx_conf(settings, "http")) == reached_at
 
 
@@ -347,6 +356,15 @@ def test_nginx_auth_server_names_the_auth_service_on_another_host(tmp_path: Path
     environ = {"GEO_ROUTE_SERVER__BIND": "0.0.0.0:8080", "GEO_ROUTE_NGINX__AUTH_SERVER": "auth:8080"}
     settings = load_settings(site_for_nginx(tmp_path), environ=environ)
     assert auth_upstream_server(render_nginx_conf(settings, "http")) == "auth:8080"
+
+
+def test_a_worker_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path: Path) -> None:
+    """PATH.N must fit in sun_path (108 bytes with its NUL) like the bind itself."""
+    path = "/run/" + "d" * 98 + ".sock"  # 108 bytes: the bind fits, PATH.1 does not
+    site = site_for_nginx(tmp_path)
+    load_settings(site, environ={"GEO_ROUTE_SERVER__BIND": f"unix:{path[:-6]}"})
+    with pytest.raises(ConfigError, match=r"server\.bind: .*socket_per_worker"):
+        load_settings(site, environ={"GEO_ROUTE_SERVER__BIND": f"unix:{path}"})
 
 
 @pytest.mark.parametrize("value", ["0.0.0.0:8080", "[::]:8080", "auth", "auth:8080; evil"])

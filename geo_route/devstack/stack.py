@@ -401,9 +401,10 @@ def write_site_file(
 
 def auth_binds(directory: Path) -> list[str]:
     """The auth service's binds: TCP first (tests and scrapers use ``server.bind[0]``), then the Unix
-    socket NGINX uses (``Settings.auth_server``), unless its path is too long for one (108 bytes)."""
+    socket NGINX uses (``Settings.auth_server``), unless its path, or a worker's ``PATH.N``
+    (``server.socket_per_worker``), is too long for one (108 bytes)."""
     socket = directory / AUTH_SOCKET
-    unix = [f"unix:{socket}"] if len(str(socket).encode()) < UNIX_PATH_MAX else []
+    unix = [f"unix:{socket}"] if len(str(socket).encode()) + len(".99") < UNIX_PATH_MAX else []
     return [f"{LOOPBACK}:{free_port()}", *unix]
 
 

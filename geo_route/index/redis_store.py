@@ -57,6 +57,7 @@ seconds instead of waiting on a dead Redis for every request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +71,7 @@ from typing import Any, TypeVar
 import redis
 import redis.cluster
 import redis.sentinel
+from hiredis import pack_command  # redis[hiredis]
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
@@ -100,6 +102,7 @@ from geo_route.index.model import (
 )
 
 T = TypeVar("T")
+CONTENT_KEYS_CACHE_SIZE = 4096  # (repository, digest, kind) -> a content lookup's keys
 log = logging.getLogger("geo_route.index")
 CLAIM_SECONDS = 60.0  # a claim neither pinned nor requeued by then is due again (updater.resolve_claim_seconds)
 RESOLVE_QUEUE_MAX = 100_000  # reads stop queueing resolutions beyond this (events still do)
@@ -709,8 +712,8 @@ class LookupConnections:
         connection = self.connection(key)
         sent = self._with_epoch(connection, bucket, [args])
         try:
-            if len(sent) == 1:
-                connection.send_command(*args, check_health=False)
+            if len(sent) == 1:  # hiredis packs in C what redis-py's send_command encodes argument by argument
+                connection.send_packed_command([pack_command(args)], check_health=False)  # type: ignore[arg-type]
                 return connection.read_response()
             connection.send_packed_command(connection.pack_commands(sent), check_health=False)
             replies = [self._read(connection) for _ in sent]
@@ -762,6 +765,7 @@ class RedisIndexStore:
         index_clock: Callable[[], float] | None = None,
     ) -> None:
         self.keys = KeySchema(settings.key_prefix, settings.cluster_buckets if settings.cluster_nodes else 0)
+        self._content_keys = functools.lru_cache(maxsize=CONTENT_KEYS_CACHE_SIZE)(self._content_keys_of)
         self._sentinel: redis.sentinel.Sentinel | None = None
         self._master_name = settings.master_name
         self._cluster: redis.cluster.RedisCluster | None = None
@@ -905,14 +909,18 @@ class RedisIndexStore:
             now=float(now),
         )
 
-    def _lookup_content(self, query: IndexQuery) -> IndexView:
-        repository, digest, keys = query.repository, query.reference, self.keys
-        blob = query.kind is QueryKind.BLOB
+    def _content_keys_of(self, repository: str, digest: str, blob: bool) -> tuple[tuple[str, ...], str, str]:
+        """The content script's keys, its suspect member and the bucket (cached: pulls repeat them)."""
+        keys = self.keys
         present = keys.local_blobs(repository) if blob else keys.local_manifests(repository)
         deleted = present if blob else keys.primary_deleted(repository)
         bucket = keys.bucket(repository)
         script_keys = (present, keys.quarantined(bucket), keys.trusted(digest, bucket), keys.suspects(bucket), deleted)
-        member = suspect_member(repository, digest, manifest=not blob)
+        return script_keys, suspect_member(repository, digest, manifest=not blob), bucket
+
+    def _lookup_content(self, query: IndexQuery) -> IndexView:
+        digest, blob = query.reference, query.kind is QueryKind.BLOB
+        script_keys, member, bucket = self._content_keys(query.repository, digest, blob)
         recheck = f"{query.recheck_after:.6f}" if query.recheck_after > 0 else "1e18"
         refetch = "1" if query.refetch else "0"
         args = (digest, refetch, member, self._now_arg(), str(SUSPECTS_MAX), recheck, "0" if blob else "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response
@@ -60,6 +61,21 @@ def create_asgi_app(settings: Settings) -> Any:
 
     app = create_app(settings)
     return AsgiService(app.extensions["geo_route"]["auth"], app)
+
+
+@dataclass(frozen=True)
+class AuthService:
+    """What the event-loop worker (``server.worker_class: httptools``) serves: ``/auth`` from its
+    own HTTP layer (``geo_route.web.protocol``), every other path from the Flask app."""
+
+    auth: AuthEndpoint
+    wsgi_app: Callable[..., Any]
+    worker_sockets: tuple[str, ...] = ()  # Settings.worker_sockets: worker N serves the Nth of these only
+
+
+def create_auth_service(settings: Settings) -> AuthService:
+    app = create_app(settings)
+    return AuthService(app.extensions["geo_route"]["auth"], app, settings.worker_sockets)
 
 
 def status_store_opener(settings: Settings) -> Callable[[], StatusSource]:

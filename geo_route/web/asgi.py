@@ -2,7 +2,8 @@
 
 NGINX's subrequests arrive on kept-alive connections (its ``keepalive`` upstream), and gunicorn's
 ASGI worker serves them on one event loop per worker without a thread hand-off, a graceful close or
-a new connection per decision: the cheapest of gunicorn's workers per request (docs/benchmarks.md).
+a new connection per decision: the cheapest of gunicorn's own workers per request (the default,
+``server.worker_class: httptools``, also drops gunicorn's ASGI protocol: geo_route/web/protocol.py).
 ``GET /auth`` is answered here by the same ``AuthEndpoint.answer`` the WSGI path uses, called
 synchronously: a decision is CPU and one Redis round trip on loopback with a short timeout, as it
 is in a sync worker, so the loop serves one decision at a time per worker. Every other path
