@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.module:
         return run_module(args.module, args.rest, args.json)
+    try:  # the plots need it: fail before the half hour of benchmarks, not after
+        importlib.import_module("matplotlib")
+    except ImportError:
+        print("run_all needs matplotlib: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     started = time.monotonic()
     steps = [(name, command) for name, command in plan(args.quick) if not args.only or name in args.only]
     with tempfile.TemporaryDirectory(prefix="geo-route-bench-") as temporary:
