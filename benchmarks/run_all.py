@@ -510,7 +510,7 @@ def pull_storm_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
         " | clients' CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for side in ("site", "site-before", "direct"):
+    for side in ("site", "site-storage", "site-before", "direct"):
         row = data.get(side)
         if not row:
             continue
@@ -525,6 +525,9 @@ def pull_storm_section(outcome: Outcome, plots: dict[str, str]) -> list[str]:
         "",
         f"Target: p99 through the site ≤ {data['target']}x the direct storm's: {verdict} ({data['ratio_p99']:.2f}x).",
     ]
+    if "storage_ratio_p99" in data:
+        verdict = "met" if data["storage_met"] else "**MISSED**"
+        lines += [f"With `storage_root` (site-storage): {verdict} ({data['storage_ratio_p99']:.2f}x)."]
     not_local = data["site"].get("not_local", [])
     if any(not_local):
         routes = data["site"].get("routes", [{}])
