@@ -17,19 +17,12 @@ from typing import Any
 
 from a2wsgi import WSGIMiddleware
 
-from geo_route import contract
 from geo_route.web.auth import AuthEndpoint
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-METHOD = contract.asgi_header_name(contract.ORIGINAL_METHOD)
-URI = contract.asgi_header_name(contract.ORIGINAL_URI)
-AUTHORIZATION = contract.asgi_header_name(contract.AUTHORIZATION)
-ACCEPT = contract.asgi_header_name(contract.ACCEPT)
-REFETCH = contract.asgi_header_name(contract.REFETCH)
-WANTED = frozenset((METHOD, URI, AUTHORIZATION, ACCEPT, REFETCH))
 EMPTY_BODY = {"type": "http.response.body", "body": b""}
 
 
@@ -51,17 +44,7 @@ class AsgiService:
 
     def answer_auth(self, raw_headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
         """The response start of one decision, from the subrequest's headers (the first of each)."""
-        headers: dict[bytes, str] = {}
-        for name, value in raw_headers:
-            if name in WANTED and name not in headers:
-                headers[name] = value.decode("latin-1")
-        status, answer = self._auth.answer(
-            headers.get(METHOD, ""),
-            headers.get(URI, ""),
-            headers.get(AUTHORIZATION),
-            headers.get(ACCEPT, ""),
-            refetch=headers.get(REFETCH) == "1",
-        )
+        status, answer = self._auth.answer_raw(raw_headers)
         encoded = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in answer]
         return {"type": "http.response.start", "status": status, "headers": encoded}
 

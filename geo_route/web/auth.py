@@ -42,6 +42,14 @@ ENV_AUTHORIZATION = contract.wsgi_environ_key(contract.AUTHORIZATION)
 ENV_ACCEPT = contract.wsgi_environ_key(contract.ACCEPT)
 ENV_REFETCH = contract.wsgi_environ_key(contract.REFETCH)
 EMPTY_BODY = (b"",)
+# The subrequest's headers as raw (lower-case) names, for the HTTP layers that hand over header
+# pairs (the ASGI and httptools workers): name -> its place in ``answer``'s arguments.
+RAW_SUBREQUEST_HEADERS = {
+    contract.asgi_header_name(header): slot
+    for slot, header in enumerate(
+        (contract.ORIGINAL_METHOD, contract.ORIGINAL_URI, contract.AUTHORIZATION, contract.ACCEPT, contract.REFETCH)
+    )
+}
 # Operations classified lately, by (method, raw URI): classification is pure and costs ~25 us (five
 # path patterns, the query), a hit well under 1; pulls repeat the same URIs (every client of an image
 # asks for the same manifests and blobs). At most this many (NGINX's header buffers bound each URI).
@@ -77,6 +85,16 @@ class AuthEndpoint:
         )
         start_response(STATUS_LINES[status], headers)
         return EMPTY_BODY
+
+    def answer_raw(self, raw_headers: Iterable[tuple[bytes, bytes]]) -> tuple[int, list[tuple[str, str]]]:
+        """``answer`` from the subrequest's raw header pairs (the first of each name counts)."""
+        wanted: list[str | None] = [None] * len(RAW_SUBREQUEST_HEADERS)
+        for name, value in raw_headers:
+            slot = RAW_SUBREQUEST_HEADERS.get(name.lower())
+            if slot is not None and wanted[slot] is None:
+                wanted[slot] = value.decode("latin-1")
+        method, uri, authorization, accept, refetch = wanted
+        return self.answer(method or "", uri or "", authorization, accept or "", refetch=refetch == "1")
 
     def answer(
         self, method: str, uri: str, authorization: str | None, accept: str, *, refetch: bool = False

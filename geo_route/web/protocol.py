@@ -31,7 +31,6 @@ from typing import Any
 
 import httptools
 
-from geo_route import contract
 from geo_route.web.auth import AuthEndpoint
 
 log = logging.getLogger("geo_route.http")
@@ -40,13 +39,6 @@ MAX_BODY_BYTES = 1 << 20  # the service takes no uploads; its endpoints read no 
 MAX_QUEUED = 32  # requests read ahead behind a WSGI one; past that the connection is not read until they are answered
 AUTH_PATHS = (b"/auth", b"/auth?")
 AUTH_METHODS = (b"GET", b"HEAD")
-WANTED = {
-    contract.ORIGINAL_METHOD.lower().encode("latin-1"): 0,
-    contract.ORIGINAL_URI.lower().encode("latin-1"): 1,
-    contract.AUTHORIZATION.lower().encode("latin-1"): 2,
-    contract.ACCEPT.lower().encode("latin-1"): 3,
-    contract.REFETCH.lower().encode("latin-1"): 4,
-}
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 413: b"Content Too Large"}
 REASONS |= {414: b"URI Too Long", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
 STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in REASONS.items()}
@@ -208,15 +200,7 @@ class HttpProtocol(asyncio.Protocol):
     # answers
 
     def _answer_auth(self, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
-        wanted: list[str | None] = [None] * len(WANTED)
-        for name, value in headers:
-            slot = WANTED.get(name.lower())
-            if slot is not None and wanted[slot] is None:
-                wanted[slot] = value.decode("latin-1")
-        method, uri, authorization, accept, refetch = wanted
-        status, answer = self._connections.auth.answer(
-            method or "", uri or "", authorization, accept or "", refetch=refetch == "1"
-        )
+        status, answer = self._connections.auth.answer_raw(headers)
         text = "".join([f"{name}: {value}\r\n" for name, value in answer])
         self._write(STATUS_LINES[status] + text.encode("latin-1") + self._end(keep_alive), keep_alive)
 
