@@ -220,9 +220,10 @@ def assert_pull_falls_back(site: Site, tmp_path: Path, local_status: int) -> Non
     before = client.nginx_metrics()
     assert pull_by_digest(client, site.image, tmp_path / f"pulled-{local_status}") == site.image.digest
     entries = pulled(client, since)
-    assert len(entries) == 1 + len(site.image.blob_digests), entries
-    assert {(e.route, e.status) for e in entries} == {("fallback", 200)}, entries
-    assert {last_status(e) for e in entries} == {str(local_status)}, entries
+    shown = "; ".join(f"{e.status} {e.route} {e.reason} {e.fallback_status}" for e in entries)
+    assert len(entries) == 1 + len(site.image.blob_digests), shown
+    assert {(e.route, e.status) for e in entries} == {("fallback", 200)}, shown
+    assert {last_status(e) for e in entries} == {str(local_status)}, shown
     # NGINX's counters (only NGINX knows a fallback): at least these requests, by the local status.
     after = client.nginx_metrics()
     fallbacks = f'geo_route_nginx_fallbacks_total{{local_status="{local_status}"}}'

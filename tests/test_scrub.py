@@ -25,11 +25,14 @@ from pathlib import Path
 
 import pytest
 
+from geo_route.config import load_settings
 from geo_route.devstack.client import AccessLogEntry, StackClient, parse_prometheus_text, started_stack
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.processes import fetch, wait_until
 from geo_route.devstack.skopeo import SkopeoError
 from geo_route.index.model import IndexQuery, IndexView, QueryKind
+from geo_route.updater.reconcile import Registries
+from geo_route.updater.verify import RateLimiter, Result, Verifier
 
 pytestmark = pytest.mark.integration
 
@@ -199,3 +202,46 @@ def test_the_updater_finds_a_corrupted_blob_by_itself(tmp_path: Path) -> None:
         assert pull(client, repository, tmp_path / "pulled") == built.digest
         metrics = parse_prometheus_text(fetch(f"{client.info.updater_url}/metrics").body.decode())
         assert metrics.get('geo_route_verifications_total{cause="pass",result="mismatch"}', 0) >= 1, metrics
+
+
+class KillingTheRegistry(RateLimiter):
+    """No rate limit; kills the local registry (SIGKILL, as a crash or an OOM kill would) when the
+    first chunk of a read arrives, so that the read goes on with what was already sent, then EOF."""
+
+    def __init__(self, client: StackClient) -> None:
+        super().__init__(0)
+        self.client = client
+        self.killed = False
+
+    def take(self, count: int) -> None:
+        if not self.killed:
+            assert self.client.stack is not None
+            self.client.stack.kill_part(LOCAL_PART)
+            self.killed = True
+
+
+def test_a_read_cut_short_by_the_local_registry_dying_quarantines_nothing(site: StackClient, tmp_path: Path) -> None:
+    """The local registry dies while the updater reads a blob back (a refetch's verification or the
+    pass): the body ends before its Content-Length. That is a failed read (counted, read again
+    later), never a mismatch: intact content must not be quarantined and sent to the primary."""
+    repository = "scrub/cut"
+    built = build_oci_image(tmp_path / "image", "v1", variant="cut", layer_count=1, layer_bytes=48 * 1024 * 1024)
+    site.push(built, repository, "v1")
+    site.replicate(repository, ["v1"])
+    layer = built.layers[0].digest
+    wait_until(lambda: blob_view(site, repository, layer).present, 30, f"{layer[:19]} local")
+    assert site.stack is not None
+    settings = load_settings(site.info.site_file)
+    registries = Registries.from_settings(settings)
+    limiter = KillingTheRegistry(site)
+    try:
+        verifier = Verifier(site.index, registries.local, limiter, trust=600)
+        check = verifier.verify(repository, layer, False, suspect=True)
+    finally:
+        registries.close()
+        if limiter.killed:
+            site.stack.restart_part(LOCAL_PART)
+    assert limiter.killed
+    assert 0 < check.size < built.layers[0].size, check
+    assert check.result is Result.ERROR and "IncompleteRead" in check.problem, check
+    assert blob_view(site, repository, layer) == IndexView(present=True)

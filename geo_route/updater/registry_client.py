@@ -110,9 +110,15 @@ STREAM_CHUNK = 1 << 20
 
 
 def pump(response: http.client.HTTPResponse, sink: Callable[[bytes], None]) -> None:
-    """The whole body into ``sink``; a short body (the server closed early) is an error."""
+    """The whole body into ``sink``; a short body (the server closed early) is an error.
+
+    ``HTTPResponse.read(amt)`` ends quietly at EOF even when Content-Length bytes are still owed
+    (its ``length`` is what is left): a registry that dies mid-body must not look like a whole,
+    corrupt body to the verifier. A chunked body cut short raises IncompleteRead by itself."""
     while chunk := response.read(STREAM_CHUNK):
         sink(chunk)
+    if response.length:
+        raise http.client.IncompleteRead(b"", response.length)
 
 
 def follow_redirect(
