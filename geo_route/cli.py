@@ -423,6 +423,19 @@ def run_status(args: argparse.Namespace) -> int:
     return 1 if status.problems else 0
 
 
+def workers_override_problem(settings: Settings, rendered: Settings) -> str:
+    """``serve --workers N`` against ``server.socket_per_worker``: NGINX's upstream, rendered from the
+    site file, lists one socket per worker of ``server.workers``; a service with other workers would
+    leave sockets NGINX uses unserved (decisions lost to timeouts) or workers NGINX never reaches."""
+    if settings.worker_sockets == rendered.worker_sockets:
+        return ""
+    return (
+        f"serve: --workers {settings.server.workers} changes the workers' own sockets NGINX's upstream lists"
+        f" (server.socket_per_worker; the site file says server.workers: {rendered.server.workers}): set"
+        " server.workers in the site file and render NGINX again, or set server.socket_per_worker: false"
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -431,12 +444,17 @@ def run_serve(args: argparse.Namespace) -> int:
     environ = dict(os.environ)
     if args.bind:
         environ["GEO_ROUTE_SERVER__BIND"] = ",".join(args.bind)
+    rendered_with = dict(environ)  # what render-nginx sees: the site file and the environment
     if args.workers is not None:
         environ["GEO_ROUTE_SERVER__WORKERS"] = str(args.workers)
     try:
         settings = load_validated(args.config, environ)
+        problem = workers_override_problem(settings, load_settings(args.config, rendered_with))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    if problem:
+        print(problem, file=sys.stderr)
         return 1
     logging.basicConfig(
         level=settings.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -300,3 +302,28 @@ def test_index_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
         for attempt in range(5):
             warning.emit("index down (%s)", attempt)
     assert [record.getMessage() for record in caplog.records] == ["index down (0)"]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_serve_refuses_workers_other_than_the_sockets_nginx_lists(
+    site_file: Callable[..., Path], tmp_path: Path, workers: int
+) -> None:
+    """With server.socket_per_worker NGINX's upstream lists server.workers sockets; ``--workers``
+    other than that would leave some unserved (decisions time out) or some workers unreached."""
+    socket = tmp_path / "auth.sock"
+    config = site_file(extra=f'server:\n  bind: ["unix:{socket}"]\n  workers: 2\n')
+    command = [sys.executable, "-m", "geo_route.cli", "serve", "-c", str(config), "--workers", str(workers)]
+    # Its own process group: a service that did start (the check gone) is stopped with its workers.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 1, stderr
+    assert f"--workers {workers} changes the workers' own sockets" in stderr
+    assert "server.workers: 2" in stderr
+    assert not list(tmp_path.glob("auth.sock*")), "nothing was started"
