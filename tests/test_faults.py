@@ -551,7 +551,8 @@ def test_local_registry_refusing_every_token(matrix: Matrix) -> None:
             cut_mid_blob(window),
         )
     statuses = local_statuses_between(matrix.client, marks["on"], marks["off"])
-    after = routes_between(matrix.client, marks["back"], matrix.client.access_log_offset())
+    offset = matrix.client.access_log_offset()
+    after = routes_between(matrix.client, marks["back"], offset)
     outcome.notes.append(
         f"while it refused, the access log's fallback_status (the local registry's answer): {listed(statuses)}; "
         f"after the restore: {listed(after)}"
@@ -560,7 +561,8 @@ def test_local_registry_refusing_every_token(matrix: Matrix) -> None:
     assert_ok(recovered(matrix, outcome, "restart with its own bundle, nothing else"))
     # (502: a request logged after the restart that had found the registry down while it restarted)
     assert statuses.get("401", 0) > 0 and set(statuses) <= {"401", "502"}, statuses
-    assert after.get("local/200", 0) > 0, after
+    manifests = reasons_between(matrix.client, marks["back"], offset, REPLICATED.split(":")[0])
+    assert after.get("local/200", 0) > 0, (after, manifests)
 
 
 REFUSING_CELLS = {
