@@ -34,6 +34,7 @@ from geo_route.devstack.client import AccessLogEntry, StackClient, address_of, s
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.keys import load_private_key
 from geo_route.devstack.processes import HttpAnswer
+from geo_route.devstack.registry import registry_binary, registry_major_version
 from geo_route.devstack.stack import READER, READER_REPOSITORY
 from geo_route.index.model import BlobPresence, ContentVerified, ManifestPresence
 from geo_route.storage import blob_files, manifest_files
@@ -359,6 +360,11 @@ def test_a_valid_token_of_the_attacks_repository_gets_the_blob_from_storage(site
     assert [from_storage(entry) for entry in site.client.access_log(offset)] == [True]
 
 
+# Distribution 3 decodes ``aud`` as a string or a list (registry/auth/token/token.go: AudienceList,
+# containsAny) and trusts the devstack's libtrust kid through its JWKS file: there that token is valid.
+ACCEPTED_BY_DISTRIBUTION_3 = {"aud a list"}
+
+
 @pytest.mark.parametrize("kind", ["blob", "manifest"])
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_a_bad_token_gets_the_local_registrys_refusal(
@@ -366,12 +372,14 @@ def test_a_bad_token_gets_the_local_registrys_refusal(
 ) -> None:
     token = forged[attack]
     uri = content_path(site, ATTACKED, kind)
+    valid_here = attack in ACCEPTED_BY_DISTRIBUTION_3 and registry_major_version(registry_binary()) >= 3
     for method in ("GET", "HEAD"):
         offset = site.client.access_log_offset()
         through = refusal(sent(site.client.info.secondary_url, method, uri, token))
         direct = refusal(sent(site.client.info.local_registry_url, method, uri, token))
-        assert through == direct and through[0] == 401, (attack, through, direct)
-        assert [(e.route, e.upstream) for e in site.client.access_log(offset)] == [("", "")]
+        assert through == direct and through[0] == (200 if valid_here else 401), (attack, through, direct)
+        routes = [(e.route, e.upstream) for e in site.client.access_log(offset)]
+        assert routes == ([("local", "")] if valid_here else [("", "")]), routes  # from storage, or refused
 
 
 # A token for ATTACKED; URIs that try to reach a blob only OTHER holds (``{b}``).
