@@ -199,7 +199,8 @@ class LocalRegistrySettings(UpstreamSettings):
 @dataclass(frozen=True)
 class TokenSettings:
     """How bearer tokens are verified: every form a registry dialect accepts (README "Token
-    verification"); ``dialect`` only picks the challenge text the site's registries answer with."""
+    verification"); ``dialect`` (the site's registries') only picks the challenge text and the 401's
+    Content-Type they answer with, and their content negotiation of tags (``negotiation``)."""
 
     realm: str = _checked(check_non_empty)
     service: str = _checked(check_non_empty)

@@ -48,6 +48,14 @@ AUTH_ACCEPT_MAX_BYTES = 4096
 DENIED_429_PAUSE = 1
 # How many of the last fallback, stale and auth-unavailable answers NGINX keeps for `geo-route status`.
 RECENT_FALLBACKS = 20
+# The Content-Type of the registries' JSON errors (registry/api/errcode/handler.go, ServeJSON), which
+# NGINX's own 401 imitates (token.dialect): 2.8 names the charset, 3.0 does not. GitLab's fork is
+# taken to keep 2.8's.
+ERROR_CONTENT_TYPE = {
+    "distribution-2.8": "application/json; charset=utf-8",
+    "distribution-3": "application/json",
+    "gitlab": "application/json; charset=utf-8",
+}
 
 
 class RenderError(GeoRouteError):
@@ -86,6 +94,7 @@ def nginx_context(settings: Settings) -> dict[str, Any]:
         "upstream_path_var": contract.nginx_variable(contract.UPSTREAM_PATH),
         "stale_path_var": contract.nginx_variable(contract.STALE_PATH),
         "unauthorized_detail_var": contract.nginx_variable(contract.UNAUTHORIZED_DETAIL),
+        "unauthorized_content_type": ERROR_CONTENT_TYPE[settings.token.dialect],
         "storage_path_var": contract.nginx_variable(contract.STORAGE_PATH),
         "storage_link_var": contract.nginx_variable(contract.STORAGE_LINK),
         # local_registry.storage_root: blobs from the registry's files ("" off), with its http.headers

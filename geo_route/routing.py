@@ -99,7 +99,7 @@ class Policy:
     write_fence: float = 0.0  # a write through the site keeps its tags off the index this long
     cache_digest_seconds: float = 0.0  # how long NGINX may reuse a decision about a blob
     stale_if_error: float = 0.0  # a pin at most this old may be served if the primary is unreachable (0: never)
-    dialect: Dialect = "distribution-2.8"  # the registries' challenge text (token.dialect)
+    dialect: Dialect = "distribution-2.8"  # the registries' challenge text and negotiation (token.dialect)
     refetch_recheck: float = 0.0  # a refetch of content verified longer ago asks for another verification
     refetch_route: RefetchRoute = "local"  # where a refetch waiting for its verification is served
     from_storage: bool = False  # NGINX sends a blob or manifest present here from the registry's files
@@ -271,15 +271,15 @@ def with_storage_files(decision: Decision, operation: Operation, policy: Policy,
 def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now: float, accept: str) -> Decision:
     """Local only for a pin of the index's current epoch, within ``max_tag_age`` (on the index's
     clock when it gave one), whose manifest is here and is what this ``Accept`` negotiates to."""
-    problem = pin_problem(view, now, accept, policy.max_tag_age)
+    problem = pin_problem(view, now, accept, policy.max_tag_age, policy.dialect)
     if problem:
         return primary(problem)
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
 
 
-def pin_problem(view: IndexView, now: float, accept: str, max_age: float) -> str:
+def pin_problem(view: IndexView, now: float, accept: str, max_age: float, dialect: Dialect = "distribution-2.8") -> str:
     """Why a tag view cannot be answered locally from its pin (a ``Reason``), or "" when it can;
-    ``max_age`` 0 means no bound on the pin's age."""
+    ``max_age`` 0 means no bound on the pin's age; ``dialect`` the registries' (their negotiation)."""
     if not view.pinned_digest or not is_valid_digest(view.pinned_digest):
         return Reason.TAG_NOT_PINNED
     if not view.current:
@@ -288,7 +288,7 @@ def pin_problem(view: IndexView, now: float, accept: str, max_age: float) -> str
         return Reason.TAG_STALE
     if not view.present:
         return Reason.TAG_NOT_LOCAL
-    if not serves_pinned_manifest(view.media_type, accept):
+    if not serves_pinned_manifest(view.media_type, accept, dialect):
         return Reason.TAG_NEGOTIATED
     return ""
 
@@ -304,7 +304,7 @@ def stale_path(operation: Operation, view: IndexView, policy: Policy, now: float
     """
     if operation.kind is not Kind.MANIFEST_BY_TAG or policy.tag_policy != "pinned" or policy.stale_if_error <= 0:
         return ""
-    if not view.available or pin_problem(view, now, accept, policy.stale_if_error):
+    if not view.available or pin_problem(view, now, accept, policy.stale_if_error, policy.dialect):
         return ""
     return f"/v2/{operation.repository}/manifests/{view.pinned_digest}"
 

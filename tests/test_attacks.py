@@ -36,6 +36,7 @@ from geo_route.devstack.client import StackClient
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.keys import load_private_key
 from geo_route.devstack.processes import HttpAnswer, wait_until
+from geo_route.devstack.registry import registry_binary, registry_major_version
 from geo_route.devstack.stack import ISSUER, SERVICE, bring_up
 from geo_route.tokens import libtrust_kid
 
@@ -252,6 +253,26 @@ ATTACKS = [
 ]
 
 
+# Distribution 3 returns go-jose's own error for a signature that does not verify with the key the
+# token names, or claims it cannot decode (v3.0.0 registry/auth/token/token.go, Verify: the error of
+# t.JWT.Claims as is), and its challenge names an error only for ErrInvalidToken/ErrMalformedToken
+# (accesscontroller.go, SetHeaders): no error= for these. It decodes aud as a string or a list
+# (token.go: AudienceList, containsAny), and the devstack gives it the libtrust kid in its JWKS: that
+# token is valid there.
+UNVERIFIABLE_ON_3 = {
+    "HS256 keyed with the public key",
+    "HS256 keyed with the certificate",
+    "forged kid (outside key claims the trusted kid)",
+    "tampered payload",
+    "exp not an integer",
+    "nbf a string",
+    "iat not an integer",
+    "sub a number",
+    "jti a number",
+}
+VALID_ON_3 = {"aud a list"}
+
+
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_a_bad_token_is_refused_exactly_as_the_registry_refuses_it(
     site: Site, bad_tokens: dict[str, str], attack: str
@@ -263,9 +284,19 @@ def test_a_bad_token_is_refused_exactly_as_the_registry_refuses_it(
         ("GET", f"/v2/{REPO_A}/blobs/{site.image_a.blob_digests[0]}"),
         ("HEAD", f"/v2/{REPO_A}/manifests/v1"),
     )
+    version_3 = registry_major_version(registry_binary()) >= 3
+    if version_3 and attack in VALID_ON_3:
+        for method, uri in uris:
+            through_site = refusal(send(site, site.client.info.secondary_url, method, uri, token))
+            at_registry = refusal(send(site, site.client.info.primary_url, method, uri, token))
+            assert through_site == at_registry and through_site[0] == 200, (method, uri, through_site, at_registry)
+        return
     for method, uri in uris:
         status, challenge, _ = assert_refused_like_the_registry(site, method, uri, token)
-        assert 'error="invalid_token"' in challenge, (attack, status, challenge)
+        if version_3 and attack in UNVERIFIABLE_ON_3:
+            assert "error=" not in challenge, (attack, status, challenge)
+        else:
+            assert 'error="invalid_token"' in challenge, (attack, status, challenge)
     # Refused by the auth service itself, not passed to a registry that happened to refuse it too.
     entries = [e for e in site.client.access_log(since) if e.uri.startswith(f"/v2/{REPO_A}/")]
     assert [(e.status, e.route, e.reason) for e in entries] == [(401, "", "invalid-token")] * len(uris)

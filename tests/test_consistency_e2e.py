@@ -524,6 +524,9 @@ ACCEPTS: dict[str, tuple[str, ...]] = {
     "every type, one header (skopeo)": SKOPEO_ACCEPT,
     "every type, one header each (docker)": ALL_TYPES,
     "with parameters": (f"{DOCKER_LIST}; q=0.9, {OCI_INDEX};q=0.8, {DOCKER_MANIFEST} ;q=0.5, {OCI_MANIFEST};q=0.1",),
+    # 2.8 drops everything after ";"; Distribution 3's mime.ParseMediaType refuses such a part (a list
+    # then becomes its linux/amd64 child, an OCI manifest a 404).
+    "with a parameter Go refuses": (f"{DOCKER_LIST}; q, {OCI_INDEX}; q, {DOCKER_MANIFEST}; q, {OCI_MANIFEST}; q",),
     "any": ("*/*",),
     "json": ("application/json",),
     "upper case": tuple(kind.upper() for kind in ALL_TYPES),

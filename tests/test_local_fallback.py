@@ -32,6 +32,7 @@ from geo_route.devstack.client import NOTIFICATION_WAIT, AccessLogEntry, StackCl
 from geo_route.devstack.images import OciImage, build_oci_image
 from geo_route.devstack.keys import generate_signing_key
 from geo_route.devstack.processes import HttpAnswer, wait_until
+from geo_route.devstack.registry import bundle_jwks
 from geo_route.devstack.replicate import replicate_image
 from geo_route.devstack.skopeo import docker_reference
 from geo_route.devstack.stack import READER, READER_REPOSITORY
@@ -125,13 +126,17 @@ def last_status(entry: AccessLogEntry) -> str:
 
 @contextlib.contextmanager
 def local_registry_trusting(site: Site, certificate: Path) -> Iterator[None]:
-    """The local registry restarted with ``certificate`` as its token ``rootcertbundle``; restored after."""
+    """The local registry restarted with ``certificate`` as its token ``rootcertbundle`` (and, for a
+    Distribution 3, which trusts its ``auth.token.jwks`` keys too, a JWKS of that certificate alone);
+    restored after."""
     stack = site.client.stack
     assert stack is not None
     config = Path(site.client.info.directory) / LOCAL_PART / f"{LOCAL_PART}.yml"
     original = config.read_bytes()
     changed = yaml.safe_load(original)
     changed["auth"]["token"]["rootcertbundle"] = str(certificate)
+    if "jwks" in changed["auth"]["token"]:
+        changed["auth"]["token"]["jwks"] = str(bundle_jwks(certificate, certificate.with_suffix(".jwks")))
     stack.kill_part(LOCAL_PART)
     config.write_text(yaml.safe_dump(changed, sort_keys=False), encoding="utf-8")
     try:

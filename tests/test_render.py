@@ -371,3 +371,19 @@ def test_a_worker_socket_path_too_long_for_a_unix_socket_is_refused(tmp_path: Pa
 def test_nginx_auth_server_must_be_connectable(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=r"nginx\.auth_server"):
         load_settings(site_for_nginx(tmp_path), environ={"GEO_ROUTE_NGINX__AUTH_SERVER": value})
+
+
+@pytest.mark.parametrize(
+    ("dialect", "content_type"),
+    [
+        ("distribution-2.8", "application/json; charset=utf-8"),  # v2.8.2 registry/api/errcode/handler.go
+        ("distribution-3", "application/json"),  # v3.0.0 registry/api/errcode/handler.go
+        ("gitlab", "application/json; charset=utf-8"),
+    ],
+)
+def test_nginx_s_own_401_has_the_dialect_s_content_type(dialect: str, content_type: str) -> None:
+    settings = load_settings(REFERENCE, environ={"GEO_ROUTE_TOKEN__DIALECT": dialect})
+    config = render_nginx_conf(settings, "server")
+    block = config[config.index("location @geo_route_unauthorized {") :]
+    block = block[: block.index("\n}")]
+    assert f'default_type "{content_type}";' in block, block

@@ -269,6 +269,64 @@ def test_a_pinned_tag_is_local_only_when_accept_negotiates_to_the_pin(
     assert decision.reason == (Reason.TAG_PINNED if local else Reason.TAG_NEGOTIATED)
 
 
+# The same by tag on Distribution 3 (v3.0.0 registry/handlers/manifests.go, GetManifest): no schema 1,
+# so schema 2 is itself whatever the Accept; an OCI index too (its type switch misses
+# ocischema.DeserializedImageIndex); Accept parts read by mime.ParseMediaType (case folded; a part
+# whose parameters do not parse names nothing, so "LIST; q" gets the list's child there).
+PINNED_3 = Policy(PINNED.realm, PINNED.service, "pinned", dialect="distribution-3")
+NEGOTIATION_3 = [
+    (OCI_MANIFEST, "", False),  # 404
+    (OCI_MANIFEST, "*/*", False),
+    (OCI_MANIFEST, OCI_MANIFEST, True),
+    (OCI_MANIFEST, OCI_MANIFEST.upper(), True),  # Go folds case
+    (OCI_MANIFEST, f" {OCI_MANIFEST} ;q=0.5 ; charset=utf-8;", True),
+    (OCI_MANIFEST, f"{OCI_MANIFEST}; q", False),  # "mime: invalid media parameter": named nothing
+    (OCI_MANIFEST, f"{OCI_MANIFEST}; q=", False),
+    (OCI_MANIFEST, f"{OCI_MANIFEST}; q=1; Q=1", False),  # a repeated name (the same value passes in Go: safe side)
+    (OCI_MANIFEST, f'{OCI_MANIFEST}; q="1"', False),  # a quoted value Go reads: safe side
+    (OCI_MANIFEST, f"{OCI_MANIFEST};;", False),
+    (OCI_INDEX, "", True),
+    (OCI_INDEX, OCI_MANIFEST, True),
+    (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST, False),  # the linux/amd64 child
+    (DOCKER_MANIFEST_LIST, f"{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}", True),
+    (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_LIST.upper(), True),
+    (DOCKER_MANIFEST_LIST, f"{DOCKER_MANIFEST_LIST}; q", False),  # 2.8 answers the list, 3 the child
+    (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_LIST.replace("k", "\u212a"), False),  # Kelvin sign: Go lowers it; safe side
+    (DOCKER_MANIFEST, "", True),  # no schema 1 conversion
+    (DOCKER_MANIFEST, "application/json", True),
+    (DOCKER_MANIFEST, DOCKER_MANIFEST.upper(), True),
+    ("application/vnd.docker.distribution.manifest.v1+prettyjws", ACCEPT_ALL, False),
+]
+
+
+@pytest.mark.parametrize(("media_type", "accept", "local"), NEGOTIATION_3)
+def test_on_distribution_3_a_pinned_tag_is_local_when_3_answers_the_pin_by_tag(
+    media_type: str, accept: str, local: bool
+) -> None:
+    operation = classify_request("GET", "/v2/app/manifests/v1")
+    decision = decide(operation, PULL, pin(media_type=media_type), PINNED_3, NOW, accept)
+    assert decision.route is (Route.LOCAL if local else Route.PRIMARY)
+    assert decision.reason == (Reason.TAG_PINNED if local else Reason.TAG_NEGOTIATED)
+
+
+@pytest.mark.parametrize(("media_type", "accept", "local"), NEGOTIATION)
+def test_the_2_8_negotiation_is_also_the_gitlab_dialects(media_type: str, accept: str, local: bool) -> None:
+    policy = Policy(PINNED.realm, PINNED.service, "pinned", dialect="gitlab")
+    decision = decide(
+        classify_request("GET", "/v2/app/manifests/v1"), PULL, pin(media_type=media_type), policy, NOW, accept
+    )
+    assert decision.route is (Route.LOCAL if local else Route.PRIMARY)
+
+
+def test_on_distribution_3_a_stale_copy_follows_3_s_negotiation() -> None:
+    policy = Policy(PINNED.realm, PINNED.service, "pinned", stale_if_error=86400, dialect="distribution-3")
+    operation = classify_request("GET", "/v2/app/manifests/v1")
+    view = pin(media_type=DOCKER_MANIFEST)
+    assert stale_path(operation, view, policy, NOW, "") == f"/v2/app/manifests/{view.pinned_digest}"
+    view = pin(media_type=DOCKER_MANIFEST_LIST)
+    assert stale_path(operation, view, policy, NOW, f"{DOCKER_MANIFEST_LIST}; q") == ""
+
+
 FENCED = Policy(PINNED.realm, PINNED.service, "pinned", write_fence=30)
 
 

@@ -42,7 +42,15 @@ from geo_route.devstack.nodes import (
 from geo_route.devstack.processes import LOOPBACK, LoggedProcess, free_port, require_binary, stop_pid
 from geo_route.devstack.redis_cluster import ClusterTopology
 from geo_route.devstack.redis_server import RedisProcess, SentinelTopology
-from geo_route.devstack.registry import NotificationEndpoint, TokenAuth, registry_binary, start_registry
+from geo_route.devstack.registry import (
+    JWKS_FILE,
+    NotificationEndpoint,
+    TokenAuth,
+    bundle_jwks,
+    registry_binary,
+    registry_major_version,
+    start_registry,
+)
 from geo_route.devstack.token_config import TokenServiceConfig, TokenUser
 from geo_route.devstack.token_service import start_token_service
 from geo_route.errors import DevstackError
@@ -232,6 +240,7 @@ def start_all(
     primary_url = f"http://{LOOPBACK}:{primary_port}"
     if primary_front is not None:
         primary_url = f"http://{primary_front(f'{LOOPBACK}:{primary_port}')}"
+    jwks = registry_jwks(keys)
     site = write_site_file(
         directory,
         primary_url,
@@ -242,12 +251,14 @@ def start_all(
         nginx_port,
         tag_policy,
         decision_cache,
-        site_overrides,
+        with_registry_token_section(site_overrides, jwks),
     )
     settings = load_settings(site, environ={})
     processes["updater"] = start_updater(directory / "updater", site)
 
-    auth = TokenAuth(realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate))
+    auth = TokenAuth(
+        realm=token.realm, service=SERVICE, issuer=ISSUER, rootcertbundle=Path(keys.certificate), jwks=jwks
+    )
     updater_url = f"http://{settings.updater.bind[0]}"
     primary = start_registry(
         directory / "primary",
@@ -340,6 +351,32 @@ def start_redis(
     assert redis.logged is not None
     processes["redis"] = redis.logged
     return {"url": redis.url}, [], redis.url
+
+
+def registry_jwks(keys: SigningKeyFiles) -> Path | None:
+    """The ``auth.token.jwks`` file both registries get when they are Distribution 3 (the bundle's
+    keys under libtrust fingerprint and thumbprint, as ``geo-route jwks`` writes it), else ``None``."""
+    if registry_major_version(registry_binary()) < 3:
+        return None
+    return bundle_jwks(Path(keys.certificate), Path(keys.certificate).parent / JWKS_FILE)
+
+
+def registry_token_section(jwks: Path | None) -> dict[str, Any]:
+    """The site's ``token`` settings that follow its registries' dialect: with Distribution 3
+    registries, ``token.dialect: distribution-3`` (their challenge) and ``token.jwks``: the very
+    JWKS file they trust, so the site trusts each key under the same ids as they do."""
+    if jwks is None:
+        return {}
+    return {"dialect": "distribution-3", "jwks": str(jwks)}
+
+
+def with_registry_token_section(
+    overrides: Mapping[str, Mapping[str, Any]] | None, jwks: Path | None
+) -> dict[str, Mapping[str, Any]]:
+    """``overrides`` with ``registry_token_section`` under its own ``token`` keys (those win)."""
+    merged = dict(overrides or {})
+    merged["token"] = {**registry_token_section(jwks), **merged.get("token", {})}
+    return merged
 
 
 def token_config(private_key: str, users: dict[str, str]) -> TokenServiceConfig:
