@@ -176,6 +176,11 @@ def config_warnings(settings: Settings) -> list[str]:
         )
     elif not settings.updater.signing_key:
         warnings.append("updater.signing_key is empty: the updater cannot read local content back (no verification)")
+    if settings.token.dialect == "distribution-3" and not settings.token.jwks:
+        warnings.append(
+            "token.dialect is distribution-3 but token.jwks is empty: give the site the JWKS file its registries"
+            " trust (geo-route jwks), or it refuses tokens they accept (an aud list with a libtrust kid)"
+        )
     warnings.extend(signing_certificate_warnings(settings))
     return warnings
 

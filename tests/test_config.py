@@ -174,6 +174,19 @@ def test_check_config_warns_when_local_content_is_never_verified(site_file: Call
     assert load_settings(site_file(), environ=keyed).updater.verify_bytes_per_second > 0, "on by default"
 
 
+def test_check_config_warns_when_a_distribution_3_site_lacks_its_registries_jwks(
+    site_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    from geo_route.cli import config_warnings
+
+    keyed = {"GEO_ROUTE_UPDATER__SIGNING_KEY": "/k.pem", "GEO_ROUTE_TOKEN__DIALECT": "distribution-3"}
+    alone = load_settings(site_file(), environ=keyed)
+    assert any("token.jwks is empty" in w for w in config_warnings(alone))
+    jwks = tmp_path / "token.jwks"
+    with_jwks = load_settings(site_file(), environ={**keyed, "GEO_ROUTE_TOKEN__JWKS": str(jwks)})
+    assert config_warnings(with_jwks) == []
+
+
 class TestTokenSettings:
     def test_defaults_accept_every_asymmetric_registry_algorithm(self, settings: Settings) -> None:
         assert set(settings.token.algorithms) == {f"{f}{n}" for f in ("RS", "ES", "PS") for n in (256, 384, 512)} | {
