@@ -11,12 +11,14 @@ served as it is, only the client notices (a digest mismatch), and NGINX cannot f
   the repository last finished is kept in the index (``verify:cursor``), so a restarted updater
   carries on where it stopped.
 - **Memory bounded whatever the site's size**: a repository's digests come from the index a page
-  at a time (``PAGE_DIGESTS``, ``SSCAN``), and a digest several repositories link is read once
-  while it is among the ``SEEN_DIGESTS`` the pass met last (least recently met first out: a layer
-  many repositories share keeps being met, so it stays; one met again after that many others is
-  read again, which costs a read, never a verdict). A pass that held every digest it met, and each
-  repository whole, grew the updater with the site: +17 MiB while one repository of 70,000 blobs
-  was read (``benchmarks/load.py``'s events), gigabytes at docs/capacity.md's 500 million entries.
+  at a time (``PAGE_DIGESTS``, ``SSCAN``), and content several repositories link is read once
+  while its digest is among the ``SEEN_DIGESTS`` the pass read last (least recently met first out:
+  a layer many repositories share keeps being met, so it stays; one met again after that many
+  others is read again, which costs a read, never a verdict). Only a read that concluded (intact
+  or mismatch) is remembered: a 404 or a failed read in one repository says nothing of another's
+  link. A pass that held every digest it met, and each repository whole, grew the updater with
+  the site: +17 MiB while one repository of 70,000 blobs was read (``benchmarks/load.py``'s
+  events), gigabytes at docs/capacity.md's 500 million entries.
 - **Suspects first**: a client that fetches the same content from the same address again within
   ``routing.refetch_window`` (NGINX remembers complete local answers) is sent to the primary and
   the content is queued (``verify:suspects``); the verifier reads queued content before the next
@@ -48,7 +50,7 @@ from geo_route.updater.registry_client import RegistryError
 
 LOCK_NAME = "verify"
 PAGE_DIGESTS = 500  # a repository's digests read from the index at a time (SSCAN COUNT)
-SEEN_DIGESTS = 4096  # digests a pass remembers, to read content several repositories link once
+SEEN_DIGESTS = 4096  # digests read that a pass remembers, to read content several repositories link once
 SUSPECT_BATCH = 16
 SUSPECTS_POLL = 0.1  # seconds between looks at an empty suspects queue: a retry comes seconds later
 MAX_SAMPLES = 10
@@ -62,6 +64,11 @@ class Result(Enum):
     MISSING = "missing"  # the local registry answered 404: reconciliation's business
     ERROR = "error"
     SKIPPED = "skipped"  # a digest algorithm this verifier cannot compute
+
+
+# What a read concludes about the content itself, whichever repository links it: the content is
+# read once per pass. A 404 or a failed read concludes nothing about another repository's link.
+CONCLUSIVE = frozenset({Result.INTACT, Result.MISMATCH})
 
 
 class ContentReader(Protocol):
@@ -160,8 +167,8 @@ def check_content(
 
 
 class RecentDigests:
-    """The last ``size`` distinct digests a pass met, least recently met first out: which content a
-    pass already read, in bounded memory."""
+    """The last ``size`` distinct digests whose content a pass read, least recently met first out:
+    what it need not read again from another repository, in bounded memory."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -171,14 +178,17 @@ class RecentDigests:
         return len(self._digests)
 
     def met(self, digest: str) -> bool:
-        """Whether ``digest`` was met already (it is now the most recent one); remembers it if not."""
+        """Whether ``digest`` is remembered (then it becomes the most recent one)."""
         if digest in self._digests:
             self._digests.move_to_end(digest)
             return True
+        return False
+
+    def remember(self, digest: str) -> None:
         self._digests[digest] = None
+        self._digests.move_to_end(digest)
         if len(self._digests) > self.size:
             self._digests.popitem(last=False)
-        return False
 
 
 @dataclass
@@ -310,8 +320,8 @@ class Verifier:
         return done
 
     def run_pass(self, stop: threading.Event, *, resume: bool = False, suspects: bool = True) -> VerifyReport:
-        """One pass over every local manifest and blob the index knows (a digest several
-        repositories link once, while it is among the ``SEEN_DIGESTS`` met last) and every
+        """One pass over every local manifest and blob the index knows (content several
+        repositories link once, while it is among the ``SEEN_DIGESTS`` read last) and every
         quarantined digest. ``resume``: start after the repository the last pass finished and keep
         that cursor in the index (the background loop); otherwise from the start (the CLI).
         ``suspects``: serve the suspects queue between items (when no other thread does)."""
@@ -326,8 +336,10 @@ class Verifier:
             if suspects:
                 self.verify_suspects(report)
             manifest = self.store.is_local_manifest(repository, digest)
-            seen.met(digest)
-            report.record(repository, digest, manifest, self.verify(repository, digest, manifest, quarantined=True))
+            check = self.verify(repository, digest, manifest, quarantined=True)
+            report.record(repository, digest, manifest, check)
+            if check.result in CONCLUSIVE:
+                seen.remember(digest)
         for repository in sorted(name for name in self.store.repositories() if name > start_after):
             if stop.is_set():
                 break
@@ -339,7 +351,10 @@ class Verifier:
                         continue
                     if suspects:
                         self.verify_suspects(report)
-                    report.record(repository, digest, manifest, self.verify(repository, digest, manifest))
+                    check = self.verify(repository, digest, manifest)
+                    report.record(repository, digest, manifest, check)
+                    if check.result in CONCLUSIVE:
+                        seen.remember(digest)
                 if stop.is_set():
                     break
             if resume and not stop.is_set():
