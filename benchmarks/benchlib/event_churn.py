@@ -5,6 +5,19 @@ nobody pulls) are POSTed to the updater's ``/events/local`` with the site's shar
 keep-alive connections, as a registry delivers them. The updater remembers applied event ids in a
 bounded window per worker (``updater.dedupe_size``), so once the window is full its memory must stop
 growing. The index grows by one set member per event; that is Redis memory, reported apart.
+
+Each event is a blob the index now holds as local in one repository, which the updater's content
+verification reads back (``geo_route/updater/verify.py``: a pass every ``updater.verify_interval``,
+one GET per digest; the local registry answers 404 for these made-up digests). A pass keeps a
+bounded amount of memory whatever the repository's size (a page of it, the last ``SEEN_DIGESTS``
+digests it read to a verdict, and its thread's malloc arena, which settles at about 1.3 MiB), but
+takes it the first time it reads a repository this large, which here is during the phase, whenever
+the next pass starts (a pass that held the whole repository added 14-17 MiB here, more with every
+event). So once the windows are full the phase sends nothing until a verification pass has ended
+that read at least as many blobs as events were sent (the periodic work has run once over the
+repository), and judges the rounds after that: the windows and the verifier both at their bounds,
+the rest is what more events cost. The pass's reads also share the machine (and the worker's GIL)
+with the events, so rounds are slower while one runs.
 """
 
 from __future__ import annotations
@@ -17,12 +30,14 @@ from dataclasses import dataclass, field
 
 from benchlib.common import BenchError
 from benchlib.memory import tree_memory
-from geo_route.config import load_settings
+from geo_route.config import Settings, load_settings
 from geo_route.devstack.client import StackClient
+from geo_route.index.redis_store import RedisIndexStore
 
 EVENT_CONNECTIONS = 4
 REPOSITORY = "bench/events"
 FLAT_SLACK_KIB = 1024
+VERIFIER_WAIT_EXTRA = 300.0  # seconds beyond updater.verify_interval for a whole pass to start and end
 
 
 @dataclass
@@ -39,6 +54,12 @@ class EventPhase:
     baseline_rss_kib: int = 0
     rounds: list[EventRound] = field(default_factory=list)
     failed: int = 0
+    verifying: bool = True  # updater.verify_bytes_per_second > 0
+    steady_from: int = 0  # events sent when the windows were full and a verification pass had run over them
+    steady_rss_kib: int = 0  # the updater's RSS then: the judged rounds' baseline
+    verifier_reads: int = 0  # blobs the pass that ended then read
+    verifier_wait_seconds: float = 0.0
+    verifier_problem: str = ""
 
 
 def envelope(number: int) -> bytes:
@@ -74,10 +95,37 @@ def post_range(address: str, secret: str, numbers: range) -> int:
     return failed
 
 
+def wait_for_verifier(settings: Settings, phase: EventPhase, events_sent: int) -> None:
+    """Until a verification pass that read at least ``events_sent`` blobs has ended after now (its
+    ``verify`` status record in the index), at most ``updater.verify_interval`` +
+    ``VERIFIER_WAIT_EXTRA`` seconds."""
+    store = RedisIndexStore(settings.redis)
+    try:
+        since, started = store.now(), time.monotonic()
+        deadline = started + settings.updater.verify_interval + VERIFIER_WAIT_EXTRA
+        while time.monotonic() < deadline:
+            record = store.status_records().get("verify")
+            if record is not None and record.at > since and int(record.fields.get("blobs", 0)) >= events_sent:
+                phase.verifier_reads = int(record.fields["blobs"])
+                break
+            time.sleep(1.0)
+    finally:
+        store.close()
+    phase.verifier_wait_seconds = time.monotonic() - started
+    if not phase.verifier_reads:
+        phase.verifier_problem = f"no pass over {events_sent:,} blobs ended in {phase.verifier_wait_seconds:.0f} s"
+    print(
+        f"[events] windows full; waited {phase.verifier_wait_seconds:.1f} s for a verification pass over"
+        f" the {events_sent:,} blobs to end: it read {phase.verifier_reads:,}"
+    )
+
+
 def run_event_phase(client: StackClient, updater_pid: int, events: int, round_size: int) -> EventPhase:
     settings = load_settings(client.info.site_file, environ={})
     address, secret = settings.updater.bind[0], settings.updater.local_secret
     phase = EventPhase(settings.updater.dedupe_size, settings.updater.workers)
+    phase.verifying = settings.updater.verify_bytes_per_second > 0
+    full_at = windows_full_at(phase)
     phase.baseline_rss_kib = tree_memory(updater_pid).total_kib
     with concurrent.futures.ThreadPoolExecutor(EVENT_CONNECTIONS) as pool:
         for start in range(0, events, round_size):
@@ -89,25 +137,37 @@ def run_event_phase(client: StackClient, updater_pid: int, events: int, round_si
             rss = tree_memory(updater_pid).total_kib
             phase.rounds.append(EventRound(stop, rss, time.monotonic() - started))
             print(f"[events] {stop:>7,} distinct events sent: updater RSS {rss / 1024:6.1f} MiB, failed {phase.failed}")
+            if not phase.steady_from and stop >= full_at and stop < events:
+                if phase.verifying:
+                    wait_for_verifier(settings, phase, stop)
+                phase.steady_from, phase.steady_rss_kib = stop, tree_memory(updater_pid).total_kib
+                print(f"[events] judged from here: updater RSS {phase.steady_rss_kib / 1024:6.1f} MiB")
     if not phase.rounds:
         raise BenchError("no events were sent")
     return phase
 
 
+def windows_full_at(phase: EventPhase) -> int:
+    return 2 * phase.dedupe_size * phase.workers  # round-robin over workers is not guaranteed: 2x
+
+
 def judge_events(phase: EventPhase) -> tuple[list[str], dict[str, float]]:
-    """Every event accepted; once every worker's window is full, the updater's RSS stays flat."""
+    """Every event accepted; once every worker's window is full and verification has warmed up
+    (the sample taken then starts the judged rounds), the updater's RSS stays flat."""
     problems = [f"{phase.failed} notification POSTs were not answered 200"] if phase.failed else []
-    full_at = 2 * phase.dedupe_size * phase.workers  # round-robin over workers is not guaranteed: 2x
-    full = [r for r in phase.rounds if r.events_sent >= full_at]
-    figures: dict[str, float] = {"full_at_events": full_at}
-    if len(full) >= 2:
-        growth = full[-1].updater_rss_kib - full[0].updater_rss_kib
+    if phase.verifier_problem:
+        problems.append(f"steady state not reached, verification never ran over the events: {phase.verifier_problem}")
+    full_at = windows_full_at(phase)
+    after = [r for r in phase.rounds if r.events_sent > phase.steady_from] if phase.steady_from else []
+    figures: dict[str, float] = {"full_at_events": full_at, "steady_from_events": phase.steady_from}
+    if after:
+        growth = after[-1].updater_rss_kib - phase.steady_rss_kib
         figures["growth_once_full_kib"] = growth
-        figures["events_once_full"] = full[-1].events_sent - full[0].events_sent
+        figures["events_once_full"] = after[-1].events_sent - phase.steady_from
         if growth > FLAT_SLACK_KIB:
             problems.append(f"the updater grew {growth} KiB after its dedupe windows were full")
     else:
-        problems.append(f"send more events: the windows are full only after ~{full_at:,}")
+        problems.append(f"send more events: the windows are full only after ~{full_at:,}, and a round more")
     return problems, figures
 
 
@@ -118,6 +178,13 @@ def print_events(phase: EventPhase, figures: dict[str, float]) -> None:
     )
     for r in phase.rounds:
         print(f"  {r.events_sent:>8,} events  RSS {r.updater_rss_kib / 1024:7.1f} MiB  {r.seconds:6.1f} s")
+        if phase.steady_from and r.events_sent == phase.steady_from:
+            waited = (
+                f"after {phase.verifier_wait_seconds:.1f} s: a verification pass read {phase.verifier_reads:,} blobs"
+                if phase.verifying
+                else "(verification off)"
+            )
+            print(f"  {'':>8} judged from RSS {phase.steady_rss_kib / 1024:7.1f} MiB, {waited}")
     if "growth_once_full_kib" in figures:
         print(
             f"  once full: {figures['growth_once_full_kib'] / 1024:.1f} MiB over "
