@@ -51,7 +51,8 @@ new ids POSTed to the updater's ``/events/local`` over 4 keep-alive connections,
 them (``benchlib/event_churn.py``). The updater remembers applied ids in a window of
 ``updater.dedupe_size`` per worker: once the windows are full its RSS must stay flat (1 MiB slack),
 judged from when a content verification pass has also read the events' blobs back (a pass takes
-its bounded memory the first time it meets a repository that large; ``benchlib/event_churn.py``).
+its bounded memory the first time it meets a repository that large) to after one more pass over all
+of them at the end (``benchlib/event_churn.py``).
 
 VmRSS is summed over each tree (gunicorn master and workers, updater master and worker); pages
 shared since fork count once per process. Every process shares the machine's CPUs with wrk and ab.

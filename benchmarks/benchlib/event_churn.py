@@ -15,9 +15,10 @@ takes it the first time it reads a repository this large, which here is during t
 the next pass starts (a pass that held the whole repository added 14-17 MiB here, more with every
 event). So once the windows are full the phase sends nothing until a verification pass has ended
 that read at least as many blobs as events were sent (the periodic work has run once over the
-repository), and judges the rounds after that: the windows and the verifier both at their bounds,
-the rest is what more events cost. The pass's reads also share the machine (and the worker's GIL)
-with the events, so rounds are slower while one runs.
+repository), and judges from there: every later round, and the updater after one more pass, over
+every event's blob, at the end (so memory a pass took in proportion to the repository would show).
+The pass's reads also share the machine (and the worker's GIL) with the events, so rounds are
+slower while one runs.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ class EventRound:
 
 
 @dataclass
+class VerifierWait:
+    events_sent: int
+    blobs_read: int  # by the verification pass that ended (0: none did in time)
+    seconds: float
+
+
+@dataclass
 class EventPhase:
     dedupe_size: int
     workers: int
@@ -57,8 +65,8 @@ class EventPhase:
     verifying: bool = True  # updater.verify_bytes_per_second > 0
     steady_from: int = 0  # events sent when the windows were full and a verification pass had run over them
     steady_rss_kib: int = 0  # the updater's RSS then: the judged rounds' baseline
-    verifier_reads: int = 0  # blobs the pass that ended then read
-    verifier_wait_seconds: float = 0.0
+    verifier_waits: list[VerifierWait] = field(default_factory=list)  # once the windows are full; at the end
+    final_rss_kib: int = 0  # after the pass over every event's blob (0: verification off)
     verifier_problem: str = ""
 
 
@@ -95,29 +103,29 @@ def post_range(address: str, secret: str, numbers: range) -> int:
     return failed
 
 
-def wait_for_verifier(settings: Settings, phase: EventPhase, events_sent: int) -> None:
+def wait_for_verifier(settings: Settings, phase: EventPhase, events_sent: int, when: str) -> int:
     """Until a verification pass that read at least ``events_sent`` blobs has ended after now (its
     ``verify`` status record in the index), at most ``updater.verify_interval`` +
-    ``VERIFIER_WAIT_EXTRA`` seconds."""
+    ``VERIFIER_WAIT_EXTRA`` seconds: the blobs that pass read (0: none ended, a problem)."""
     store = RedisIndexStore(settings.redis)
+    read = 0
     try:
         since, started = store.now(), time.monotonic()
         deadline = started + settings.updater.verify_interval + VERIFIER_WAIT_EXTRA
         while time.monotonic() < deadline:
             record = store.status_records().get("verify")
             if record is not None and record.at > since and int(record.fields.get("blobs", 0)) >= events_sent:
-                phase.verifier_reads = int(record.fields["blobs"])
+                read = int(record.fields["blobs"])
                 break
             time.sleep(1.0)
     finally:
         store.close()
-    phase.verifier_wait_seconds = time.monotonic() - started
-    if not phase.verifier_reads:
-        phase.verifier_problem = f"no pass over {events_sent:,} blobs ended in {phase.verifier_wait_seconds:.0f} s"
-    print(
-        f"[events] windows full; waited {phase.verifier_wait_seconds:.1f} s for a verification pass over"
-        f" the {events_sent:,} blobs to end: it read {phase.verifier_reads:,}"
-    )
+    waited = time.monotonic() - started
+    phase.verifier_waits.append(VerifierWait(events_sent, read, waited))
+    if not read:
+        phase.verifier_problem = f"no pass over {events_sent:,} blobs ended in {waited:.0f} s"
+    print(f"[events] {when}; waited {waited:.1f} s for a verification pass over {events_sent:,} blobs: read {read:,}")
+    return read
 
 
 def run_event_phase(client: StackClient, updater_pid: int, events: int, round_size: int) -> EventPhase:
@@ -139,11 +147,14 @@ def run_event_phase(client: StackClient, updater_pid: int, events: int, round_si
             print(f"[events] {stop:>7,} distinct events sent: updater RSS {rss / 1024:6.1f} MiB, failed {phase.failed}")
             if not phase.steady_from and stop >= full_at and stop < events:
                 if phase.verifying:
-                    wait_for_verifier(settings, phase, stop)
+                    wait_for_verifier(settings, phase, stop, "windows full")
                 phase.steady_from, phase.steady_rss_kib = stop, tree_memory(updater_pid).total_kib
                 print(f"[events] judged from here: updater RSS {phase.steady_rss_kib / 1024:6.1f} MiB")
     if not phase.rounds:
         raise BenchError("no events were sent")
+    if phase.verifying and phase.steady_from:  # the pass over them all, whose memory must not have grown
+        wait_for_verifier(settings, phase, events, "all sent")
+        phase.final_rss_kib = tree_memory(updater_pid).total_kib
     return phase
 
 
@@ -161,7 +172,7 @@ def judge_events(phase: EventPhase) -> tuple[list[str], dict[str, float]]:
     after = [r for r in phase.rounds if r.events_sent > phase.steady_from] if phase.steady_from else []
     figures: dict[str, float] = {"full_at_events": full_at, "steady_from_events": phase.steady_from}
     if after:
-        growth = after[-1].updater_rss_kib - phase.steady_rss_kib
+        growth = max(after[-1].updater_rss_kib, phase.final_rss_kib) - phase.steady_rss_kib
         figures["growth_once_full_kib"] = growth
         figures["events_once_full"] = after[-1].events_sent - phase.steady_from
         if growth > FLAT_SLACK_KIB:
@@ -176,15 +187,19 @@ def print_events(phase: EventPhase, figures: dict[str, float]) -> None:
         f"\nmany events: updater.dedupe_size {phase.dedupe_size:,} per worker, {phase.workers} worker(s); "
         f"updater RSS before {phase.baseline_rss_kib / 1024:.1f} MiB"
     )
+    waits = iter(phase.verifier_waits)
     for r in phase.rounds:
         print(f"  {r.events_sent:>8,} events  RSS {r.updater_rss_kib / 1024:7.1f} MiB  {r.seconds:6.1f} s")
         if phase.steady_from and r.events_sent == phase.steady_from:
-            waited = (
-                f"after {phase.verifier_wait_seconds:.1f} s: a verification pass read {phase.verifier_reads:,} blobs"
-                if phase.verifying
-                else "(verification off)"
-            )
-            print(f"  {'':>8} judged from RSS {phase.steady_rss_kib / 1024:7.1f} MiB, {waited}")
+            wait = next(waits, None)
+            waited = f"after a verification pass over {wait.blobs_read:,} blobs ({wait.seconds:.0f} s)" if wait else ""
+            print(f"  {'':>8} judged from RSS {phase.steady_rss_kib / 1024:7.1f} MiB {waited or '(verification off)'}")
+    final = next(waits, None)
+    if final is not None:
+        print(
+            f"  {'':>8} after a verification pass over {final.blobs_read:,} blobs ({final.seconds:.0f} s):"
+            f" RSS {phase.final_rss_kib / 1024:7.1f} MiB"
+        )
     if "growth_once_full_kib" in figures:
         print(
             f"  once full: {figures['growth_once_full_kib'] / 1024:.1f} MiB over "
