@@ -597,6 +597,26 @@ def test_snapshots_and_locks(store: RedisIndexStore) -> None:
     assert store.try_lock("reconcile", 30)
 
 
+def test_local_digests_come_page_by_page_manifests_first(store: RedisIndexStore) -> None:
+    manifests = {f"sha256:{n:064x}" for n in range(300)}
+    blobs = {f"sha256:{n:064x}" for n in range(100, 2100)}  # 200 of them are manifests too
+    for chunk in range(0, 2100, 500):
+        store.apply([BlobPresence("big/repo", d, True) for d in sorted(blobs)[chunk : chunk + 500]])
+    store.apply([ManifestPresence("big/repo", d, True) for d in sorted(manifests)])
+    pages = list(store.local_digest_pages("big/repo", 100))
+    read = [item for page in pages for item in page]
+    kinds = [manifest for _, manifest in read]
+    assert kinds == sorted(kinds, reverse=True), "every manifest before any blob"
+    assert {d for d, manifest in read if manifest} == manifests
+    assert {d for d, manifest in read if not manifest} == blobs - manifests
+    assert all(page == sorted(page) for page in pages)
+    assert max(len(page) for page in pages) <= 200, "about COUNT a page, never the whole repository"
+    assert len(pages) >= 10
+    assert list(store.local_digest_pages("no/such", 100)) == []
+    assert store.is_local_manifest("big/repo", min(manifests))
+    assert not store.is_local_manifest("big/repo", max(blobs))
+
+
 def test_a_lease_is_only_released_by_its_owner(store: RedisIndexStore, redis_settings: Settings) -> None:
     other = RedisIndexStore(redis_settings.redis)
     assert store.try_lock("job", 30)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -14,7 +15,7 @@ from geo_route.config import Settings
 from geo_route.index.model import BlobPresence, IndexQuery, ManifestPresence, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
 from geo_route.updater.registry_client import RegistryError
-from geo_route.updater.verify import RateLimiter, Result, Verifier, check_content
+from geo_route.updater.verify import RateLimiter, RecentDigests, Result, Verifier, check_content
 
 
 def sha256(data: bytes) -> str:
@@ -27,6 +28,7 @@ class Registry:
     def __init__(self) -> None:
         self.content: dict[str, bytes] = {}
         self.failing: set[str] = set()
+        self.unlinked: set[tuple[str, str]] = set()  # (repository, digest): 404 there only
         self.reads: list[tuple[str, str, bool]] = []
 
     def put(self, data: bytes) -> str:
@@ -38,7 +40,7 @@ class Registry:
         self.reads.append((repository, digest, manifest))
         if digest in self.failing:
             raise RegistryError("connection reset", 0)
-        data = self.content.get(digest)
+        data = self.content.get(digest) if (repository, digest) not in self.unlinked else None
         if data is None:
             return False
         for start in range(0, len(data), 1024):
@@ -161,6 +163,67 @@ def test_a_resumed_pass_starts_after_the_last_finished_repository(store: RedisIn
     verifier.run_pass(threading.Event(), resume=True)
     assert [repository for repository, _, _ in registry.reads] == ["r/2", "r/3"]
     assert store.verify_cursor() == "", "a finished pass starts the next one from the beginning"
+
+
+def test_a_pass_holds_a_page_of_a_repository_in_memory_never_the_whole_repository(store: RedisIndexStore) -> None:
+    """A pass over 30,000 blobs of one repository once held them all, in a set, a sorted list and the
+    pass's set of every digest met: about 350 bytes a digest (10 MiB here) for as long as the pass
+    lasted (``benchmarks/load.py``: the updater stepped up 17 MiB at 70,000 notified blobs). Now one
+    page and the last SEEN_DIGESTS digests read, whatever the repository's size."""
+    count = 30_000
+    registry = CountingRegistry({sha256(str(n).encode()): str(n).encode() for n in range(count)})
+    digests = sorted(registry.content)
+    for start in range(0, count, 5000):
+        store.apply([BlobPresence("many/blobs", d, True) for d in digests[start : start + 5000]])
+    verifier = Verifier(store, registry, RateLimiter(0), trust=60)
+    tracemalloc.start()
+    try:
+        report = verifier.run_pass(threading.Event())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (report.blobs, report.results["intact"], registry.reads) == (count, count, count), "each read once"
+    assert peak < 2.5 * 1024 * 1024, f"a pass over {count} digests peaked at {peak / 1024 / 1024:.1f} MiB"
+
+
+class CountingRegistry:
+    """Content by digest, in one chunk; counts the reads rather than listing them."""
+
+    def __init__(self, content: dict[str, bytes]) -> None:
+        self.content = content
+        self.reads = 0
+
+    def stream_content(self, repository: str, digest: str, *, manifest: bool, sink: Callable[[bytes], None]) -> bool:
+        self.reads += 1
+        data = self.content.get(digest)
+        if data is not None:
+            sink(data)
+        return data is not None
+
+
+def test_a_pass_remembers_the_digests_it_read_last() -> None:
+    recent = RecentDigests(3)
+    for digest in ("a", "b", "c"):
+        recent.remember(digest)
+    assert recent.met("a")
+    recent.remember("d")
+    assert not recent.met("b"), "b, least recently met, made way"
+    assert [recent.met(d) for d in ("a", "c", "d")] == [True, True, True], "a stayed: it was met again"
+    assert len(recent) == 3
+
+
+def test_content_another_repository_lacks_is_still_read_where_it_is(store: RedisIndexStore) -> None:
+    """A 404 (the link missing in one repository) or a failed read says nothing of another
+    repository's copy: the pass reads it there too. Content read once is not read again."""
+    registry = Registry()
+    shared, flaky = registry.put(b"shared layer" * 100), registry.put(b"flaky" * 100)
+    store.apply([BlobPresence(name, digest, True) for name in ("a/1", "a/2", "a/3") for digest in (shared, flaky)])
+    registry.unlinked.add(("a/1", shared))
+    registry.failing.add(flaky)
+    report = Verifier(store, registry, RateLimiter(0), trust=60).run_pass(threading.Event())
+    read = sorted((repository, digest) for repository, digest, _ in registry.reads)
+    assert read == sorted([("a/1", shared), ("a/2", shared), *((name, flaky) for name in ("a/1", "a/2", "a/3"))])
+    assert (report.results["missing"], report.results["intact"], report.results["error"]) == (1, 1, 3)
 
 
 def test_stopping_ends_a_read_in_progress_without_a_verdict() -> None:

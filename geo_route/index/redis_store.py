@@ -65,7 +65,7 @@ import secrets
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import redis
@@ -1144,6 +1144,35 @@ class RedisIndexStore:
             pipe.smembers(self.keys.local_manifests(repository))
             blobs, manifests = self._read(pipe.execute)
         return {str(d) for d in blobs}, {str(d) for d in manifests}
+
+    def local_digest_pages(self, repository: str, count: int) -> Iterator[list[tuple[str, bool]]]:
+        """What ``local_snapshot`` holds, page by page (``SSCAN``, about ``count`` digests a page,
+        each page sorted): (digest, manifest?), every manifest first, then every blob that is not a
+        manifest. A reader keeps one page in memory, however large the repository. As ``SSCAN``
+        goes: a digest present from start to end comes at least once (rarely twice), one added or
+        removed meanwhile may or may not."""
+        manifests_key = self.keys.local_manifests(repository)
+        for digests in self._scan_set(manifests_key, count):
+            yield [(digest, True) for digest in sorted(digests)]
+        for digests in self._scan_set(self.keys.local_blobs(repository), count):
+            flags = self._read(functools.partial(self._client.smismember, manifests_key, digests))
+            blobs = sorted(digest for digest, manifest in zip(digests, flags, strict=True) if not manifest)
+            if blobs:
+                yield [(digest, False) for digest in blobs]
+
+    def _scan_set(self, key: str, count: int) -> Iterator[list[str]]:
+        """The members of a set, one ``SSCAN`` reply at a time (empty replies skipped)."""
+        cursor = 0
+        while True:
+            cursor, members = self._read(functools.partial(self._client.sscan, key, cursor, count=count))
+            if members:
+                yield [str(member) for member in members]
+            if not cursor:
+                return
+
+    def is_local_manifest(self, repository: str, digest: str) -> bool:
+        """Whether the index holds ``digest`` as a manifest present locally in ``repository``."""
+        return bool(self._read(lambda: self._client.sismember(self.keys.local_manifests(repository), digest)))
 
     def primary_tags(self, repository: str) -> dict[str, tuple[str, float]]:
         """Every pinned tag of a repository: tag → (digest, stamp); tombstones are left out."""

@@ -5,11 +5,20 @@ served as it is, only the client notices (a digest mismatch), and NGINX cannot f
 200. The verifier closes that window from two sides (docs/reliability.md, "Corrupted local content"):
 
 - **The pass**: every manifest and blob the index holds as local (manifests first in each
-  repository, each digest once per pass, and every quarantined digest) is read through the local
-  registry's API and hashed, at most ``updater.verify_bytes_per_second`` (token bucket shared by
-  every reader of one process). A pass starts every ``updater.verify_interval`` seconds (at once
-  after a longer one); the repository last finished is kept in
-  the index (``verify:cursor``), so a restarted updater carries on where it stopped.
+  repository, and every quarantined digest) is read through the local registry's API and hashed,
+  at most ``updater.verify_bytes_per_second`` (token bucket shared by every reader of one
+  process). A pass starts every ``updater.verify_interval`` seconds (at once after a longer one);
+  the repository last finished is kept in the index (``verify:cursor``), so a restarted updater
+  carries on where it stopped.
+- **Memory bounded whatever the site's size**: a repository's digests come from the index a page
+  at a time (``PAGE_DIGESTS``, ``SSCAN``), and content several repositories link is read once
+  while its digest is among the ``SEEN_DIGESTS`` the pass read last (least recently met first out:
+  a layer many repositories share keeps being met, so it stays; one met again after that many
+  others is read again, which costs a read, never a verdict). Only a read that concluded (intact
+  or mismatch) is remembered: a 404 or a failed read in one repository says nothing of another's
+  link. A pass that held every digest it met, and each repository whole, grew the updater with
+  the site: +17 MiB while one repository of 70,000 blobs was read (``benchmarks/load.py``'s
+  events), gigabytes at docs/capacity.md's 500 million entries.
 - **Suspects first**: a client that fetches the same content from the same address again within
   ``routing.refetch_window`` (NGINX remembers complete local answers) is sent to the primary and
   the content is queued (``verify:suspects``); the verifier reads queued content before the next
@@ -28,7 +37,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,6 +49,8 @@ from geo_route.updater.reconcile import LeaseKeeper
 from geo_route.updater.registry_client import RegistryError
 
 LOCK_NAME = "verify"
+PAGE_DIGESTS = 500  # a repository's digests read from the index at a time (SSCAN COUNT)
+SEEN_DIGESTS = 4096  # digests read that a pass remembers, to read content several repositories link once
 SUSPECT_BATCH = 16
 SUSPECTS_POLL = 0.1  # seconds between looks at an empty suspects queue: a retry comes seconds later
 MAX_SAMPLES = 10
@@ -55,6 +66,11 @@ class Result(Enum):
     SKIPPED = "skipped"  # a digest algorithm this verifier cannot compute
 
 
+# What a read concludes about the content itself, whichever repository links it: the content is
+# read once per pass. A 404 or a failed read concludes nothing about another repository's link.
+CONCLUSIVE = frozenset({Result.INTACT, Result.MISMATCH})
+
+
 class ContentReader(Protocol):
     """The local registry, as the verifier reads it (``RegistryClient`` is one)."""
 
@@ -65,7 +81,8 @@ class ContentReader(Protocol):
 class VerifyStore(Protocol):
     def apply(self, updates: Iterable[IndexUpdate]) -> None: ...
     def repositories(self) -> set[str]: ...
-    def local_snapshot(self, repository: str) -> tuple[set[str], set[str]]: ...
+    def local_digest_pages(self, repository: str, count: int) -> Iterable[list[tuple[str, bool]]]: ...
+    def is_local_manifest(self, repository: str, digest: str) -> bool: ...
     def quarantined(self) -> dict[str, tuple[float, str]]: ...
     def claim_suspects(self, limit: int) -> list[tuple[str, str, bool]]: ...
     def verify_cursor(self) -> str: ...
@@ -147,6 +164,31 @@ def check_content(
         return Check(Result.MISSING)
     actual = f"{algorithm}:{hasher.hexdigest()}"
     return Check(Result.INTACT, size) if actual == digest else Check(Result.MISMATCH, size, actual)
+
+
+class RecentDigests:
+    """The last ``size`` distinct digests whose content a pass read, least recently met first out:
+    what it need not read again from another repository, in bounded memory."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._digests: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def met(self, digest: str) -> bool:
+        """Whether ``digest`` is remembered (then it becomes the most recent one)."""
+        if digest in self._digests:
+            self._digests.move_to_end(digest)
+            return True
+        return False
+
+    def remember(self, digest: str) -> None:
+        self._digests[digest] = None
+        self._digests.move_to_end(digest)
+        if len(self._digests) > self.size:
+            self._digests.popitem(last=False)
 
 
 @dataclass
@@ -278,13 +320,14 @@ class Verifier:
         return done
 
     def run_pass(self, stop: threading.Event, *, resume: bool = False, suspects: bool = True) -> VerifyReport:
-        """One pass over every local manifest and blob the index knows (each digest once) and every
+        """One pass over every local manifest and blob the index knows (content several
+        repositories link once, while it is among the ``SEEN_DIGESTS`` read last) and every
         quarantined digest. ``resume``: start after the repository the last pass finished and keep
         that cursor in the index (the background loop); otherwise from the start (the CLI).
         ``suspects``: serve the suspects queue between items (when no other thread does)."""
         started = time.monotonic()
         report = VerifyReport()
-        seen: set[str] = set()
+        seen = RecentDigests(SEEN_DIGESTS)
         start_after = self.store.verify_cursor() if resume else ""
         quarantined = self.store.quarantined()
         for digest, (_, repository) in sorted(quarantined.items()):
@@ -292,23 +335,28 @@ class Verifier:
                 break
             if suspects:
                 self.verify_suspects(report)
-            manifest = digest in self.store.local_snapshot(repository)[1]
-            seen.add(digest)
-            report.record(repository, digest, manifest, self.verify(repository, digest, manifest, quarantined=True))
+            manifest = self.store.is_local_manifest(repository, digest)
+            check = self.verify(repository, digest, manifest, quarantined=True)
+            report.record(repository, digest, manifest, check)
+            if check.result in CONCLUSIVE:
+                seen.remember(digest)
         for repository in sorted(name for name in self.store.repositories() if name > start_after):
             if stop.is_set():
                 break
-            blobs, manifests = self.store.local_snapshot(repository)
-            work = [(d, True) for d in sorted(manifests - seen)] + [
-                (d, False) for d in sorted(blobs - manifests - seen)
-            ]
-            for digest, manifest in work:
+            for page in self.store.local_digest_pages(repository, PAGE_DIGESTS):
+                for digest, manifest in page:
+                    if stop.is_set():
+                        break
+                    if seen.met(digest):
+                        continue
+                    if suspects:
+                        self.verify_suspects(report)
+                    check = self.verify(repository, digest, manifest)
+                    report.record(repository, digest, manifest, check)
+                    if check.result in CONCLUSIVE:
+                        seen.remember(digest)
                 if stop.is_set():
                     break
-                if suspects:
-                    self.verify_suspects(report)
-                seen.add(digest)
-                report.record(repository, digest, manifest, self.verify(repository, digest, manifest))
             if resume and not stop.is_set():
                 self.store.set_verify_cursor(repository)
         report.cancelled = stop.is_set()
