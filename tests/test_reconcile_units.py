@@ -15,7 +15,7 @@ from geo_route.access import Access
 from geo_route.config import Settings
 from geo_route.index.model import BlobPresence, LocalTag, ManifestPresence
 from geo_route.tokens import TokenVerifier
-from geo_route.updater.pull_tokens import PullTokens, SigningKeyError
+from geo_route.updater.pull_tokens import CACHE_SIZE, PullTokens, SigningKeyError
 from geo_route.updater.reconcile_report import Progress, ReconcileReport
 from geo_route.updater.reconcile_walk import Found, Snapshot, plan_updates
 from geo_route.updater.registry_client import DOCKER_MANIFEST_LIST, OCI_MANIFEST, parse_manifest, parse_next_link
@@ -66,6 +66,30 @@ def test_tokens_are_minted_again_before_they_expire(settings: Settings, tmp_path
     assert tokens.authorization("team/app") == first
     now[0] += 60  # less than a third of the lifetime left
     assert tokens.authorization("team/app") != first
+
+
+def test_the_token_cache_keeps_the_most_recently_used_repositories_only(
+    settings: Settings, tmp_path: Path, rsa_key: SigningKey
+) -> None:
+    """Reconciliation and verification walk every repository: one header (~2.2 KiB) kept per
+    repository ever asked grew the updater with the site."""
+    key = with_signing_key(settings, tmp_path, rsa_key).updater.signing_key
+    tokens = PullTokens(
+        serialization.load_pem_private_key(Path(key).read_bytes(), None),  # type: ignore[arg-type]
+        issuer="i",
+        service="s",
+        clock=lambda: 1_000_000.0,
+    )
+    kept = tokens.authorization("team/kept")
+    evicted = tokens.authorization("team/app0")
+    for number in range(1, CACHE_SIZE + 50):
+        tokens.authorization(f"team/app{number}")
+        if number % 100 == 0:
+            assert tokens.authorization("team/kept") == kept, "a repository in use stays"
+    assert tokens.cached() == CACHE_SIZE
+    assert tokens.authorization("team/app0") != evicted, "least recently used: out, minted again"
+    assert tokens.authorization(f"team/app{CACHE_SIZE + 49}") == tokens.authorization(f"team/app{CACHE_SIZE + 49}")
+    assert tokens.cached() == CACHE_SIZE
 
 
 def test_an_unusable_signing_key_is_a_clear_error(settings: Settings, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import datetime
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from geo_route.trusted_keys import certificate_for_key, load_certificates
 
 SUBJECT = "geo-route-reconcile"
 DEFAULT_LIFETIME = 300
+CACHE_SIZE = 1024  # repositories whose pull token is kept for reuse
 NOT_BEFORE_SKEW = 5  # seconds, as GitLab does: a registry clock slightly behind still accepts the token
 CATALOG = None  # the resource key of ``registry:catalog:*``
 
@@ -118,7 +120,9 @@ class PullTokens:
         self._service = service
         self._lifetime = lifetime
         self._clock = clock
-        self._cache: dict[str | None, tuple[str, float]] = {}
+        # The last CACHE_SIZE repositories' headers (about 2.2 KiB each), least recently used out:
+        # reconciliation and verification walk every repository of the site, once per interval.
+        self._cache: OrderedDict[str | None, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -148,11 +152,20 @@ class PullTokens:
         with self._lock:
             cached = self._cache.get(repository)
             if cached is not None and cached[1] - now > self._lifetime / 3:
+                self._cache.move_to_end(repository)
                 return cached[0]
         header = "Bearer " + self.mint(repository, now)
         with self._lock:
             self._cache[repository] = (header, now + self._lifetime)
+            self._cache.move_to_end(repository)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
         return header
+
+    def cached(self) -> int:
+        """How many repositories' headers are kept."""
+        with self._lock:
+            return len(self._cache)
 
     def mint(self, repository: str | None, now: float) -> str:
         issued = int(now)
