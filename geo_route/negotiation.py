@@ -55,10 +55,11 @@ def go_accepted_media_types(accept: str) -> frozenset[str]:
     reads the same way: ASCII, space and tab around, token parameter names and values, each name once."""
     named = set()
     for part in accept.split(","):
-        base, separator, _ = part.partition(";")
-        if not part.isascii() or not _PARAMETERS.fullmatch(part[len(base) :]):
+        base, _, _ = part.partition(";")
+        parameters = part[len(base) :]
+        if not part.isascii() or not _PARAMETERS.fullmatch(parameters):
             continue
-        names = [name.lower() for name in _PARAMETER_NAME.findall(part[len(base) :])] if separator else []
+        names = [name.lower() for name in _PARAMETER_NAME.findall(parameters)]
         if len(names) != len(set(names)) or any("*" in name for name in names):
             continue  # Go refuses a repeated name with another value, and reads "*" names as continuations
         media_type = base.strip(" \t").lower()
@@ -67,7 +68,7 @@ def go_accepted_media_types(accept: str) -> frozenset[str]:
     return frozenset(named)
 
 
-def serves_pinned_manifest(media_type: str, accept: str, dialect: Dialect = "distribution-2.8") -> bool:
+def serves_pinned_manifest(media_type: str, accept: str, dialect: Dialect) -> bool:
     """True when a request by tag with this ``Accept`` gets the pinned manifest itself from a
     registry of ``dialect``."""
     if media_type not in NEGOTIATED_TYPES:

@@ -277,7 +277,7 @@ def _route_pinned_tag(operation: Operation, view: IndexView, policy: Policy, now
     return local(Reason.TAG_PINNED, f"/v2/{operation.repository}/manifests/{view.pinned_digest}")
 
 
-def pin_problem(view: IndexView, now: float, accept: str, max_age: float, dialect: Dialect = "distribution-2.8") -> str:
+def pin_problem(view: IndexView, now: float, accept: str, max_age: float, dialect: Dialect) -> str:
     """Why a tag view cannot be answered locally from its pin (a ``Reason``), or "" when it can;
     ``max_age`` 0 means no bound on the pin's age; ``dialect`` the registries' (their negotiation)."""
     if not view.pinned_digest or not is_valid_digest(view.pinned_digest):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -30,6 +29,7 @@ from jwt.types import SigOptions
 from geo_route.access import Grants, parse_access_claim
 from geo_route.config import TokenSettings
 from geo_route.errors import TokenError
+from geo_route.lru import Lru
 from geo_route.trusted_keys import Candidate, PublicKey, TrustedKeys, libtrust_kid, load_certificates, load_jwks
 
 __all__ = ["PublicKey", "TokenProblem", "TokenVerifier", "TrustedKeys", "libtrust_kid", "load_trusted_keys"]
@@ -85,30 +85,21 @@ class TokenCache:
     """A bounded LRU of verified tokens; an entry is never served at or past the token's ``exp``."""
 
     def __init__(self, size: int, clock: Callable[[], float]) -> None:
-        self._size = size
         self._clock = clock
-        self._entries: OrderedDict[str, Grants] = OrderedDict()
+        self._entries: Lru[str, Grants] = Lru(size)
         self._lock = threading.Lock()
 
     def get(self, token: str) -> Grants | None:
         with self._lock:
             grants = self._entries.get(token)
-            if grants is None:
+            if grants is not None and self._clock() >= grants.expires_at:
+                self._entries.discard(token)
                 return None
-            if self._clock() >= grants.expires_at:
-                del self._entries[token]
-                return None
-            self._entries.move_to_end(token)
             return grants
 
     def put(self, token: str, grants: Grants) -> None:
-        if self._size <= 0:
-            return
         with self._lock:
-            self._entries[token] = grants
-            self._entries.move_to_end(token)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+            self._entries.put(token, grants)
 
     def __len__(self) -> int:
         return len(self._entries)

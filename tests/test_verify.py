@@ -14,8 +14,9 @@ import pytest
 from geo_route.config import Settings
 from geo_route.index.model import BlobPresence, IndexQuery, ManifestPresence, QueryKind
 from geo_route.index.redis_store import RedisIndexStore
+from geo_route.lru import Lru
 from geo_route.updater.registry_client import RegistryError
-from geo_route.updater.verify import RateLimiter, RecentDigests, Result, Verifier, check_content
+from geo_route.updater.verify import RateLimiter, Result, Verifier, check_content
 
 
 def sha256(data: bytes) -> str:
@@ -202,13 +203,13 @@ class CountingRegistry:
 
 
 def test_a_pass_remembers_the_digests_it_read_last() -> None:
-    recent = RecentDigests(3)
+    recent: Lru[str, None] = Lru(3)  # as run_pass keeps them
     for digest in ("a", "b", "c"):
-        recent.remember(digest)
-    assert recent.met("a")
-    recent.remember("d")
-    assert not recent.met("b"), "b, least recently met, made way"
-    assert [recent.met(d) for d in ("a", "c", "d")] == [True, True, True], "a stayed: it was met again"
+        recent.put(digest, None)
+    assert recent.touch("a")
+    recent.put("d", None)
+    assert not recent.touch("b"), "b, least recently met, made way"
+    assert [recent.touch(d) for d in ("a", "c", "d")] == [True, True, True], "a stayed: it was met again"
     assert len(recent) == 3
 
 

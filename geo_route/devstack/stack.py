@@ -361,21 +361,16 @@ def registry_jwks(keys: SigningKeyFiles) -> Path | None:
     return bundle_jwks(Path(keys.certificate), Path(keys.certificate).parent / JWKS_FILE)
 
 
-def registry_token_section(jwks: Path | None) -> dict[str, Any]:
-    """The site's ``token`` settings that follow its registries' dialect: with Distribution 3
-    registries, ``token.dialect: distribution-3`` (their challenge) and ``token.jwks``: the very
-    JWKS file they trust, so the site trusts each key under the same ids as they do."""
-    if jwks is None:
-        return {}
-    return {"dialect": "distribution-3", "jwks": str(jwks)}
-
-
 def with_registry_token_section(
     overrides: Mapping[str, Mapping[str, Any]] | None, jwks: Path | None
 ) -> dict[str, Mapping[str, Any]]:
-    """``overrides`` with ``registry_token_section`` under its own ``token`` keys (those win)."""
+    """``overrides`` with the ``token`` settings that follow the registries' dialect under its own
+    ``token`` keys (those win): with Distribution 3 registries (``jwks`` set), ``token.dialect:
+    distribution-3`` (their challenge and negotiation) and ``token.jwks``: the very JWKS file they
+    trust, so the site trusts each key under the same ids as they do."""
     merged = dict(overrides or {})
-    merged["token"] = {**registry_token_section(jwks), **merged.get("token", {})}
+    if jwks is not None:
+        merged["token"] = {"dialect": "distribution-3", "jwks": str(jwks), **merged.get("token", {})}
     return merged
 
 

@@ -18,7 +18,6 @@ import datetime
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from geo_route.config import Settings
 from geo_route.errors import GeoRouteError, KeyBundleError
+from geo_route.lru import Lru
 from geo_route.tokens import EC_ALGORITHM_BY_CURVE, libtrust_kid
 from geo_route.trusted_keys import certificate_for_key, load_certificates
 
@@ -122,7 +122,7 @@ class PullTokens:
         self._clock = clock
         # The last CACHE_SIZE repositories' headers (about 2.2 KiB each), least recently used out:
         # reconciliation and verification walk every repository of the site, once per interval.
-        self._cache: OrderedDict[str | None, tuple[str, float]] = OrderedDict()
+        self._cache: Lru[str | None, tuple[str, float]] = Lru(CACHE_SIZE)
         self._lock = threading.Lock()
 
     @classmethod
@@ -152,14 +152,10 @@ class PullTokens:
         with self._lock:
             cached = self._cache.get(repository)
             if cached is not None and cached[1] - now > self._lifetime / 3:
-                self._cache.move_to_end(repository)
                 return cached[0]
         header = "Bearer " + self.mint(repository, now)
         with self._lock:
-            self._cache[repository] = (header, now + self._lifetime)
-            self._cache.move_to_end(repository)
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache.put(repository, (header, now + self._lifetime))
         return header
 
     def cached(self) -> int:

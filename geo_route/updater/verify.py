@@ -37,7 +37,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,6 +45,7 @@ from typing import Protocol
 
 from geo_route.errors import GeoRouteError, IndexUnavailable
 from geo_route.index.model import ContentVerified, IndexUpdate, record_status_of
+from geo_route.lru import Lru
 from geo_route.updater.reconcile import LeaseKeeper
 from geo_route.updater.registry_client import RegistryError
 
@@ -164,31 +165,6 @@ def check_content(
         return Check(Result.MISSING)
     actual = f"{algorithm}:{hasher.hexdigest()}"
     return Check(Result.INTACT, size) if actual == digest else Check(Result.MISMATCH, size, actual)
-
-
-class RecentDigests:
-    """The last ``size`` distinct digests whose content a pass read, least recently met first out:
-    what it need not read again from another repository, in bounded memory."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._digests: OrderedDict[str, None] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._digests)
-
-    def met(self, digest: str) -> bool:
-        """Whether ``digest`` is remembered (then it becomes the most recent one)."""
-        if digest in self._digests:
-            self._digests.move_to_end(digest)
-            return True
-        return False
-
-    def remember(self, digest: str) -> None:
-        self._digests[digest] = None
-        self._digests.move_to_end(digest)
-        if len(self._digests) > self.size:
-            self._digests.popitem(last=False)
 
 
 @dataclass
@@ -327,7 +303,7 @@ class Verifier:
         ``suspects``: serve the suspects queue between items (when no other thread does)."""
         started = time.monotonic()
         report = VerifyReport()
-        seen = RecentDigests(SEEN_DIGESTS)
+        seen: Lru[str, None] = Lru(SEEN_DIGESTS)  # what need not be read again from another repository
         start_after = self.store.verify_cursor() if resume else ""
         quarantined = self.store.quarantined()
         for digest, (_, repository) in sorted(quarantined.items()):
@@ -339,7 +315,7 @@ class Verifier:
             check = self.verify(repository, digest, manifest, quarantined=True)
             report.record(repository, digest, manifest, check)
             if check.result in CONCLUSIVE:
-                seen.remember(digest)
+                seen.put(digest, None)
         for repository in sorted(name for name in self.store.repositories() if name > start_after):
             if stop.is_set():
                 break
@@ -347,14 +323,14 @@ class Verifier:
                 for digest, manifest in page:
                     if stop.is_set():
                         break
-                    if seen.met(digest):
+                    if seen.touch(digest):
                         continue
                     if suspects:
                         self.verify_suspects(report)
                     check = self.verify(repository, digest, manifest)
                     report.record(repository, digest, manifest, check)
                     if check.result in CONCLUSIVE:
-                        seen.remember(digest)
+                        seen.put(digest, None)
                 if stop.is_set():
                     break
             if resume and not stop.is_set():

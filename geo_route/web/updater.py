@@ -17,7 +17,6 @@ import hmac
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +25,7 @@ from flask import Flask, Response, jsonify, request
 from geo_route.config import Settings
 from geo_route.errors import IndexUnavailable
 from geo_route.index.model import IndexStore, IndexUpdate, StatusRecorder
+from geo_route.lru import Lru
 from geo_route.updater.notifications import EnvelopeError, Outcome, Source, interpret_events, parse_envelope
 from geo_route.web.app import readiness
 from geo_route.web.metrics import IndexGauges, UpdaterMetrics
@@ -37,8 +37,7 @@ class RecentEventIds:
     """A bounded memory of event ids already applied (per process), to skip redeliveries."""
 
     def __init__(self, size: int) -> None:
-        self._size = size
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: Lru[str, None] = Lru(size)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -49,14 +48,9 @@ class RecentEventIds:
             return event_id in self._ids
 
     def remember(self, event_ids: list[str]) -> None:
-        if self._size <= 0:
-            return
         with self._lock:
             for event_id in event_ids:
-                self._ids[event_id] = None
-                self._ids.move_to_end(event_id)
-            while len(self._ids) > self._size:
-                self._ids.popitem(last=False)
+                self._ids.put(event_id, None)
 
 
 class EventsEndpoint:
